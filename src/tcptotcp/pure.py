@@ -1,0 +1,20 @@
+"""The pure-Python twin: the same API as ``tcptotcp``, over the pure engine only.
+
+It is also what ``tcptotcp`` becomes where the compiled core cannot load, or with
+``TCPTOTCP_NO_EXTENSIONS=1`` in the environment.
+"""
+
+from . import _bridge, _pump
+from ._bridge import BridgeResult
+
+__all__ = ["BACKEND", "Bridge", "BridgeResult", "connect"]
+
+BACKEND = "pure"
+
+
+class Bridge(_bridge.Bridge):
+    __doc__ = _bridge.Bridge.__doc__
+    fd_pump = _pump.Pump
+
+
+connect = _bridge.connect_with(Bridge)
