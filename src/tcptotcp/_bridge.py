@@ -49,6 +49,15 @@ def _check_socket(sock: object, name: str) -> socket.socket:
     return sock
 
 
+def _same_connection(a: socket.socket, b: socket.socket) -> bool:
+    if a is b or a.fileno() == b.fileno():
+        return True
+    # Two fds of one TCP connection (a dup) have the same pair of addresses.
+    if a.family in (socket.AF_INET, socket.AF_INET6) and a.family == b.family:
+        return (a.getsockname(), a.getpeername()) == (b.getsockname(), b.getpeername())
+    return False
+
+
 def _check_int(value: object, name: str) -> int:
     try:
         return operator.index(value)  # type: ignore[arg-type]
@@ -107,7 +116,7 @@ class Bridge:
     ) -> None:
         _check_socket(stream1, "stream1")
         _check_socket(stream2, "stream2")
-        if stream1 is stream2 or stream1.fileno() == stream2.fileno():
+        if _same_connection(stream1, stream2):
             raise ValueError("stream1 and stream2 are the same socket")
         r = _check_int(rate_check_seconds, "rate_check_seconds")
         k = _check_int(keep_alive_delay_time_seconds, "keep_alive_delay_time_seconds")

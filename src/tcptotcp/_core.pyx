@@ -1,0 +1,262 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: freethreading_compatible=True
+"""The compiled engine: one direction's copy loop on raw fds, entirely without the GIL.
+
+Same seam as ``_pump.Pump`` (see ``_pump.PumpProtocol``). The fds are the bridge's private
+duplicates; a pump never closes or shuts them down (the bridge stops it by ``shutdown()``,
+which wakes every blocking call below, and closes the fds only after ``run()`` returned).
+Counters and the activity flag are C atomics: the pump thread writes them without the GIL
+while the bridge's checker reads them from another thread.
+"""
+
+from libc.stdlib cimport malloc, free
+from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSYS, ENOMEM
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <poll.h>
+    #include <unistd.h>
+    #include <sys/types.h>
+    #include <sys/socket.h>
+
+    #ifndef MSG_NOSIGNAL
+    #define MSG_NOSIGNAL 0  /* macOS: no flag; CPython already ignores SIGPIPE */
+    #endif
+
+    #if defined(__linux__)
+    #define T2T_HAVE_SPLICE 1
+    static ssize_t t2t_splice(int in_fd, int out_fd, size_t len) {
+        /* No SPLICE_F_MORE: it corks the socket and delays the last small segment. */
+        return splice(in_fd, NULL, out_fd, NULL, len, SPLICE_F_MOVE);
+    }
+    static int t2t_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+    static int t2t_grow_pipe(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
+    #else
+    #define T2T_HAVE_SPLICE 0
+    static ssize_t t2t_splice(int in_fd, int out_fd, size_t len) { errno = ENOSYS; return -1; }
+    static int t2t_pipe(int fds[2]) { errno = ENOSYS; return -1; }
+    static int t2t_grow_pipe(int fd, int size) { errno = ENOSYS; return -1; }
+    #endif
+
+    #if EWOULDBLOCK != EAGAIN
+    #define T2T_WOULD_BLOCK(e) ((e) == EAGAIN || (e) == EWOULDBLOCK)
+    #else
+    #define T2T_WOULD_BLOCK(e) ((e) == EAGAIN)
+    #endif
+
+    /* Relaxed is enough: the checker only needs each value eventually, not an order. */
+    static inline void t2t_count(unsigned long long *p, unsigned long long n) {
+        __atomic_fetch_add(p, n, __ATOMIC_RELAXED);
+    }
+    static inline unsigned long long t2t_read(unsigned long long *p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+    static inline void t2t_mark(int *flag) {
+        /* Load first: no cache-line write per chunk while the flag is already set. */
+        if (!__atomic_load_n(flag, __ATOMIC_RELAXED)) __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+    }
+    static inline int t2t_take(int *flag) { return __atomic_exchange_n(flag, 0, __ATOMIC_RELAXED); }
+    static inline int t2t_claim(int *flag) { return __atomic_exchange_n(flag, 1, __ATOMIC_ACQ_REL); }
+    """
+    const bint HAVE_SPLICE "T2T_HAVE_SPLICE"
+    bint would_block "T2T_WOULD_BLOCK"(int e) nogil
+    int MSG_NOSIGNAL
+    ssize_t t2t_splice(int in_fd, int out_fd, size_t length) nogil
+    int t2t_pipe(int *fds) nogil
+    int t2t_grow_pipe(int fd, int size) nogil
+    void t2t_count(unsigned long long *p, unsigned long long n) nogil
+    unsigned long long t2t_read(unsigned long long *p) nogil
+    void t2t_mark(int *flag) nogil
+    int t2t_take(int *flag) nogil
+    int t2t_claim(int *flag) nogil
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_recv "recv"(int fd, void *buf, size_t n, int flags)
+    ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+    short POLLOUT
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+# recv/send buffer. Measured here (benchmarks/run.py, bulk one way over loopback, 2 cores):
+# 16 KiB (the original's) costs ~2x the syscalls of 128 KiB for no gain; past 256 KiB
+# nothing improves. The buffer is allocated on first use, so splice pumps never have one.
+# Pipe capacity for splice, toward haproxy's and Go's choice; the kernel caps it at
+# /proc/sys/fs/pipe-max-size and we keep the default 64 KiB when it refuses.
+cdef enum:
+    COPY_BUFFER_BYTES = 256 * 1024
+    PIPE_BYTES = 1024 * 1024
+    DEFAULT_PIPE_BYTES = 64 * 1024
+
+BUFFER_SIZE = COPY_BUFFER_BYTES
+PIPE_SIZE = PIPE_BYTES
+SPLICE_AVAILABLE = bool(HAVE_SPLICE)
+
+cdef enum Outcome:
+    OUT_EOF = 0
+    OUT_ERROR = 1
+    OUT_UNSUPPORTED = 2  # splice refused this pair of fds: use recv/send
+
+
+cdef inline bint wait_fd(int fd, short events) noexcept nogil:
+    """Wait until fd is ready (a shutdown also wakes it); False on a poll error."""
+    cdef pollfd p
+    p.fd = fd
+    p.events = events
+    p.revents = 0
+    # Bounded wait: the caller retries, so even a missed wake-up costs at most a second.
+    return poll(&p, 1, 1000) >= 0 or errno == EINTR
+
+
+cdef class Pump:
+    """Copies src -> dst (socket objects whose fds the caller keeps open) without the GIL."""
+
+    cdef int _src
+    cdef int _dst
+    cdef bint _try_splice
+    cdef char *_buffer
+    cdef unsigned long long _bytes
+    cdef int _active
+    cdef int _claimed
+    cdef int _errno
+    cdef bint _spliced
+
+    def __cinit__(self, src, dst, *, bint splice=True):
+        self._src = src.fileno()
+        self._dst = dst.fileno()
+        if self._src < 0 or self._dst < 0:
+            raise ValueError("Pump needs open sockets")
+        self._try_splice = splice and HAVE_SPLICE
+        self._buffer = NULL
+
+    def __dealloc__(self):
+        free(self._buffer)
+
+    @property
+    def bytes(self):
+        """Bytes written in full to dst so far."""
+        return t2t_read(&self._bytes)
+
+    @property
+    def used_splice(self):
+        """True once bytes went through the zero-copy splice path."""
+        return self._spliced
+
+    @property
+    def last_errno(self):
+        """errno of the failure that ended the pump with "error", else 0."""
+        return self._errno
+
+    def take_activity(self):
+        """Whether bytes moved since the last call; clears the flag."""
+        return t2t_take(&self._active) != 0
+
+    def run(self):
+        """Relay until EOF ("eof") or an I/O error ("error"). Runs once, without the GIL."""
+        cdef Outcome outcome
+        if t2t_claim(&self._claimed):
+            raise RuntimeError("a Pump runs only once")
+        with nogil:
+            outcome = OUT_UNSUPPORTED
+            if self._try_splice:
+                outcome = self._relay_splice()
+            if outcome == OUT_UNSUPPORTED:
+                outcome = self._relay_copy()
+        return "eof" if outcome == OUT_EOF else "error"
+
+    cdef inline Outcome _failed(self, int err) noexcept nogil:
+        self._errno = err
+        return OUT_ERROR
+
+    cdef Outcome _write_all(self, int src, size_t length, bint from_pipe) noexcept nogil:
+        """Deliver `length` bytes (from the buffer, or from the pipe read end `src`) to dst."""
+        cdef ssize_t n
+        cdef size_t done = 0
+        while done < length:
+            if from_pipe:
+                n = t2t_splice(src, self._dst, length - done)
+            else:
+                n = c_send(self._dst, self._buffer + done, length - done, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if would_block(errno):  # a socket with a timeout has a non-blocking fd
+                    if not wait_fd(self._dst, POLLOUT):
+                        return self._failed(errno)
+                    continue
+                return self._failed(errno)
+            done += <size_t>n
+            t2t_count(&self._bytes, <unsigned long long>n)
+        t2t_mark(&self._active)
+        return OUT_EOF  # "nothing went wrong"; the caller keeps reading
+
+    cdef Outcome _relay_copy(self) noexcept nogil:
+        cdef ssize_t n
+        cdef Outcome written
+        if self._buffer == NULL:
+            self._buffer = <char *>malloc(COPY_BUFFER_BYTES)
+            if self._buffer == NULL:
+                return self._failed(ENOMEM)
+        while True:
+            n = c_recv(self._src, self._buffer, COPY_BUFFER_BYTES, 0)
+            if n == 0:
+                return OUT_EOF
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if would_block(errno):
+                    if not wait_fd(self._src, POLLIN):
+                        return self._failed(errno)
+                    continue
+                return self._failed(errno)
+            written = self._write_all(-1, <size_t>n, False)
+            if written != OUT_EOF:
+                return written
+
+    cdef Outcome _relay_splice(self) noexcept nogil:
+        """socket -> pipe -> socket: the bytes stay in kernel pages, never copied to us."""
+        cdef int pipe_fds[2]
+        cdef int capacity
+        cdef ssize_t n
+        cdef Outcome outcome
+        if t2t_pipe(pipe_fds) != 0:
+            return OUT_UNSUPPORTED
+        capacity = t2t_grow_pipe(pipe_fds[1], PIPE_BYTES)
+        if capacity <= 0:
+            capacity = DEFAULT_PIPE_BYTES
+        while True:
+            n = t2t_splice(self._src, pipe_fds[1], <size_t>capacity)
+            if n == 0:
+                outcome = OUT_EOF
+                break
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if would_block(errno):  # the pipe is always drained, so this is the socket
+                    if not wait_fd(self._src, POLLIN):
+                        outcome = self._failed(errno)
+                        break
+                    continue
+                if not self._spliced and (errno == EINVAL or errno == ENOSYS):
+                    outcome = OUT_UNSUPPORTED  # e.g. a kernel or socket type without splice
+                    break
+                outcome = self._failed(errno)
+                break
+            self._spliced = True
+            # Drain the pipe completely: a byte left in it would be a byte lost at the end.
+            outcome = self._write_all(pipe_fds[0], <size_t>n, True)
+            if outcome != OUT_EOF:
+                break
+        close(pipe_fds[0])
+        close(pipe_fds[1])
+        return outcome

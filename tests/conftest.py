@@ -1,0 +1,59 @@
+"""Fixtures: every test runs over both backends, on real loopback sockets."""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import pytest
+
+import tcptotcp
+import tcptotcp.pure
+from tcptotcp import _bridge
+
+
+def core_required() -> bool:
+    """In CI (unless it deliberately tests the pure build) a missing core is a failure."""
+    if os.environ.get("TCPTOTCP_NO_EXTENSIONS", "") not in ("", "0"):
+        return False
+    flag = os.environ.get("TCPTOTCP_REQUIRE_CORE") or os.environ.get("CI")
+    return flag not in (None, "", "0", "false")
+
+
+def _core_backend(splice: bool) -> types.SimpleNamespace:
+    if tcptotcp.BACKEND != "cython":
+        if core_required():
+            pytest.fail("the compiled core did not load (tcptotcp.BACKEND == 'pure')")
+        pytest.skip("compiled core not built")
+    if splice:
+        return types.SimpleNamespace(
+            name="cython", connect=tcptotcp.connect, Bridge=tcptotcp.Bridge, module=tcptotcp
+        )
+    from tcptotcp import _core
+
+    class CopyBridge(_bridge.Bridge):
+        fd_pump = functools.partial(_core.Pump, splice=False)
+
+    return types.SimpleNamespace(
+        name="cython-copy", connect=_bridge.connect_with(CopyBridge), Bridge=CopyBridge, module=tcptotcp
+    )
+
+
+def _make_backend(name: str) -> types.SimpleNamespace:
+    if name == "pure":
+        mod = tcptotcp.pure
+        return types.SimpleNamespace(name="pure", connect=mod.connect, Bridge=mod.Bridge, module=mod)
+    return _core_backend(splice=(name == "cython"))
+
+
+@pytest.fixture(params=["cython", "pure"])
+def backend(request) -> types.SimpleNamespace:
+    """The public face of each backend: .connect, .Bridge, .module, .name."""
+    return _make_backend(request.param)
+
+
+@pytest.fixture(params=["cython", "cython-copy", "pure"])
+def engine(request) -> types.SimpleNamespace:
+    """Like `backend`, plus the compiled core with splice off (its recv/send path)."""
+    return _make_backend(request.param)

@@ -1,0 +1,119 @@
+"""No thread and no fd outlives a bridge; Ctrl-C propagates; backend selection."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import tcptotcp
+from helpers import Background, Topology, no_leaks, recv_exactly
+from conftest import core_required
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_two_hundred_sequential_bridges_leak_nothing(backend):
+    with no_leaks():
+        for i in range(200):
+            with Topology() as t:
+                bridge = backend.Bridge(t.stream1, t.stream2, 1, 30).start()
+                t.peer_a.sendall(b"%d" % i)
+                assert recv_exactly(t.peer_b, len(b"%d" % i)) == b"%d" % i
+                if i % 2:
+                    t.peer_b.close()
+                else:
+                    bridge.stop()
+                result = bridge.wait(5)
+                assert result is not None and result.reason == ("closed" if i % 2 else "stopped")
+
+
+def _child_env(backend_name: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))
+    if backend_name == "pure":
+        env["TCPTOTCP_NO_EXTENSIONS"] = "1"
+    return env
+
+
+KEYBOARD_INTERRUPT_CHILD = textwrap.dedent(
+    """
+    import sys, threading, time
+    import tcptotcp
+    from helpers import Topology, open_fds
+    assert tcptotcp.BACKEND == sys.argv[1], tcptotcp.BACKEND
+    with Topology() as t:
+        fds, threads = open_fds(), threading.active_count()
+        print("ready", flush=True)
+        try:
+            tcptotcp.connect(t.stream1, t.stream2, 5, 600)
+        except KeyboardInterrupt:
+            caught = time.monotonic()
+            deadline = caught + 2
+            while threading.active_count() > threads and time.monotonic() < deadline:
+                time.sleep(0.01)
+            t.peer_a.settimeout(2)
+            assert t.peer_a.recv(1) == b"", "stream1 not shut down"
+            assert t.stream1.fileno() == -1 and t.stream2.fileno() == -1
+            print("interrupted", threading.active_count() - threads, open_fds() - fds + 2, flush=True)
+    """
+)
+
+
+def test_keyboard_interrupt_propagates_and_cleans_up(backend):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KEYBOARD_INTERRUPT_CHILD, backend.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_child_env(backend.name),
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert time.monotonic() - sent < 3
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    # No extra threads; fds: the two closed stream sockets are gone, nothing else changed.
+    assert out.split() == ["interrupted", "0", "0"], (out, err)
+
+
+def test_no_extensions_env_selects_pure():
+    code = "import tcptotcp, tcptotcp.pure; print(tcptotcp.BACKEND, tcptotcp.Bridge is tcptotcp.pure.Bridge)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_child_env("pure"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert out.split() == ["pure", "True"]
+
+
+def test_default_backend_is_the_core_where_built():
+    if tcptotcp.BACKEND != "cython":
+        if core_required():
+            pytest.fail("compiled core missing")
+        pytest.skip("compiled core not built")
+    from tcptotcp import _core
+
+    assert tcptotcp.Bridge.fd_pump is _core.Pump
+    assert tcptotcp.pure.BACKEND == "pure"
+
+
+def test_results_are_the_same_type_across_backends(backend):
+    assert backend.module.BridgeResult is tcptotcp.BridgeResult
+    with Topology() as t:
+        t.peer_a.close()
+        result = backend.connect(t.stream1, t.stream2, 1, 2)
+    assert isinstance(result, tcptotcp.BridgeResult)
+    assert result.seconds >= 0
