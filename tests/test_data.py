@@ -38,11 +38,11 @@ def test_bulk_both_ways_at_once_checksummed(engine):
 
 
 def test_short_writes_with_tiny_send_buffer(engine):
-    """A 4 KiB send buffer and a slow reader force partial writes on every chunk."""
-    payload = os.urandom(3 * 1024 * 1024 + 1)
+    """A tiny send buffer on a non-blocking fd and a slow reader force partial writes."""
+    payload = os.urandom(1024 * 1024 + 1)
     with Topology() as t:
         t.stream2.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        t.peer_b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        t.stream2.settimeout(0)  # non-blocking: send() returns short counts and EAGAIN
         bridge = engine.Bridge(t.stream1, t.stream2, 1, 60).start()
         sender = send_and_shut(t.peer_a, payload)
         got = bytearray()

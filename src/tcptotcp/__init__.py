@@ -11,7 +11,7 @@ import os
 from . import _bridge, pure
 from ._bridge import BridgeResult
 
-__all__ = ["BACKEND", "Bridge", "BridgeResult", "connect", "pure", "__version__"]
+__all__ = ["BACKEND", "Bridge", "BridgeResult", "Forwarder", "connect", "pure", "__version__"]
 __version__ = "0.1.0"
 
 
@@ -39,4 +39,6 @@ else:
 
 
 connect = _bridge.connect_with(Bridge)
+
+from .forwarder import Forwarder  # noqa: E402  (needs Bridge above)
 del _load_core, os

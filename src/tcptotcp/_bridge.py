@@ -65,6 +65,11 @@ def _check_int(value: object, name: str) -> int:
         raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
 
 
+def check_activity(activity: object) -> None:
+    if activity not in ACTIVITY_RULES:
+        raise ValueError(f"activity must be 'both' or 'any', not {activity!r}")
+
+
 def _speaks_fd_bytes(sock: socket.socket) -> bool:
     """True when the bytes of `sock` are the bytes of its fd (not TLS, not a wrapper)."""
     cls = type(sock)
@@ -120,8 +125,7 @@ class Bridge:
             raise ValueError("stream1 and stream2 are the same socket")
         r = _check_int(rate_check_seconds, "rate_check_seconds")
         k = _check_int(keep_alive_delay_time_seconds, "keep_alive_delay_time_seconds")
-        if activity not in ACTIVITY_RULES:
-            raise ValueError(f"activity must be 'both' or 'any', not {activity!r}")
+        check_activity(activity)
         self._streams = (stream1, stream2)
         # The original's clamping: u8 rate check of at least 1 s, keep-alive of at least 2 s.
         self.rate_check_seconds = max(1, r)

@@ -1,0 +1,216 @@
+"""``tcptotcp LISTEN UPSTREAM``: the port forwarder; ``tcptotcp demo``: see it work.
+
+The CLI only parses arguments, sets up logging and wires signals; the work is
+``tcptotcp.Forwarder``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import List, Optional, Sequence
+
+import tcptotcp
+
+from .forwarder import Address, Forwarder
+
+EXAMPLES = """\
+examples:
+  tcptotcp demo                                  measure a bridge on loopback, no setup
+  tcptotcp 127.0.0.1:8080 example.internal:80    forward local port 8080 to a web server
+  tcptotcp '[::1]:5432' unix:/run/postgresql/.s.PGSQL.5432
+  tcptotcp 127.0.0.1:2222 10.0.0.5:22 --idle-timeout 600 --activity any --half-close
+"""
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _backend_bridge(name: str) -> type:
+    if name == "pure":
+        return tcptotcp.pure.Bridge
+    if name == "cython" and tcptotcp.BACKEND != "cython":
+        raise SystemExit("tcptotcp: error: the compiled core is not available here (try --backend pure)")
+    return tcptotcp.Bridge
+
+
+def _address(text: str, passive: bool) -> Address:
+    try:
+        return Address.parse(text, passive=passive)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def forward_parser() -> argparse.ArgumentParser:
+    p = _OneLineErrors(
+        prog="tcptotcp",
+        description="Forward every client of LISTEN to UPSTREAM through a tcptotcp bridge.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("listen", metavar="LISTEN", type=lambda t: _address(t, True),
+                   help="where to accept clients: host:port, [v6addr]:port or unix:/path")
+    p.add_argument("upstream", metavar="UPSTREAM", type=lambda t: _address(t, False),
+                   help="where to connect each client: host:port, [v6addr]:port or unix:/path")
+    p.add_argument("--rate-check", type=_nonnegative, default=5, metavar="N",
+                   help="seconds between idle checks (default 5; 0 means 1)")
+    p.add_argument("--idle-timeout", type=_nonnegative, default=7200, metavar="N",
+                   help="keep-alive seconds; a bridge ends after (N // rate + 1) * rate idle "
+                        "seconds (default 7200; below 2 means 2)")
+    p.add_argument("--activity", choices=("both", "any"), default="both",
+                   help="traffic that keeps a bridge alive: both directions (default) or any")
+    p.add_argument("--half-close", action="store_true",
+                   help="forward a FIN and keep the other direction open")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="bridges at once; further clients wait in the backlog (default 1024)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="give up on the upstream after this long (default 10)")
+    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM let open bridges finish for this long (default 0)")
+    p.add_argument("--backend", choices=("auto", "cython", "pure"), default="auto",
+                   help="engine: the compiled core where available (auto), or force one")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="default info: a line per connection opened and closed")
+    p.add_argument("--version", action="version", version=f"tcptotcp {tcptotcp.__version__} ({tcptotcp.BACKEND})")
+    return p
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("tcptotcp")
+    if args.max_connections < 1:
+        print("tcptotcp: error: --max-connections must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        forwarder = Forwarder(
+            args.listen,
+            args.upstream,
+            rate_check_seconds=args.rate_check,
+            idle_timeout_seconds=args.idle_timeout,
+            activity=args.activity,
+            half_close=args.half_close,
+            max_connections=args.max_connections,
+            connect_timeout=args.connect_timeout,
+            bridge_class=_backend_bridge(args.backend),
+        )
+    except OSError as exc:
+        print(f"tcptotcp: error: cannot listen on {args.listen.text}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, frame: object) -> None:
+        forwarder.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    log.info(
+        "listening on %s, forwarding to %s (backend %s)",
+        forwarder.address_text,
+        args.upstream.text,
+        "pure" if forwarder.bridge_class is tcptotcp.pure.Bridge else tcptotcp.BACKEND,
+    )
+    try:
+        forwarder.serve_forever()
+    finally:
+        log.info("stopping%s", f", draining up to {args.drain:g} s" if args.drain > 0 else "")
+        forwarder.close(drain_seconds=args.drain)
+        log.info("%s", forwarder.summary())
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def _sink_upstream() -> "tuple[socket.socket, threading.Thread, list]":
+    """A loopback upstream that counts what it receives and echoes a short reply at EOF."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: List[int] = []
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            total = 0
+            buf = bytearray(1 << 20)
+            while True:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                total += n
+            conn.sendall(b"%d" % total)
+        received.append(total)
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    return listener, thread, received
+
+
+def _measure(bridge_class: type, megabytes: int) -> "tuple[float, int]":
+    listener, upstream_thread, received = _sink_upstream()
+    with listener, Forwarder("127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}",
+                             bridge_class=bridge_class, half_close=True) as fwd:
+        server = threading.Thread(target=fwd.serve_forever, daemon=True)
+        server.start()
+        chunk = bytes(1 << 20)
+        with socket.create_connection(fwd.address[:2]) as client:
+            started = time.perf_counter()
+            for _ in range(megabytes):
+                client.sendall(chunk)
+            client.shutdown(socket.SHUT_WR)
+            reply = client.recv(64)
+            elapsed = time.perf_counter() - started
+        upstream_thread.join(10)
+    if not received or received[0] != megabytes << 20 or int(reply) != megabytes << 20:
+        raise SystemExit(f"demo: bytes went missing ({received}, reply {reply!r})")
+    return elapsed, received[0]
+
+
+def demo(argv: Sequence[str]) -> int:
+    p = _OneLineErrors(prog="tcptotcp demo", description="Push data through a real bridge with each backend.")
+    p.add_argument("--megabytes", type=int, default=512, help="how much to push per backend (default 512)")
+    args = p.parse_args(argv)
+    if args.megabytes < 1:
+        p.error("--megabytes must be at least 1")
+    backends = [("pure", tcptotcp.pure.Bridge)]
+    if tcptotcp.BACKEND == "cython":
+        backends.insert(0, ("cython", tcptotcp.Bridge))
+    else:
+        print("compiled core not available here; showing the pure backend only")
+    print(f"tcptotcp {tcptotcp.__version__}: client -> forwarder -> upstream on 127.0.0.1, "
+          f"{args.megabytes} MiB each, every byte counted")
+    speeds = {}
+    for name, bridge_class in backends:
+        seconds, total = _measure(bridge_class, args.megabytes)
+        speeds[name] = total / seconds / 1e6
+        print(f"  {name:7s} {total:>12,d} bytes in {seconds:6.3f} s = {speeds[name]:8.1f} MB/s")
+    if len(speeds) == 2:
+        print(f"  compiled core / pure twin: {speeds['cython'] / speeds['pure']:.2f}x "
+              "(the load generator here is Python too; see benchmarks/ for the full story)")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["demo"]:
+        return demo(args_list[1:])
+    return serve(forward_parser().parse_args(args_list))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
