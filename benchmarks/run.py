@@ -1,0 +1,349 @@
+"""How fast is tcptotcp, and why: every relay measured side by side, in one run, on loopback.
+
+    python benchmarks/run.py [--quick] [--relays cython,pure,socat,haproxy]
+
+Each relay is its own process between a load generator and an upstream (benchmarks/peers.py,
+separate processes with 4 MiB buffers). Cases run interleaved (every relay once per round),
+repeated; figures are medians with their spread, and ratios to "direct" (no relay at all).
+Writes benchmarks/results/<date>.json and .md, and a PNG chart when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+PEERS = [sys.executable, str(HERE / "peers.py")]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_pids(pid: int) -> List[int]:
+    """pid and all its descendants (socat forks a child per connection)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of the relay and its (live or reaped) children."""
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15]) / TICK  # utime stime cutime cstime
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class Relay:
+    """A relay process listening on 127.0.0.1:port, forwarding to the upstream."""
+
+    def __init__(self, name: str, upstream_port: int, spin: bool = False):
+        self.name = name
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self.port = 0
+        if name == "direct":
+            self.proc = None
+            self.port = upstream_port
+        elif name in ("cython", "pure"):
+            cmd = [sys.executable, str(HERE / "relay.py"), name, str(upstream_port)] + (["--spin"] if spin else [])
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.port = int(self.proc.stdout.readline())
+        elif name == "socat":
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                ["socat", "-b", "262144",
+                 f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                 f"TCP:127.0.0.1:{upstream_port}"],
+                stdin=subprocess.DEVNULL,
+            )
+        elif name == "haproxy":
+            self.port = free_port()
+            self._tmp = tempfile.TemporaryDirectory()
+            cfg = Path(self._tmp.name) / "haproxy.cfg"
+            cfg.write_text(
+                "global\n  maxconn 20000\n  tune.pipesize 1048576\n"
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+                "  option splice-auto\n"
+                f"frontend f\n  bind 127.0.0.1:{self.port}\n  maxconn 20000\n  default_backend b\n"
+                f"backend b\n  server s 127.0.0.1:{upstream_port}\n"
+            )
+            self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL)
+        else:
+            raise ValueError(name)
+        if name in ("socat", "haproxy"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+    def spin_rate(self) -> float:
+        assert self.proc is not None
+        self.proc.stdin.write("spin\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid) if self.proc else 0
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.name in ("cython", "pure"):
+                try:
+                    self.proc.stdin.write("quit\n")
+                    self.proc.stdin.close()
+                    self.proc.wait(10)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        if self._tmp:
+            self._tmp.cleanup()
+
+
+def peer(*args: object, timeout: float = 600) -> dict:
+    out = subprocess.run([*PEERS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"peers.py {args}: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)
+
+
+def spread(values: List[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller transfers, fewer rounds")
+    ap.add_argument("--relays", default="cython,pure,socat,haproxy")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+
+    wanted = [r for r in args.relays.split(",") if r]
+    relays = ["direct"] + [r for r in wanted if r in ("cython", "pure") or shutil.which(r)]
+    skipped = [r for r in wanted if r not in relays]
+    rounds = 3 if args.quick else 5
+    bulk_n = (256 if args.quick else 1024) << 20
+    pings = 2000 if args.quick else 10000
+    fan = {1: bulk_n, 8: bulk_n // 8, 64: bulk_n // 64, 1000: max(bulk_n // 1000, 65536)}
+    spin_n = 64 << 20
+
+    up = subprocess.Popen(PEERS + ["upstream"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    upstream_port = int(up.stdout.readline())
+    samples: Dict[str, Dict[str, List[float]]] = {r: {} for r in relays}
+
+    def add(relay: str, case: str, value: float) -> None:
+        samples[relay].setdefault(case, []).append(value)
+
+    running = {r: Relay(r, upstream_port) for r in relays}
+    try:
+        for rnd in range(rounds):
+            print(f"round {rnd + 1}/{rounds}", file=sys.stderr)
+            for name, relay in running.items():
+                cpu0 = relay.cpu()
+                b = peer("bulk", "127.0.0.1", relay.port, bulk_n)
+                time.sleep(0.2)  # let socat reap its child so its CPU is counted
+                add(name, "bulk_GBps", b["bytes"] / b["seconds"] / 1e9)
+                if relay.proc:
+                    add(name, "cpu_s_per_GB", (relay.cpu() - cpu0) / (b["bytes"] / 1e9))
+                d = peer("duplex", "127.0.0.1", relay.port, bulk_n)
+                add(name, "duplex_GBps", d["bytes"] / d["seconds"] / 1e9)
+                p = peer("pingpong", "127.0.0.1", relay.port, pings)
+                add(name, "p50_us", p["p50_us"])
+                add(name, "p99_us", p["p99_us"])
+                for conns, n in fan.items():
+                    f = peer("fanout", "127.0.0.1", relay.port, conns, n)
+                    add(name, f"conc{conns}_GBps", f["bytes"] / f["seconds"] / 1e9)
+        # Memory of 1,000 idle bridges, and the busy interpreter: once per relay.
+        for name, relay in running.items():
+            if relay.proc is None:
+                continue
+            before = relay.rss()
+            holder = subprocess.Popen(PEERS + ["hold", "127.0.0.1", str(relay.port), "1000"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            holder.stdout.readline()
+            time.sleep(1.0)
+            add(name, "rss_KiB_per_idle_bridge", (relay.rss() - before) / 1000 / 1024)
+            holder.stdin.close()
+            holder.wait(60)
+        for name in [r for r in relays if r in ("cython", "pure")]:
+            for _ in range(rounds):
+                spinning = Relay(name, upstream_port, spin=True)
+                try:
+                    spinning.spin_rate()
+                    time.sleep(1.0)
+                    solo = spinning.spin_rate()
+                    b = peer("bulk", "127.0.0.1", spinning.port, spin_n)
+                    loaded = spinning.spin_rate()
+                finally:
+                    spinning.close()
+                add(name, "busy_bulk_GBps", b["bytes"] / b["seconds"] / 1e9)
+                add(name, "busy_spinner_keeps", loaded / solo)
+    finally:
+        for relay in running.values():
+            relay.close()
+        up.stdin.close()
+        up.wait(10)
+
+    report = build_report(samples, relays, skipped, args, bulk_n)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    chart(report, out / f"{stem}.png")
+    return 0
+
+
+def build_report(samples, relays, skipped, args, bulk_n) -> dict:
+    stats = {r: {case: spread(v) for case, v in cases.items()} for r, cases in samples.items()}
+    direct = {case: s["median"] for case, s in stats["direct"].items()}
+    for r in relays:
+        for case, s in stats[r].items():
+            if case.endswith("GBps") and case in direct:
+                s["x_direct"] = s["median"] / direct[case]
+        if "p50_us" in stats[r]:
+            stats[r]["p50_us"]["added_us"] = stats[r]["p50_us"]["median"] - direct["p50_us"]
+        if "busy_bulk_GBps" in stats[r]:
+            stats[r]["busy_bulk_GBps"]["x_unloaded"] = (
+                stats[r]["busy_bulk_GBps"]["median"] / stats[r]["bulk_GBps"]["median"])
+    machine = f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, " \
+              f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+            "quick": args.quick, "bulk_bytes": bulk_n, "relays": relays, "skipped": skipped, "stats": stats}
+
+
+ROWS = [
+    ("bulk one way, GB/s", "bulk_GBps", "x_direct"),
+    ("both ways at once, GB/s", "duplex_GBps", "x_direct"),
+    ("CPU s per GB", "cpu_s_per_GB", None),
+    ("64 B ping-pong p50, µs", "p50_us", "added_us"),
+    ("64 B ping-pong p99, µs", "p99_us", None),
+    ("1 bridge, GB/s", "conc1_GBps", "x_direct"),
+    ("8 bridges, GB/s", "conc8_GBps", "x_direct"),
+    ("64 bridges, GB/s", "conc64_GBps", "x_direct"),
+    ("1000 bridges, GB/s", "conc1000_GBps", "x_direct"),
+    ("RSS per idle bridge, KiB", "rss_KiB_per_idle_bridge", None),
+    ("bulk with a Python thread spinning, GB/s", "busy_bulk_GBps", "x_unloaded"),
+    ("spinning thread keeps (of its solo speed)", "busy_spinner_keeps", None),
+]
+
+
+def markdown(report: dict) -> str:
+    relays, stats = report["relays"], report["stats"]
+    lines = [f"Measured {report['date']} on {report['machine']}" + (" (--quick)" if report["quick"] else ""),
+             "", "| case | " + " | ".join(relays) + " |", "|---|" + "---|" * len(relays)]
+    for label, case, extra in ROWS:
+        cells = []
+        for r in relays:
+            s = stats[r].get(case)
+            if not s:
+                cells.append("–")
+                continue
+            cell = f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"
+            if extra and extra in s:
+                cell += {"x_direct": f", {s[extra]:.2f}x direct", "added_us": f", +{s[extra]:.1f}",
+                         "x_unloaded": f", {s[extra]:.3f} of unloaded"}[extra]
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "cython" in relays and "pure" in relays:
+        c, p = stats["cython"], stats["pure"]
+        lines += ["", "compiled core vs pure twin: "
+                  f"bulk {c['bulk_GBps']['median'] / p['bulk_GBps']['median']:.2f}x, "
+                  f"both ways {c['duplex_GBps']['median'] / p['duplex_GBps']['median']:.2f}x, "
+                  f"CPU per GB {c['cpu_s_per_GB']['median'] / p['cpu_s_per_GB']['median']:.2f}x"]
+    if report["skipped"]:
+        lines += ["", "not installed, skipped: " + ", ".join(report["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install 'tcptotcp[bench]')", file=sys.stderr)
+        return
+    stats, relays = report["stats"], [r for r in report["relays"] if r != "direct"]
+    cases = [("bulk", "bulk_GBps"), ("both ways", "duplex_GBps"), ("64 bridges", "conc64_GBps")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    width = 0.8 / len(relays)
+    for i, r in enumerate(relays):
+        vals = [stats[r].get(c, {}).get("x_direct", 0) for _, c in cases]
+        ax1.bar([j + i * width for j in range(len(cases))], vals, width, label=r)
+    ax1.set_xticks([j + width * (len(relays) - 1) / 2 for j in range(len(cases))], [c for c, _ in cases])
+    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax1.set_ylabel("throughput, x direct loopback")
+    ax1.legend()
+    busy = [r for r in relays if "busy_bulk_GBps" in stats[r]]
+    ax2.bar(busy, [stats[r]["busy_bulk_GBps"]["x_unloaded"] for r in busy], color="tab:red")
+    ax2.set_ylim(0, 1.1)
+    ax2.set_title("a Python thread spins in the relay", fontsize=9)
+    ax2.set_ylabel("throughput kept")
+    fig.suptitle(f"tcptotcp relays, {report['machine']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"chart: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
