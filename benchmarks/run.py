@@ -105,10 +105,10 @@ class Relay:
             self._tmp = tempfile.TemporaryDirectory()
             cfg = Path(self._tmp.name) / "haproxy.cfg"
             cfg.write_text(
-                "global\n  maxconn 20000\n  tune.pipesize 1048576\n"
+                "global\n  maxconn 4500\n  tune.pipesize 1048576\n"
                 "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
                 "  option splice-auto\n"
-                f"frontend f\n  bind 127.0.0.1:{self.port}\n  maxconn 20000\n  default_backend b\n"
+                f"frontend f\n  bind 127.0.0.1:{self.port}\n  maxconn 4500\n  default_backend b\n"
                 f"backend b\n  server s 127.0.0.1:{upstream_port}\n"
             )
             self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
@@ -122,6 +122,8 @@ class Relay:
                     socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                     break
                 except OSError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {self.proc.returncode} at start")
                     time.sleep(0.05)
 
     def spin_rate(self) -> float:
