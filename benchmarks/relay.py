@@ -19,9 +19,19 @@ if backend == "pure":
 
 import tcptotcp  # noqa: E402
 
-bridge = tcptotcp.pure.Bridge if backend == "pure" else tcptotcp.Bridge
-if backend == "cython" and tcptotcp.BACKEND != "cython":
+if backend != "pure" and tcptotcp.BACKEND != "cython":
     raise SystemExit("compiled core not available")
+if backend == "pure":
+    bridge = tcptotcp.pure.Bridge
+elif backend == "cython-copy":  # the core's recv/send path, splice off: shows what splice buys
+    import functools
+
+    from tcptotcp import _bridge, _core
+
+    class bridge(_bridge.Bridge):
+        fd_pump = functools.partial(_core.Pump, splice=False)
+else:
+    bridge = tcptotcp.Bridge
 
 counter = [0]
 

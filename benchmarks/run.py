@@ -88,7 +88,7 @@ class Relay:
         if name == "direct":
             self.proc = None
             self.port = upstream_port
-        elif name in ("cython", "pure"):
+        elif name in ("cython", "cython-copy", "pure"):
             cmd = [sys.executable, str(HERE / "relay.py"), name, str(upstream_port)] + (["--spin"] if spin else [])
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.port = int(self.proc.stdout.readline())
@@ -140,7 +140,7 @@ class Relay:
 
     def close(self) -> None:
         if self.proc is not None:
-            if self.name in ("cython", "pure"):
+            if self.name in ("cython", "cython-copy", "pure"):
                 try:
                     self.proc.stdin.write("quit\n")
                     self.proc.stdin.close()
@@ -177,7 +177,7 @@ def main() -> int:
     args = ap.parse_args()
 
     wanted = [r for r in args.relays.split(",") if r]
-    relays = ["direct"] + [r for r in wanted if r in ("cython", "pure") or shutil.which(r)]
+    relays = ["direct"] + [r for r in wanted if r in ("cython", "cython-copy", "pure") or shutil.which(r)]
     skipped = [r for r in wanted if r not in relays]
     rounds = 3 if args.quick else 5
     bulk_n = (256 if args.quick else 1024) << 20

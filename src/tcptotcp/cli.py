@@ -120,18 +120,16 @@ def serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    log.info(
-        "listening on %s, forwarding to %s (backend %s)",
-        forwarder.address_text,
-        args.upstream.text,
-        "pure" if forwarder.bridge_class is tcptotcp.pure.Bridge else tcptotcp.BACKEND,
-    )
+    # Start and summary lines go out whatever the log level: scripts wait for the first.
+    backend = "pure" if forwarder.bridge_class is tcptotcp.pure.Bridge else tcptotcp.BACKEND
+    print(f"tcptotcp: listening on {forwarder.address_text}, forwarding to {args.upstream.text} "
+          f"(backend {backend})", file=sys.stderr, flush=True)
     try:
         forwarder.serve_forever()
     finally:
         log.info("stopping%s", f", draining up to {args.drain:g} s" if args.drain > 0 else "")
         forwarder.close(drain_seconds=args.drain)
-        log.info("%s", forwarder.summary())
+        print(f"tcptotcp: {forwarder.summary()}", file=sys.stderr, flush=True)
     return 0
 
 
