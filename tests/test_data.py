@@ -169,3 +169,23 @@ def test_exact_counts_and_every_byte_before_close(engine):
         result = bridge.wait(10)
     assert result is not None
     assert (result.bytes_1_to_2, result.bytes_2_to_1, result.reason) == (len(tail), 1000, "closed")
+
+
+def test_bulk_goes_through_splice_and_small_messages_do_not(engine):
+    """The core's hybrid: recv/send for small messages, splice (Linux) once a stream is bulk."""
+    with Topology() as t:
+        bridge = engine.Bridge(t.stream1, t.stream2, 1, 30).start()
+        for _ in range(50):
+            t.peer_a.sendall(b"ping")
+            assert recv_exactly(t.peer_b, 4) == b"ping"
+        bulk = os.urandom(16 * 1024 * 1024)
+        sender = Background(lambda: t.peer_b.sendall(bulk))
+        assert recv_exactly(t.peer_a, len(bulk)) == bulk
+        sender.result()
+        small, big = bridge._pumps
+        splices = engine.name == "cython" and getattr(engine.module, "_core").SPLICE_AVAILABLE
+        assert getattr(small, "used_splice", False) is False
+        assert getattr(big, "used_splice", False) is bool(splices)
+        bridge.stop()
+        result = bridge.wait(5)
+    assert result is not None and (result.bytes_1_to_2, result.bytes_2_to_1) == (200, len(bulk))

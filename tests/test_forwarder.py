@@ -91,7 +91,11 @@ class ForwarderProcess:
         self.lines: List[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.address = self._wait_for(self.LISTENING, 15).group(1)
+        try:
+            self.address = self._wait_for(self.LISTENING, 15).group(1)
+        except BaseException:
+            self.close()  # never leave a forwarder running behind a failed start
+            raise
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

@@ -71,6 +71,13 @@ def format_sockaddr(family: int, sockaddr: Any) -> str:
     return f"{sockaddr[0]}:{sockaddr[1]}"
 
 
+def _no_delay(sock: socket.socket) -> None:
+    """Forward each read at once: the sending peer already made its own Nagle choice, and a
+    relay that delays a message's tail behind a delayed ACK adds 40 ms to request/response."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @dataclass
 class ForwarderStats:
     accepted: int = 0
@@ -218,6 +225,8 @@ class Forwarder:
                 log.error("#%d %s: upstream %s failed: %s", conn_id, peer_text, self.upstream.text, exc)
                 client.close()
                 return
+            for sock in (client, upstream):
+                _no_delay(sock)
             bridge = self.bridge_class(client, upstream, **self._bridge_args)
             with self._lock:
                 self._bridges.add(bridge)
