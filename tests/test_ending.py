@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import Background, Topology, recv_exactly, recv_until_eof, sha
+from helpers import Background, Topology, recv_exactly, recv_until_eof, send_and_shut, sha
 
 PROMPT = 0.5  # "within a small fraction of a second", with room for a loaded machine
 
@@ -174,3 +174,28 @@ def test_caller_closing_its_sockets_changes_nothing(engine):
             s.close()
         t.peer_a.settimeout(2)
         assert t.peer_a.recv(1) == b""
+
+
+def test_closing_after_unread_input_still_delivers_everything(engine):
+    """half_close=False: B is still sending when A finishes. Closing stream2 with B's unread bytes
+    would send B an RST that destroys the tail of A's bytes still on their way to B."""
+    for _ in range(3):
+        with Topology() as t:
+            t.stream1.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            t.peer_a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # A reads nothing
+            bridge = engine.Bridge(t.stream1, t.stream2, 5, 60).start()
+            t.peer_b.setblocking(False)
+            try:
+                for _ in range(64):  # B fills every buffer on its way to A
+                    t.peer_b.send(bytes(65536))
+            except BlockingIOError:
+                pass
+            t.peer_b.setblocking(True)
+            tail = os.urandom(3 * 1024 * 1024)
+            sender = send_and_shut(t.peer_a, tail)
+            time.sleep(0.3)  # B reads only after the bridge has ended and closed
+            assert recv_until_eof(t.peer_b) == (len(tail), sha(tail))
+            sender.result()
+            result = bridge.wait(5)
+            assert result is not None and result.reason == "closed"
+            assert result.bytes_1_to_2 == len(tail)

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, List, Optional, Tuple
 
 from . import _pump
-from ._pump import EOF, ERROR, PumpProtocol
+from ._pump import EOF, ERROR, STOPPED, PumpProtocol
 
 ACTIVITY_RULES = ("both", "any")
+# Draining a closing socket: stop once the peer has been quiet this long, or at the limit.
+_DRAIN_QUIET_SECONDS = 0.03
+_DRAIN_LIMIT_SECONDS = 0.25
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # Longer than anyone waits; keeps float deadlines finite for r of any size.
 _LONGEST_INTERVAL = 10.0**9
 
@@ -98,6 +102,38 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         pass  # already disconnected or closed: nothing left to wake
 
 
+def _read_and_drop(sock: socket.socket) -> Optional[int]:
+    """Drop whatever is queued now: the byte count, or None once the peer has closed."""
+    dropped = 0
+    while True:
+        try:
+            data = socket.socket.recv(sock, 65536, _MSG_DONTWAIT)  # raw bytes, TLS or not
+        except OSError:  # EAGAIN, or the connection is already gone
+            return dropped
+        if not data:
+            return None
+        dropped += len(data)
+
+
+def _discard_unread(sock: socket.socket) -> None:
+    """Drop what the peer sent that will never be relayed, before the socket is closed.
+
+    Closing a TCP socket with unread bytes, or receiving bytes after it was closed, makes
+    the kernel answer with RST, and an RST destroys what the peer had not yet read of the
+    bytes we relayed to it. The common case, nothing unread, costs one non-blocking recv;
+    otherwise drop until the peer closes or stays quiet for a moment, within a bound.
+    """
+    if not _MSG_DONTWAIT or not _read_and_drop(sock):
+        return
+    deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
+    while time.monotonic() < deadline:
+        quiet = min(_DRAIN_QUIET_SECONDS, deadline - time.monotonic())
+        if quiet <= 0 or not _pump.wait_ready(sock, for_write=False, timeout=quiet):
+            return
+        if _read_and_drop(sock) is None:
+            return
+
+
 class Bridge:
     """Relays bytes between two connected stream sockets until one of the contract's ends.
 
@@ -137,9 +173,12 @@ class Bridge:
         self._ended = threading.Event()
         self._reason: Optional[str] = None
         self._result: Optional[BridgeResult] = None
-        self._started = False
+        self._launched = False  # start()/run() was called
+        self._started = False  # ... and everything _wake() needs exists
         self._wires: Tuple[socket.socket, socket.socket] = (stream1, stream2)
         self._own_dups: List[socket.socket] = []
+        # Readable once the bridge ends: every pump waits on it beside its socket.
+        self._wake_pair: Tuple[socket.socket, ...] = ()
         self._pumps: List[PumpProtocol] = []
         self._pump_threads: List[threading.Thread] = []
         self._pumps_running = 0
@@ -173,10 +212,10 @@ class Bridge:
 
     @property
     def running(self) -> bool:
-        return self._started and self._result is None
+        return self._launched and self._result is None
 
     def __enter__(self) -> "Bridge":
-        if not self._started:
+        if not self._launched:
             self.start()
         return self
 
@@ -189,9 +228,9 @@ class Bridge:
 
     def _launch_pumps(self) -> None:
         with self._lock:
-            if self._started:
+            if self._launched:
                 raise RuntimeError("a Bridge runs only once")
-            self._started = True
+            self._launched = True
         self._started_at = time.monotonic()
         s1, s2 = self._streams
         if _speaks_fd_bytes(s1) and _speaks_fd_bytes(s2):
@@ -200,17 +239,25 @@ class Bridge:
             self._own_dups = [_private_dup(s1)]
             try:
                 self._own_dups.append(_private_dup(s2))
+                self._wake_pair = socket.socketpair()
             except BaseException:
-                self._own_dups[0].close()
+                for dup in self._own_dups:
+                    dup.close()
                 raise
             self._wires = (self._own_dups[0], self._own_dups[1])
             pump_cls = self.fd_pump
         else:
             # TLS (or another wrapper): the bytes are not the fd's bytes, so the pure pump
             # relays through the objects themselves.
+            self._wake_pair = socket.socketpair()
             pump_cls = _pump.Pump
         w1, w2 = self._wires
-        self._pumps = [pump_cls(w1, w2), pump_cls(w2, w1)]
+        # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
+        # socket timeout the caller set can never end the bridge.
+        w1.setblocking(False)
+        w2.setblocking(False)
+        wake = self._wake_pair[0]
+        self._pumps = [pump_cls(w1, w2, wake), pump_cls(w2, w1, wake)]
         self._pumps_running = 2
         for index, name in ((0, "1->2"), (1, "2->1")):
             thread = threading.Thread(
@@ -218,6 +265,11 @@ class Bridge:
             )
             self._pump_threads.append(thread)
             thread.start()
+        with self._lock:
+            self._started = True
+            ended_already = self._reason is not None  # stop() or a pump's end came first
+        if ended_already:
+            self._wake()
 
     def _pump_main(self, index: int) -> None:
         outcome = ERROR
@@ -232,6 +284,8 @@ class Bridge:
         with self._lock:
             self._pumps_running -= 1
             all_done = self._pumps_running == 0
+        if outcome == STOPPED:
+            return  # woken by _wake(): the reason is already recorded
         if outcome == EOF and self.half_close and not all_done:
             # Forward the FIN; the other direction keeps flowing.
             _shutdown(self._wires[1 - index], socket.SHUT_WR)
@@ -239,18 +293,28 @@ class Bridge:
         self._end("closed" if outcome == EOF else "error")
 
     def _end(self, reason: str) -> None:
-        """Record the first reason and wake everything: pumps by shutdown, checker by event."""
+        """Record the first reason and wake everything."""
         with self._lock:
             if self._reason is not None:
                 return
             self._reason = reason
             if not self._started:
-                return  # start() will see the reason and end at once
+                return  # _launch_pumps() will see the reason and wake everything itself
         self._wake()
 
     def _wake(self) -> None:
-        for wire in self._wires:
-            _shutdown(wire, socket.SHUT_RDWR)
+        """Stop the pumps and the checker; send FIN both ways after what was relayed.
+
+        Reads are not shut down: a pump blocked in a read is woken by the wake socket
+        instead, and the sockets keep acknowledging (and advertising window) so the
+        teardown can drain what the peers still send and close with FIN, not RST.
+        """
+        try:
+            self._wake_pair[1].send(b"!")
+        except OSError:
+            pass  # already woken: the byte is never consumed
+        for wire in self._wires:  # also fails a pump's pending write at once
+            _shutdown(wire, socket.SHUT_WR)
         self._ended.set()
 
     # -- the idle checker ---------------------------------------------------------------
@@ -267,8 +331,6 @@ class Bridge:
         idle_checks = 0
         next_check = self._started_at
         try:
-            if self._reason is not None:  # stopped before it started
-                self._wake()
             while not self._ended.is_set():
                 if self._traffic_since_last_check():
                     idle_checks = 0
@@ -302,7 +364,10 @@ class Bridge:
                 except BaseException as exc:  # a second Ctrl-C: finish cleaning up first
                     interrupted = exc
         # Only now that no pump can touch them: close the private fds, then the caller's.
-        for sock in (*self._own_dups, *self._streams):
+        for wire in self._wires:
+            if wire.fileno() >= 0:
+                _discard_unread(wire)
+        for sock in (*self._own_dups, *self._streams, *self._wake_pair):
             try:
                 sock.close()
             except OSError:

@@ -2,9 +2,12 @@
 # cython: freethreading_compatible=True
 """The compiled engine: one direction's copy loop on raw fds, entirely without the GIL.
 
-Same seam as ``_pump.Pump`` (see ``_pump.PumpProtocol``). The fds are the bridge's private
-duplicates; a pump never closes or shuts them down (the bridge stops it by ``shutdown()``,
-which wakes every blocking call below, and closes the fds only after ``run()`` returned).
+Same seam as ``_pump.Pump`` (see ``_pump.PumpProtocol``). The fds are the bridge's private,
+non-blocking duplicates; a pump never closes or shuts them down. Every wait is a poll() on
+the socket and the bridge's wake socket: the bridge stops a pump by making that readable
+(and shuts the sockets down for writing), and closes the fds only after ``run()`` returned.
+Reads are never shut down, so a closing bridge can still drain what the peers sent and
+end with FIN, not RST.
 Counters and the activity flag are C atomics: the pump thread writes them without the GIL
 while the bridge's checker reads them from another thread.
 """
@@ -24,12 +27,15 @@ cdef extern from *:
     #ifndef MSG_NOSIGNAL
     #define MSG_NOSIGNAL 0  /* macOS: no flag; CPython already ignores SIGPIPE */
     #endif
+    #define T2T_RECV_FLAGS MSG_DONTWAIT
+    #define T2T_SEND_FLAGS (MSG_NOSIGNAL | MSG_DONTWAIT)
 
     #if defined(__linux__)
     #define T2T_HAVE_SPLICE 1
     static ssize_t t2t_splice(int in_fd, int out_fd, size_t len) {
-        /* No SPLICE_F_MORE: it corks the socket and delays the last small segment. */
-        return splice(in_fd, NULL, out_fd, NULL, len, SPLICE_F_MOVE);
+        /* No SPLICE_F_MORE: it corks the socket and delays the last small segment.
+           The sockets are O_NONBLOCK; SPLICE_F_NONBLOCK covers the pipe end. */
+        return splice(in_fd, NULL, out_fd, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     }
     static int t2t_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
     static int t2t_grow_pipe(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
@@ -62,7 +68,8 @@ cdef extern from *:
     """
     const bint HAVE_SPLICE "T2T_HAVE_SPLICE"
     bint would_block "T2T_WOULD_BLOCK"(int e) nogil
-    int MSG_NOSIGNAL
+    int RECV_FLAGS "T2T_RECV_FLAGS"
+    int SEND_FLAGS "T2T_SEND_FLAGS"
     ssize_t t2t_splice(int in_fd, int out_fd, size_t length) nogil
     int t2t_pipe(int *fds) nogil
     int t2t_grow_pipe(int fd, int size) nogil
@@ -114,18 +121,10 @@ cdef enum:
 cdef enum Outcome:
     OUT_EOF = 0
     OUT_ERROR = 1
-    OUT_UNSUPPORTED = 2  # splice refused this pair of fds: use recv/send
-    OUT_BULK = 3  # recv/send saw a bulk stream: switch to splice
-
-
-cdef inline bint wait_fd(int fd, short events) noexcept nogil:
-    """Wait until fd is ready (a shutdown also wakes it); False on a poll error."""
-    cdef pollfd p
-    p.fd = fd
-    p.events = events
-    p.revents = 0
-    # Bounded wait: the caller retries, so even a missed wake-up costs at most a second.
-    return poll(&p, 1, 1000) >= 0 or errno == EINTR
+    OUT_STOPPED = 2  # the bridge woke us to stop
+    OUT_UNSUPPORTED = 3  # splice refused this pair of fds: use recv/send
+    OUT_BULK = 4  # recv/send saw a bulk stream: switch to splice
+    OUT_READY = 5  # internal: go on (fd ready, or a chunk fully delivered)
 
 
 cdef class Pump:
@@ -133,6 +132,7 @@ cdef class Pump:
 
     cdef int _src
     cdef int _dst
+    cdef int _wake
     cdef bint _try_splice
     cdef char *_buffer
     cdef unsigned long long _bytes
@@ -141,10 +141,11 @@ cdef class Pump:
     cdef int _errno
     cdef bint _spliced
 
-    def __cinit__(self, src, dst, *, bint splice=True):
+    def __cinit__(self, src, dst, wake, *, bint splice=True):
         self._src = src.fileno()
         self._dst = dst.fileno()
-        if self._src < 0 or self._dst < 0:
+        self._wake = wake.fileno()
+        if self._src < 0 or self._dst < 0 or self._wake < 0:
             raise ValueError("Pump needs open sockets")
         self._try_splice = splice and HAVE_SPLICE
         self._buffer = NULL
@@ -172,7 +173,9 @@ cdef class Pump:
         return t2t_take(&self._active) != 0
 
     def run(self):
-        """Relay until EOF ("eof") or an I/O error ("error"). Runs once, without the GIL."""
+        """Relay until EOF ("eof"), an I/O error ("error") or a wake-up ("stopped").
+
+        Runs once, without the GIL."""
         cdef Outcome outcome
         if t2t_claim(&self._claimed):
             raise RuntimeError("a Pump runs only once")
@@ -182,56 +185,76 @@ cdef class Pump:
                 outcome = self._relay_splice()
                 if outcome == OUT_UNSUPPORTED:
                     outcome = self._relay_copy(False)
-        return "eof" if outcome == OUT_EOF else "error"
+        if outcome == OUT_EOF:
+            return "eof"
+        return "stopped" if outcome == OUT_STOPPED else "error"
 
     cdef inline Outcome _failed(self, int err) noexcept nogil:
         self._errno = err
         return OUT_ERROR
 
+    cdef Outcome _wait(self, int fd, short events) noexcept nogil:
+        """Block until fd is ready (OUT_READY) or the bridge wakes us (OUT_STOPPED)."""
+        cdef pollfd p[2]
+        p[0].fd = fd
+        p[0].events = events
+        p[1].fd = self._wake
+        p[1].events = POLLIN
+        while True:
+            p[0].revents = 0
+            p[1].revents = 0
+            if poll(p, 2, -1) >= 0:  # no timeout needed: the wake byte is never consumed
+                return OUT_STOPPED if p[1].revents else OUT_READY
+            if errno != EINTR:
+                return self._failed(errno)
+
+    cdef inline Outcome _on_failure(self, int fd, short events) noexcept nogil:
+        """A call failed with errno: retry (OUT_READY), stop, or report the error."""
+        if errno == EINTR:
+            return OUT_READY
+        if would_block(errno):
+            return self._wait(fd, events)
+        return self._failed(errno)
+
     cdef Outcome _write_all(self, int src, size_t length, bint from_pipe) noexcept nogil:
         """Deliver `length` bytes (from the buffer, or from the pipe read end `src`) to dst."""
         cdef ssize_t n
         cdef size_t done = 0
+        cdef Outcome waited
         while done < length:
             if from_pipe:
                 n = t2t_splice(src, self._dst, length - done)
             else:
-                n = c_send(self._dst, self._buffer + done, length - done, MSG_NOSIGNAL)
+                n = c_send(self._dst, self._buffer + done, length - done, SEND_FLAGS)
             if n < 0:
-                if errno == EINTR:
-                    continue
-                if would_block(errno):  # a socket with a timeout has a non-blocking fd
-                    if not wait_fd(self._dst, POLLOUT):
-                        return self._failed(errno)
-                    continue
-                return self._failed(errno)
+                waited = self._on_failure(self._dst, POLLOUT)
+                if waited != OUT_READY:
+                    return waited
+                continue
             done += <size_t>n
             t2t_count(&self._bytes, <unsigned long long>n)
         t2t_mark(&self._active)
-        return OUT_EOF  # "nothing went wrong"; the caller keeps reading
+        return OUT_READY  # all delivered: read on
 
     cdef Outcome _relay_copy(self, bint until_bulk) noexcept nogil:
         cdef ssize_t n
-        cdef Outcome written
+        cdef Outcome step
         if self._buffer == NULL:
             self._buffer = <char *>malloc(COPY_BUFFER_BYTES)
             if self._buffer == NULL:
                 return self._failed(ENOMEM)
         while True:
-            n = c_recv(self._src, self._buffer, COPY_BUFFER_BYTES, 0)
+            n = c_recv(self._src, self._buffer, COPY_BUFFER_BYTES, RECV_FLAGS)
             if n == 0:
                 return OUT_EOF
             if n < 0:
-                if errno == EINTR:
-                    continue
-                if would_block(errno):
-                    if not wait_fd(self._src, POLLIN):
-                        return self._failed(errno)
-                    continue
-                return self._failed(errno)
-            written = self._write_all(-1, <size_t>n, False)
-            if written != OUT_EOF:
-                return written
+                step = self._on_failure(self._src, POLLIN)
+                if step != OUT_READY:
+                    return step
+                continue
+            step = self._write_all(-1, <size_t>n, False)
+            if step != OUT_READY:
+                return step
             if until_bulk and n >= SPLICE_AFTER_READ_OF:
                 return OUT_BULK
 
@@ -252,22 +275,18 @@ cdef class Pump:
                 outcome = OUT_EOF
                 break
             if n < 0:
-                if errno == EINTR:
-                    continue
-                if would_block(errno):  # the pipe is always drained, so this is the socket
-                    if not wait_fd(self._src, POLLIN):
-                        outcome = self._failed(errno)
-                        break
-                    continue
                 if not self._spliced and (errno == EINVAL or errno == ENOSYS):
                     outcome = OUT_UNSUPPORTED  # e.g. a kernel or socket type without splice
                     break
-                outcome = self._failed(errno)
-                break
+                # EAGAIN: the pipe is always drained, so it is the socket that has no data.
+                outcome = self._on_failure(self._src, POLLIN)
+                if outcome != OUT_READY:
+                    break
+                continue
             self._spliced = True
             # Drain the pipe completely: a byte left in it would be a byte lost at the end.
             outcome = self._write_all(pipe_fds[0], <size_t>n, True)
-            if outcome != OUT_EOF:
+            if outcome != OUT_READY:
                 break
         close(pipe_fds[0])
         close(pipe_fds[1])

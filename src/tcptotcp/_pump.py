@@ -1,21 +1,25 @@
 """The pure-Python engine: one direction's copy loop.
 
 The seam between the semantics (``_bridge``) and an engine is ``PumpProtocol``: construct
-with (src, dst), ``run()`` blocks until the direction ends and says how (``EOF`` or
-``ERROR``), ``bytes`` counts what was delivered, ``take_activity()`` reads-and-clears the
-"bytes moved" flag. A pump never closes or shuts down anything: the bridge does.
+with (src, dst, wake): two non-blocking sockets and a socket that turns readable when the
+bridge wants the pump to stop. ``run()`` blocks until the direction ends and says how
+(``EOF``, ``ERROR`` or ``STOPPED``), ``bytes`` counts what was delivered in full, and
+``take_activity()`` reads-and-clears the "bytes moved" flag. A pump never closes or shuts
+down anything: the bridge does.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import ssl
 from typing import Protocol
 
 EOF = "eof"
 ERROR = "error"
+STOPPED = "stopped"
 
-# 64 KiB: the pure loop pays ~2 Python-level calls a chunk; larger buffers gain little
+# 64 KiB: the pure loop pays a few Python-level calls a chunk; larger buffers gain little
 # on loopback and cost memory per idle bridge.
 BUFFER_SIZE = 64 * 1024
 
@@ -31,30 +35,56 @@ class PumpProtocol(Protocol):
 _POLL = getattr(select, "poll", None)
 
 
-def _wait_ready(sock: socket.socket, for_write: bool) -> None:
-    """Wait (bounded) until `sock` is readable/writable; a shutdown also wakes it."""
+def wait_ready(sock: socket.socket, for_write: bool, timeout: float) -> bool:
+    """Whether `sock` turned readable/writable within `timeout` seconds."""
     if _POLL is not None:
         poller = _POLL()
         poller.register(sock, select.POLLOUT if for_write else select.POLLIN)
-        poller.poll(1000)
-    else:  # pragma: no cover - Windows
-        fds = [sock]
-        select.select([] if for_write else fds, fds if for_write else [], fds, 1.0)
+        return bool(poller.poll(timeout * 1000))
+    fds = [sock]  # pragma: no cover - Windows
+    return any(select.select([] if for_write else fds, fds if for_write else [], fds, timeout))
+
+
+class _Waiter:
+    """Blocks until a socket is ready or the bridge's wake socket says stop."""
+
+    def __init__(self, wake: socket.socket) -> None:
+        self._wake = wake
+        self._wake_fd = wake.fileno()
+        self._pollers: dict = {}  # (fd, for_write) -> poll object, built once
+
+    def ready(self, sock: socket.socket, for_write: bool) -> bool:
+        """True when `sock` is ready; False when the bridge asked the pump to stop."""
+        if _POLL is None:  # pragma: no cover - Windows
+            readable, _, _ = select.select(
+                [self._wake] if for_write else [self._wake, sock], [sock] if for_write else [], [sock]
+            )
+            return self._wake not in readable
+        key = (sock.fileno(), for_write)
+        poller = self._pollers.get(key)
+        if poller is None:
+            poller = self._pollers[key] = _POLL()
+            poller.register(self._wake_fd, select.POLLIN)
+            poller.register(sock, select.POLLOUT if for_write else select.POLLIN)
+        return all(fd != self._wake_fd for fd, _ in poller.poll())
+
+
+# What a non-blocking call says when it must wait, and for what. TLS may need to read in
+# order to write and the reverse (renegotiation, key updates).
+_WANTS_READ = (BlockingIOError, ssl.SSLWantReadError)
+_WANTS_WRITE = ssl.SSLWantWriteError
 
 
 class Pump:
     """Copies src -> dst with recv_into on one preallocated buffer and complete writes."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, wake: socket.socket) -> None:
         self._src = src
         self._dst = dst
+        self._waiter = _Waiter(wake)
         self._buffer = bytearray(BUFFER_SIZE)
         self._active = False
         self.bytes = 0
-        # The bridge owns these sockets now: a caller's timeout is no idle policy, and a
-        # blocking fd lets the loop below wait in the kernel instead of in Python.
-        src.settimeout(None)
-        dst.settimeout(None)
 
     def take_activity(self) -> bool:
         active, self._active = self._active, False
@@ -62,15 +92,19 @@ class Pump:
 
     def run(self) -> str:
         view = memoryview(self._buffer)
-        recv_into = self._src.recv_into
-        send = self._dst.send
+        src, dst, ready = self._src, self._dst, self._waiter.ready
+        recv_into, send = src.recv_into, dst.send
         try:
             while True:
                 try:
                     received = recv_into(view)
-                except (BlockingIOError, socket.timeout):
-                    # Someone made the fd non-blocking again: wait it out.
-                    _wait_ready(self._src, for_write=False)
+                except _WANTS_READ:
+                    if not ready(src, for_write=False):
+                        return STOPPED
+                    continue
+                except _WANTS_WRITE:
+                    if not ready(src, for_write=True):
+                        return STOPPED
                     continue
                 if not received:
                     return EOF
@@ -78,8 +112,17 @@ class Pump:
                 while sent < received:
                     try:
                         just_sent = send(view[sent:received])
-                    except (BlockingIOError, socket.timeout):
-                        _wait_ready(self._dst, for_write=True)
+                    except BlockingIOError:
+                        if not ready(dst, for_write=True):
+                            return STOPPED
+                        continue
+                    except ssl.SSLWantReadError:
+                        if not ready(dst, for_write=False):
+                            return STOPPED
+                        continue
+                    except _WANTS_WRITE:
+                        if not ready(dst, for_write=True):
+                            return STOPPED
                         continue
                     sent += just_sent
                     self.bytes += just_sent
