@@ -94,8 +94,13 @@ class Pump:
         view = memoryview(self._buffer)
         src, dst, ready = self._src, self._dst, self._waiter.ready
         recv_into, send = src.recv_into, dst.send
+        # After a short read the queue is empty: wait first instead of paying for a read
+        # that raises BlockingIOError (an exception and a syscall per message).
+        emptied = not isinstance(src, ssl.SSLSocket)  # TLS may hold decrypted bytes already
         try:
             while True:
+                if emptied and not ready(src, for_write=False):
+                    return STOPPED
                 try:
                     received = recv_into(view)
                 except _WANTS_READ:
@@ -127,6 +132,7 @@ class Pump:
                     sent += just_sent
                     self.bytes += just_sent
                 self._active = True
+                emptied = received < BUFFER_SIZE and not isinstance(src, ssl.SSLSocket)
         except OSError:
             return ERROR
         finally:
