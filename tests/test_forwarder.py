@@ -365,40 +365,21 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-class BlackholeUpstream:
+class BlackholeUpstream(EchoServer):
     """Accepts every connection and never reads from it."""
 
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = self.sock.getsockname()[1]
-        self.conns: List[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.conns.append(self.sock.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self._thread.join(5)
-        for c in self.conns:
-            c.close()
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        pass  # hold the connection open, read nothing
 
 
 @pytest.mark.slow
 def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders, backend):
     hole = BlackholeUpstream()
+    hole_port = hole.address[1]
     clients: List[socket.socket] = []
     try:
-        fp = forwarders("127.0.0.1:0", f"127.0.0.1:{hole.port}", "--max-connections", "40", "--log-level", "warning")
+        fp = forwarders("127.0.0.1:0", f"127.0.0.1:{hole_port}", "--max-connections", "40", "--log-level", "warning")
         rss_start = _rss_kib(fp.proc.pid)
         chunk = bytes(256 * 1024)
         for _ in range(150):  # far over the limit: the rest wait in the backlog

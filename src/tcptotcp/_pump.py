@@ -69,10 +69,9 @@ class _Waiter:
         return all(fd != self._wake_fd for fd, _ in poller.poll())
 
 
-# What a non-blocking call says when it must wait, and for what. TLS may need to read in
-# order to write and the reverse (renegotiation, key updates).
-_WANTS_READ = (BlockingIOError, ssl.SSLWantReadError)
-_WANTS_WRITE = ssl.SSLWantWriteError
+# What a non-blocking call raises when it must wait. TLS may need to read in order to
+# write and the reverse (renegotiation, key updates), so the exception says for what.
+_MUST_WAIT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Pump:
@@ -95,20 +94,18 @@ class Pump:
         src, dst, ready = self._src, self._dst, self._waiter.ready
         recv_into, send = src.recv_into, dst.send
         # After a short read the queue is empty: wait first instead of paying for a read
-        # that raises BlockingIOError (an exception and a syscall per message).
-        emptied = not isinstance(src, ssl.SSLSocket)  # TLS may hold decrypted bytes already
+        # that raises BlockingIOError (an exception and a syscall per message). Not for
+        # TLS, which may hold decrypted bytes that poll() cannot see.
+        poll_first = not isinstance(src, ssl.SSLSocket)
+        emptied = poll_first
         try:
             while True:
                 if emptied and not ready(src, for_write=False):
                     return STOPPED
                 try:
                     received = recv_into(view)
-                except _WANTS_READ:
-                    if not ready(src, for_write=False):
-                        return STOPPED
-                    continue
-                except _WANTS_WRITE:
-                    if not ready(src, for_write=True):
+                except _MUST_WAIT as exc:
+                    if not ready(src, for_write=isinstance(exc, ssl.SSLWantWriteError)):
                         return STOPPED
                     continue
                 if not received:
@@ -117,22 +114,14 @@ class Pump:
                 while sent < received:
                     try:
                         just_sent = send(view[sent:received])
-                    except BlockingIOError:
-                        if not ready(dst, for_write=True):
-                            return STOPPED
-                        continue
-                    except ssl.SSLWantReadError:
-                        if not ready(dst, for_write=False):
-                            return STOPPED
-                        continue
-                    except _WANTS_WRITE:
-                        if not ready(dst, for_write=True):
+                    except _MUST_WAIT as exc:
+                        if not ready(dst, for_write=not isinstance(exc, ssl.SSLWantReadError)):
                             return STOPPED
                         continue
                     sent += just_sent
                     self.bytes += just_sent
                 self._active = True
-                emptied = received < BUFFER_SIZE and not isinstance(src, ssl.SSLSocket)
+                emptied = poll_first and received < BUFFER_SIZE
         except OSError:
             return ERROR
         finally:
