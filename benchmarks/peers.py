@@ -9,6 +9,8 @@
 
 A connection's first byte tells the upstream what to do: S sink (reply with the count at EOF),
 D duplex (send N bytes while sinking, N in the next 8 bytes), E echo, H hold (wait for EOF).
+S and D answer "+" first: the clock starts once the whole path (relay included) is up, so a
+timing measures relaying, not connection setup.
 Every transfer is counted; a short count is an error, not a number.
 """
 
@@ -56,6 +58,8 @@ def _serve_conn(conn):
     with conn:
         try:
             mode = _recv_exactly(conn, 1)
+            if mode in (b"S", b"D"):
+                conn.sendall(b"+")
             if mode == b"S":
                 total = _sink(conn)
                 conn.sendall(struct.pack("!Q", total))
@@ -100,8 +104,9 @@ def _connect(host, port):
 def bulk(host, port, n):
     n = int(n)
     with _connect(host, port) as s:
-        started = time.perf_counter()
         s.sendall(b"S")
+        _recv_exactly(s, 1)  # the path is up
+        started = time.perf_counter()
         _send(s, n)
         s.shutdown(socket.SHUT_WR)
         (total,) = struct.unpack("!Q", _recv_exactly(s, 8))
@@ -114,8 +119,9 @@ def bulk(host, port, n):
 def duplex(host, port, n):
     n = int(n)
     with _connect(host, port) as s:
-        started = time.perf_counter()
         s.sendall(b"D" + struct.pack("!Q", n))
+        _recv_exactly(s, 1)  # the path is up
+        started = time.perf_counter()
         sender = threading.Thread(target=lambda: (_send(s, n), s.shutdown(socket.SHUT_WR)))
         sender.start()
         got = _sink(s)
