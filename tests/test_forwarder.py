@@ -426,3 +426,42 @@ def test_silent_clients_are_reaped_and_real_clients_served(forwarders, echo):
     finally:
         for s in silent:
             s.close()
+
+
+@pytest.mark.slow
+def test_out_of_file_descriptors_backs_off_and_recovers(backend, echo):
+    """EMFILE on accept or on a bridge's dup: logged, no spin, no crash; serving resumes."""
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+        "from tcptotcp.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = dict(os.environ, TCPTOTCP_NO_EXTENSIONS="1" if backend.name == "pure" else "")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    fp = ForwarderProcess.__new__(ForwarderProcess)  # attach the helper to this process
+    fp.proc, fp.lines = proc, []
+    fp._reader = threading.Thread(target=fp._read, daemon=True)
+    fp._reader.start()
+    clients: List[socket.socket] = []
+    try:
+        fp.address = fp._wait_for(ForwarderProcess.LISTENING, 15).group(1)
+        for _ in range(40):  # far more than 48 fds can bridge
+            clients.append(fp.connect())
+        fp.wait_log(r"(accept failed|upstream .* failed|bridge not started|not bridged).*(Too many open files|EMFILE|\[Errno 24\])", 15)
+        time.sleep(1.0)
+        cpu = sum(int(x) for x in open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
+        time.sleep(1.0)
+        cpu_after = sum(int(x) for x in open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
+        assert cpu_after - cpu < os.sysconf("SC_CLK_TCK") // 2, "spinning while out of fds"
+        for c in clients:
+            c.close()
+        clients.clear()
+        time.sleep(0.5)
+        _echo_roundtrip(fp, b"served again")  # recovered
+        assert fp.terminate() < 3 and proc.returncode == 0
+    finally:
+        for c in clients:
+            c.close()
+        fp.close()

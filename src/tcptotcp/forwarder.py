@@ -129,6 +129,7 @@ class Forwarder:
         self._bridges: Set[Bridge] = set()
         self._handlers: Dict[int, threading.Thread] = {}
         self._closing = threading.Event()
+        self._draining = False  # close(drain_seconds > 0) in progress: let bridges run
         self._next_id = 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -215,6 +216,7 @@ class Forwarder:
 
     def _handle(self, conn_id: int, client: socket.socket, peer: Any) -> None:
         peer_text = format_sockaddr(client.family, peer)
+        upstream: Optional[socket.socket] = None
         try:
             client.setblocking(True)
             try:
@@ -223,11 +225,14 @@ class Forwarder:
                 with self._lock:
                     self.stats.upstream_failures += 1
                 log.error("#%d %s: upstream %s failed: %s", conn_id, peer_text, self.upstream.text, exc)
-                client.close()
                 return
-            for sock in (client, upstream):
-                _no_delay(sock)
-            bridge = self.bridge_class(client, upstream, **self._bridge_args)
+            try:
+                for sock in (client, upstream):
+                    _no_delay(sock)
+                bridge = self.bridge_class(client, upstream, **self._bridge_args)
+            except (OSError, ValueError) as exc:  # e.g. the client already left
+                log.info("#%d %s: not bridged: %s", conn_id, peer_text, exc)
+                return
             with self._lock:
                 self._bridges.add(bridge)
                 if self._closing.is_set() and not self._draining:
@@ -235,6 +240,9 @@ class Forwarder:
             log.info("#%d open %s -> %s", conn_id, peer_text, self.upstream.text)
             try:
                 result: BridgeResult = bridge.run()
+            except (OSError, RuntimeError) as exc:  # out of fds or threads: nothing started
+                log.error("#%d %s: bridge not started: %s", conn_id, peer_text, exc)
+                return
             finally:
                 with self._lock:
                     self._bridges.discard(bridge)
@@ -252,16 +260,16 @@ class Forwarder:
             )
         except Exception:
             log.exception("#%d %s: unexpected failure", conn_id, peer_text)
-            client.close()
         finally:
+            client.close()  # no-ops once the bridge has closed them
+            if upstream is not None:
+                upstream.close()
             with self._lock:
                 self.stats.active -= 1
                 self._handlers.pop(conn_id, None)
             self._slots.release()
 
     # -- stopping -----------------------------------------------------------------------
-
-    _draining = False
 
     def request_stop(self) -> None:
         """Make ``serve_forever()`` return soon; safe from a signal handler or any thread."""
@@ -273,7 +281,8 @@ class Forwarder:
 
     def close(self, drain_seconds: float = 0.0) -> None:
         """Stop accepting; let open bridges finish for up to `drain_seconds`, then stop them."""
-        self._draining = drain_seconds > 0
+        with self._lock:
+            self._draining = drain_seconds > 0
         self.request_stop()
         self._listener.close()
         if self.listen.family == socket.AF_UNIX and isinstance(self.listen.sockaddr, str):
