@@ -8,6 +8,7 @@ loop, its byte counter and its activity flag. ``tcptotcp.pure`` binds the pure e
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 import socket
@@ -25,6 +26,10 @@ ACTIVITY_RULES = ("both", "any")
 _DRAIN_QUIET_SECONDS = 0.03
 _DRAIN_LIMIT_SECONDS = 0.25
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Failures that come from a peer or the network, never from our own shutdown (which gives
+# EPIPE). A reset makes the kernel report ECONNRESET to one caller only; the other pump on
+# that socket then reads a plain EOF, so "closed" may be recorded first for what was a reset.
+_PEER_FAILURES = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
 # Longer than anyone waits; keeps float deadlines finite for r of any size.
 _LONGEST_INTERVAL = 10.0**9
 
@@ -373,10 +378,13 @@ class Bridge:
             except OSError:
                 pass
         p12, p21 = self._pumps
+        reason = self._reason or "stopped"
+        if reason == "closed" and any(p.last_errno in _PEER_FAILURES for p in self._pumps):
+            reason = "error"
         self._result = BridgeResult(
             bytes_1_to_2=p12.bytes,
             bytes_2_to_1=p21.bytes,
-            reason=self._reason or "stopped",
+            reason=reason,
             seconds=time.monotonic() - self._started_at,
         )
         if interrupted is not None:

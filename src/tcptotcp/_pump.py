@@ -3,9 +3,9 @@
 The seam between the semantics (``_bridge``) and an engine is ``PumpProtocol``: construct
 with (src, dst, wake): two non-blocking sockets and a socket that turns readable when the
 bridge wants the pump to stop. ``run()`` blocks until the direction ends and says how
-(``EOF``, ``ERROR`` or ``STOPPED``), ``bytes`` counts what was delivered in full, and
-``take_activity()`` reads-and-clears the "bytes moved" flag. A pump never closes or shuts
-down anything: the bridge does.
+(``EOF``, ``ERROR`` or ``STOPPED``); ``bytes`` counts what was delivered in full,
+``last_errno`` says what failed, and ``take_activity()`` reads-and-clears the "bytes moved"
+flag. A pump never closes or shuts down anything: the bridge does.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ BUFFER_SIZE = 64 * 1024
 
 class PumpProtocol(Protocol):
     bytes: int
+    last_errno: int  # errno of the failure behind ERROR, else 0
 
     def run(self) -> str: ...
 
@@ -84,6 +85,7 @@ class Pump:
         self._buffer = bytearray(BUFFER_SIZE)
         self._active = False
         self.bytes = 0
+        self.last_errno = 0
 
     def take_activity(self) -> bool:
         active, self._active = self._active, False
@@ -122,7 +124,8 @@ class Pump:
                     self.bytes += just_sent
                 self._active = True
                 emptied = poll_first and received < BUFFER_SIZE
-        except OSError:
+        except OSError as exc:
+            self.last_errno = exc.errno or 0
             return ERROR
         finally:
             view.release()
