@@ -174,7 +174,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller transfers, fewer rounds")
     ap.add_argument("--relays", default="cython,pure,socat,haproxy")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the chart of a saved run")
     args = ap.parse_args()
+    if args.replot:
+        chart(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return 0
 
     wanted = [r for r in args.relays.split(",") if r]
     relays = ["direct"] + [r for r in wanted if r in ("cython", "cython-copy", "pure") or shutil.which(r)]
@@ -341,9 +345,11 @@ def chart(report: dict, path: Path) -> None:
     ax1.set_xticks([j + width * (len(relays) - 1) / 2 for j in range(len(cases))], [c for c, _ in cases])
     ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax1.set_ylabel("throughput, x direct loopback")
-    ax1.legend()
+    ax1.legend(loc="upper right", fontsize=8)
+    ax1.set_ylim(0, 1.15)
     busy = [r for r in relays if "busy_bulk_GBps" in stats[r]]
-    ax2.bar(busy, [stats[r]["busy_bulk_GBps"]["x_unloaded"] for r in busy], color="tab:red")
+    bars = ax2.bar(busy, [stats[r]["busy_bulk_GBps"]["x_unloaded"] for r in busy], color="tab:red")
+    ax2.bar_label(bars, fmt="%.3f", fontsize=8)
     ax2.set_ylim(0, 1.1)
     ax2.set_title("a Python thread spins in the relay", fontsize=9)
     ax2.set_ylabel("throughput kept")
