@@ -29,7 +29,7 @@ elif backend == "cython-copy":  # the core's recv/send path, splice off: shows w
     from tcptotcp import _bridge, _core
 
     class bridge(_bridge.Bridge):
-        fd_pump = functools.partial(_core.Pump, splice=False)
+        fd_pump = staticmethod(functools.partial(_core.Pump, splice=False))
 else:
     bridge = tcptotcp.Bridge
 

@@ -33,7 +33,7 @@ def _core_backend(splice: bool) -> types.SimpleNamespace:
     from tcptotcp import _core
 
     class CopyBridge(_bridge.Bridge):
-        fd_pump = functools.partial(_core.Pump, splice=False)
+        fd_pump = staticmethod(functools.partial(_core.Pump, splice=False))
 
     return types.SimpleNamespace(
         name="cython-copy", connect=_bridge.connect_with(CopyBridge), Bridge=CopyBridge, module=tcptotcp

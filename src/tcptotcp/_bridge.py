@@ -147,7 +147,8 @@ class Bridge:
     The bridge owns both sockets: they are shut down and closed when it ends.
     """
 
-    #: Pump class for sockets whose bytes are their fd's bytes; engines override it.
+    #: Pump class for sockets whose bytes are their fd's bytes; engines override it
+    #: (a factory function goes in a staticmethod, so that it is not bound to the bridge).
     fd_pump: ClassVar[Callable[..., PumpProtocol]] = _pump.Pump
 
     def __init__(
