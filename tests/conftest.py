@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 import types
 
 import pytest
@@ -57,3 +59,11 @@ def backend(request) -> types.SimpleNamespace:
 def engine(request) -> types.SimpleNamespace:
     """Like `backend`, plus the compiled core with splice off (its recv/send path)."""
     return _make_backend(request.param)
+
+
+@pytest.fixture
+def socket_dir():
+    """A short directory for Unix socket paths (macOS caps them at 104 bytes; tmp_path is long)."""
+    path = tempfile.mkdtemp(prefix="t2t", dir="/tmp" if os.path.isdir("/tmp") else None)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -26,6 +26,7 @@ def _ipv6_works() -> bool:
 
 
 IPV6_OK = HAS_IPV6 and _ipv6_works()
+HAS_PROC = os.path.isdir("/proc/self/fd")  # per-process memory, CPU and fd counts (Linux)
 
 
 def link(kind: str = "tcp", tmp_dir: Optional[str] = None) -> Tuple[socket.socket, socket.socket]:
@@ -134,7 +135,7 @@ def sha(data: bytes) -> str:
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
+    return len(os.listdir("/proc/self/fd")) if HAS_PROC else -1
 
 
 @contextlib.contextmanager

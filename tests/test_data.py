@@ -120,11 +120,11 @@ FAMILY_PAIRS = [
 
 
 @pytest.mark.parametrize("kind1,kind2", FAMILY_PAIRS)
-def test_address_families_and_mixed_pairs(engine, kind1, kind2, tmp_path):
+def test_address_families_and_mixed_pairs(engine, kind1, kind2, socket_dir):
     if "tcp6" in (kind1, kind2) and not IPV6_OK:
         pytest.skip("no ::1 on this machine")
     one, two = os.urandom(1024 * 1024 + 3), os.urandom(777777)
-    with Topology(kind1, kind2, str(tmp_path)) as t:
+    with Topology(kind1, kind2, socket_dir) as t:
         bridge = engine.Bridge(t.stream1, t.stream2, 1, 30, half_close=True).start()
         senders = [send_and_shut(t.peer_a, one), send_and_shut(t.peer_b, two)]
         assert recv_until_eof(t.peer_b) == (len(one), sha(one))

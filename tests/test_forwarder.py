@@ -15,7 +15,7 @@ from typing import List, Optional
 import pytest
 
 import tcptotcp
-from helpers import IPV6_OK, Background, recv_exactly, recv_until_eof
+from helpers import HAS_PROC, IPV6_OK, Background, recv_exactly, recv_until_eof
 
 
 class EchoServer:
@@ -202,11 +202,11 @@ def test_ipv6_listen_form(forwarders, echo):
     _echo_roundtrip(fp, b"over six" * 1000)
 
 
-def test_unix_socket_upstream_and_listener(forwarders, tmp_path):
-    upstream_path = str(tmp_path / "up.sock")
+def test_unix_socket_upstream_and_listener(forwarders, socket_dir):
+    upstream_path = os.path.join(socket_dir, "up.sock")
     server = EchoServer(socket.AF_UNIX, upstream_path)
     try:
-        listen_path = str(tmp_path / "in.sock")
+        listen_path = os.path.join(socket_dir, "in.sock")
         fp = forwarders(f"unix:{listen_path}", f"unix:{upstream_path}")
         assert fp.address == f"unix:{listen_path}"
         _echo_roundtrip(fp, os.urandom(500_000))
@@ -374,6 +374,7 @@ class BlackholeUpstream(EchoServer):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="reads the forwarder's memory from /proc")
 def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders, backend):
     hole = BlackholeUpstream()
     hole_port = hole.address[1]
@@ -429,6 +430,7 @@ def test_silent_clients_are_reaped_and_real_clients_served(forwarders, echo):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="reads the forwarder's CPU time from /proc")
 def test_out_of_file_descriptors_backs_off_and_recovers(backend, echo):
     """EMFILE on accept or on a bridge's dup: logged, no spin, no crash; serving resumes."""
     code = (

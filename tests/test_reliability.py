@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import Background, Topology, no_leaks, recv_exactly, recv_until_eof, sha
+from helpers import HAS_PROC, Background, Topology, no_leaks, recv_exactly, recv_until_eof, sha
 
 
 def _rss_kib() -> int:
@@ -25,6 +25,7 @@ def _rss_kib() -> int:
     return 0
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="reads resident memory from /proc")
 def test_backpressure_blocks_sender_and_memory_stays_bounded(engine):
     """A peer that stops reading: the sender blocks; the relay does not buffer the bytes."""
     with Topology() as t:

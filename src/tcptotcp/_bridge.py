@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional, Tuple
+from typing import Callable, ClassVar, List, Optional, Set, Tuple
 
 from . import _pump
 from ._pump import EOF, ERROR, STOPPED, PumpProtocol
@@ -30,6 +30,7 @@ _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # EPIPE). A reset makes the kernel report ECONNRESET to one caller only; the other pump on
 # that socket then reads a plain EOF, so "closed" may be recorded first for what was a reset.
 _PEER_FAILURES = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_TCP_CLOSE = 7  # tcpi_state of a connection that is gone (Linux's TCP_CLOSE)
 # Longer than anyone waits; keeps float deadlines finite for r of any size.
 _LONGEST_INTERVAL = 10.0**9
 
@@ -97,6 +98,23 @@ def _private_dup(sock: socket.socket) -> socket.socket:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """Whether the EOF just read on `sock` came from a reset, not a FIN.
+
+    A reset reaches one caller as ECONNRESET, and the kernel can swallow even that: a splice
+    that had moved some bytes before the send failed returns the count and drops the error.
+    The reading pump then sees a plain EOF. Until we send our own FIN, a connection that got
+    the peer's FIN is in CLOSE_WAIT; one that got a reset is closed outright.
+    """
+    tcp_info = getattr(socket, "TCP_INFO", None)  # Linux
+    if tcp_info is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return False
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -185,6 +203,7 @@ class Bridge:
         self._own_dups: List[socket.socket] = []
         # Readable once the bridge ends: every pump waits on it beside its socket.
         self._wake_pair: Tuple[socket.socket, ...] = ()
+        self._fin_sent: Set[socket.socket] = set()  # wires we half-closed (half_close=True)
         self._pumps: List[PumpProtocol] = []
         self._pump_threads: List[threading.Thread] = []
         self._pumps_running = 0
@@ -292,9 +311,14 @@ class Bridge:
             all_done = self._pumps_running == 0
         if outcome == STOPPED:
             return  # woken by _wake(): the reason is already recorded
+        src = self._wires[index]
+        if outcome == EOF and self._reason is None and src not in self._fin_sent and _was_reset(src):
+            outcome = ERROR
         if outcome == EOF and self.half_close and not all_done:
             # Forward the FIN; the other direction keeps flowing.
-            _shutdown(self._wires[1 - index], socket.SHUT_WR)
+            dst = self._wires[1 - index]
+            self._fin_sent.add(dst)
+            _shutdown(dst, socket.SHUT_WR)
             return
         self._end("closed" if outcome == EOF else "error")
 
