@@ -117,3 +117,25 @@ def test_results_are_the_same_type_across_backends(backend):
         result = backend.connect(t.stream1, t.stream2, 1, 2)
     assert isinstance(result, tcptotcp.BridgeResult)
     assert result.seconds >= 0
+
+
+def test_thread_start_failure_leaks_nothing(backend, monkeypatch):
+    """Out of threads ("can't start new thread") on the second pump: the first one is
+    stopped and every fd the bridge opened is closed before the error propagates."""
+    import threading
+
+    real_start = threading.Thread.start
+    started = []
+
+    def start_once(self):
+        if self.name.startswith("tcptotcp-pump") and started:
+            raise RuntimeError("can't start new thread")
+        started.append(self.name)
+        real_start(self)
+
+    with Topology() as t, no_leaks():
+        monkeypatch.setattr(threading.Thread, "start", start_once)
+        with pytest.raises(RuntimeError):
+            backend.Bridge(t.stream1, t.stream2, 1, 30).start()
+        monkeypatch.undo()
+    assert started == ["tcptotcp-pump 1->2"]

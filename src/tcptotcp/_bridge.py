@@ -277,19 +277,28 @@ class Bridge:
             self._wake_pair = socket.socketpair()
             pump_cls = _pump.Pump
         w1, w2 = self._wires
-        # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
-        # socket timeout the caller set can never end the bridge.
-        w1.setblocking(False)
-        w2.setblocking(False)
-        wake = self._wake_pair[0]
-        self._pumps = [pump_cls(w1, w2, wake), pump_cls(w2, w1, wake)]
-        self._pumps_running = 2
-        for index, name in ((0, "1->2"), (1, "2->1")):
-            thread = threading.Thread(
-                target=self._pump_main, args=(index,), name=f"tcptotcp-pump {name}", daemon=True
-            )
-            self._pump_threads.append(thread)
-            thread.start()
+        try:
+            # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
+            # socket timeout the caller set can never end the bridge.
+            w1.setblocking(False)
+            w2.setblocking(False)
+            wake = self._wake_pair[0]
+            self._pumps = [pump_cls(w1, w2, wake), pump_cls(w2, w1, wake)]
+            self._pumps_running = 2
+            for index, name in ((0, "1->2"), (1, "2->1")):
+                thread = threading.Thread(
+                    target=self._pump_main, args=(index,), name=f"tcptotcp-pump {name}", daemon=True
+                )
+                thread.start()  # "can't start new thread" under load: cleaned up below
+                self._pump_threads.append(thread)
+        except BaseException:
+            # Leave nothing behind: stop a pump that did start, then close what we opened.
+            self._wake_pair[1].send(b"!")
+            for thread in self._pump_threads:
+                thread.join()
+            for sock in (*self._own_dups, *self._wake_pair):
+                sock.close()
+            raise
         with self._lock:
             self._started = True
             ended_already = self._reason is not None  # stop() or a pump's end came first
