@@ -59,6 +59,7 @@ def _extensions():
     ext = Extension(
         "tcptotcp._core",
         ["src/tcptotcp/_core.pyx"],
+        depends=["src/tcptotcp/_loop.h"],
         extra_compile_args=["-O2"],
     )
     try:

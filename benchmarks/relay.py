@@ -29,7 +29,8 @@ elif backend == "cython-copy":  # the core's recv/send path, splice off: shows w
     from tcptotcp import _bridge, _core
 
     class bridge(_bridge.Bridge):
-        fd_pump = staticmethod(functools.partial(_core.Pump, splice=False))
+        fd_engine = staticmethod(functools.partial(_core.start, splice=False))
+        engine_name = "cython"
 else:
     bridge = tcptotcp.Bridge
 

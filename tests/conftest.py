@@ -35,7 +35,8 @@ def _core_backend(splice: bool) -> types.SimpleNamespace:
     from tcptotcp import _core
 
     class CopyBridge(_bridge.Bridge):
-        fd_pump = staticmethod(functools.partial(_core.Pump, splice=False))
+        fd_engine = staticmethod(functools.partial(_core.start, splice=False))
+        engine_name = "cython"
 
     return types.SimpleNamespace(
         name="cython-copy", connect=_bridge.connect_with(CopyBridge), Bridge=CopyBridge, module=tcptotcp

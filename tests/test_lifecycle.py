@@ -5,12 +5,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 import tcptotcp
-from helpers import Background, Topology, no_leaks, recv_exactly
+from helpers import Background, Topology, link, no_leaks, recv_exactly
 from conftest import core_required
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,22 +44,22 @@ KEYBOARD_INTERRUPT_CHILD = textwrap.dedent(
     """
     import sys, threading, time
     import tcptotcp
-    from helpers import Topology, open_fds
+    from helpers import Topology, bridge_fds, bridge_threads
     assert tcptotcp.BACKEND == sys.argv[1], tcptotcp.BACKEND
     with Topology() as t:
-        fds, threads = open_fds(), threading.active_count()
+        fds, threads = bridge_fds(), bridge_threads()
         print("ready", flush=True)
         try:
             tcptotcp.connect(t.stream1, t.stream2, 5, 600)
         except KeyboardInterrupt:
             caught = time.monotonic()
             deadline = caught + 2
-            while threading.active_count() > threads and time.monotonic() < deadline:
+            while bridge_threads() > threads and time.monotonic() < deadline:
                 time.sleep(0.01)
             t.peer_a.settimeout(2)
             assert t.peer_a.recv(1) == b"", "stream1 not shut down"
             assert t.stream1.fileno() == -1 and t.stream2.fileno() == -1
-            print("interrupted", threading.active_count() - threads, open_fds() - fds + 2, flush=True)
+            print("interrupted", bridge_threads() - threads, bridge_fds() - fds + 2, flush=True)
     """
 )
 
@@ -106,7 +107,7 @@ def test_default_backend_is_the_core_where_built():
         pytest.skip("compiled core not built")
     from tcptotcp import _core
 
-    assert tcptotcp.Bridge.fd_pump is _core.Pump
+    assert tcptotcp.Bridge.fd_engine is _core.start and tcptotcp.Bridge.engine_name == "cython"
     assert tcptotcp.pure.BACKEND == "pure"
 
 
@@ -120,8 +121,9 @@ def test_results_are_the_same_type_across_backends(backend):
 
 
 def test_thread_start_failure_leaks_nothing(backend, monkeypatch):
-    """Out of threads ("can't start new thread") on the second pump: the first one is
-    stopped and every fd the bridge opened is closed before the error propagates."""
+    """Pure engine, out of threads ("can't start new thread") on the second pump: the first
+    one is stopped and every fd the bridge opened is closed before the error propagates.
+    The compiled engine starts no thread for a bridge at all, so it cannot fail that way."""
     import threading
 
     real_start = threading.Thread.start
@@ -133,9 +135,72 @@ def test_thread_start_failure_leaks_nothing(backend, monkeypatch):
         started.append(self.name)
         real_start(self)
 
-    with Topology() as t, no_leaks():
-        monkeypatch.setattr(threading.Thread, "start", start_once)
-        with pytest.raises(RuntimeError):
-            backend.Bridge(t.stream1, t.stream2, 1, 30).start()
-        monkeypatch.undo()
-    assert started == ["tcptotcp-pump 1->2"]
+    warm_up(backend)
+    started.clear()
+    with no_leaks():
+        with Topology() as t:
+            monkeypatch.setattr(threading.Thread, "start", start_once)
+            if backend.name == "pure":
+                with pytest.raises(RuntimeError):
+                    backend.Bridge(t.stream1, t.stream2, 1, 30).start()
+            else:
+                bridge = backend.Bridge(t.stream1, t.stream2, 1, 30).start()
+                t.peer_a.sendall(b"no threads")
+                assert recv_exactly(t.peer_b, 10) == b"no threads"
+                bridge.stop()
+                assert bridge.wait(5) is not None
+            monkeypatch.undo()
+    assert started == (["tcptotcp-pump 1->2"] if backend.name == "pure" else [])
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf") or not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_out_of_fds_at_start_leaks_nothing_and_leaves_the_sockets(backend):
+    """One fd left: the first private dup succeeds, the second fails (EMFILE). start() raises
+    OSError, closes the dup it made, and the caller's sockets are as they were."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with Topology() as t:
+        warm_up(backend)
+        with no_leaks():
+            fillers = []
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+            try:
+                while True:
+                    try:
+                        fillers.append(os.dup(0))
+                    except OSError:
+                        break
+                os.close(fillers.pop())  # exactly one fd free
+                with pytest.raises(OSError):
+                    backend.Bridge(t.stream1, t.stream2, 1, 30).start()
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert t.stream1.fileno() >= 0 and t.stream2.fileno() >= 0
+        bridge = backend.Bridge(t.stream1, t.stream2, 1, 30).start()  # still usable
+        t.peer_a.sendall(b"after")
+        assert recv_exactly(t.peer_b, 5) == b"after"
+        bridge.stop()
+        assert bridge.wait(5) is not None
+
+
+def warm_up(backend):
+    """Run one bridge to its end, so that the compiled engine's threads and fds exist."""
+    bridge = backend.Bridge(*link_pair(), 1, 30).start()
+    bridge.stop()
+    assert bridge.wait(5) is not None
+    deadline = time.monotonic() + 2
+    while any(t.name.startswith("tcptotcp-") and t.name != "tcptotcp-results" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def link_pair():
+    a, b = link("unix")
+    c, d = link("unix")
+    a.close()
+    d.close()
+    return b, c

@@ -6,39 +6,10 @@ The compiled core (``BACKEND == "cython"``) is used where it loaded; otherwise, 
 ``TCPTOTCP_NO_EXTENSIONS=1``, the pure twin ``tcptotcp.pure`` (``BACKEND == "pure"``).
 """
 
-import os
-
-from . import _bridge, pure
+from . import pure
+from ._backend import BACKEND, Bridge, connect
 from ._bridge import BridgeResult
+from .forwarder import Forwarder
 
 __all__ = ["BACKEND", "Bridge", "BridgeResult", "Forwarder", "connect", "pure", "__version__"]
 __version__ = "0.1.0"
-
-
-def _load_core():
-    if os.environ.get("TCPTOTCP_NO_EXTENSIONS", "") not in ("", "0"):
-        return None
-    try:
-        from . import _core
-    except ImportError:
-        return None
-    return _core
-
-
-_core = _load_core()
-
-if _core is None:
-    BACKEND = "pure"
-    Bridge = pure.Bridge
-else:
-    BACKEND = "cython"
-
-    class Bridge(_bridge.Bridge):  # type: ignore[no-redef]
-        __doc__ = _bridge.Bridge.__doc__
-        fd_pump = _core.Pump
-
-
-connect = _bridge.connect_with(Bridge)
-
-from .forwarder import Forwarder  # noqa: E402  (needs Bridge above)
-del _load_core, os

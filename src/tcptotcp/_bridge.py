@@ -1,38 +1,55 @@
-"""The semantics of a bridge, written once for both engines.
+"""The public bridge, written once for both engines.
 
-Validation, parameter clamping, the idle checker, ending, the result and teardown all live
-here. An engine only supplies a ``Pump`` class (see ``PumpProtocol``): one direction's copy
-loop, its byte counter and its activity flag. ``tcptotcp.pure`` binds the pure engine
-(``_pump.Pump``); ``tcptotcp`` binds the compiled one (``_core.Pump``) where it loaded.
+Validation, parameter clamping, ownership of the caller's sockets, the API (run, start, stop,
+wait, callbacks) and the result live here. An engine relays; the seam is one function
+(``Engine``): ``engine(stream1, stream2, plan, on_end) -> Relay``. It relays between private
+duplicates of the two sockets in the background, applies the idle rule and the ending rules of
+``Plan``, closes its duplicates, and then calls ``on_end`` once with the counts, the reason and
+the seconds. ``_pump.start`` is the pure engine (threads per bridge); ``_core.start`` the
+compiled one (a few C event loops for every bridge). Both keep docs/contract.md, and one
+test suite pins both.
 """
 
 from __future__ import annotations
 
-import errno
 import operator
-import os
 import socket
-import ssl
+import sys
 import threading
-import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional, Set, Tuple
+from typing import Callable, ClassVar, List, Optional, Protocol, Tuple
 
 from . import _pump
-from ._pump import EOF, ERROR, STOPPED, PumpProtocol
 
 ACTIVITY_RULES = ("both", "any")
-# Draining a closing socket: stop once the peer has been quiet this long, or at the limit.
-_DRAIN_QUIET_SECONDS = 0.03
-_DRAIN_LIMIT_SECONDS = 0.25
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-# Failures that come from a peer or the network, never from our own shutdown (which gives
-# EPIPE). A reset makes the kernel report ECONNRESET to one caller only; the other pump on
-# that socket then reads a plain EOF, so "closed" may be recorded first for what was a reset.
-_PEER_FAILURES = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
-_TCP_CLOSE = 7  # tcpi_state of a connection that is gone (Linux's TCP_CLOSE)
-# Longer than anyone waits; keeps float deadlines finite for r of any size.
-_LONGEST_INTERVAL = 10.0**9
+REASONS = ("closed", "idle", "error", "stopped")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an engine must know of a bridge: the idle rule's numbers and the ending rule.
+
+    A check runs at the start and every `interval` seconds; one that finds qualifying traffic
+    since the previous check resets the count of idle checks, otherwise the bridge ends
+    ("idle") once that count already exceeds `idle_limit`, else the count grows by one.
+    """
+
+    interval: int  # r = max(1, rate_check_seconds)
+    idle_limit: int  # k // r, with k = max(2, keep_alive_delay_time_seconds)
+    activity_both: bool  # traffic qualifies only if both directions moved bytes
+    half_close: bool  # forward a FIN and keep the other direction open
+
+
+class Relay(Protocol):
+    """A running bridge inside an engine."""
+
+    def stop(self) -> None: ...
+
+    def counts(self) -> Tuple[int, int]: ...
+
+
+OnEnd = Callable[[int, int, str, float], None]
+Engine = Callable[[socket.socket, socket.socket, Plan, OnEnd], Relay]
 
 
 @dataclass(frozen=True)
@@ -80,83 +97,6 @@ def check_activity(activity: object) -> None:
         raise ValueError(f"activity must be 'both' or 'any', not {activity!r}")
 
 
-def _speaks_fd_bytes(sock: socket.socket) -> bool:
-    """True when the bytes of `sock` are the bytes of its fd (not TLS, not a wrapper)."""
-    cls = type(sock)
-    return (
-        not isinstance(sock, ssl.SSLSocket)
-        and cls.recv_into is socket.socket.recv_into
-        and cls.send is socket.socket.send
-    )
-
-
-def _private_dup(sock: socket.socket) -> socket.socket:
-    """A socket object on a new fd of the same connection, owned by the bridge alone."""
-    fd = os.dup(sock.fileno())
-    try:
-        return socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _was_reset(sock: socket.socket) -> bool:
-    """Whether the EOF just read on `sock` came from a reset, not a FIN.
-
-    A reset reaches one caller as ECONNRESET, and the kernel can swallow even that: a splice
-    that had moved some bytes before the send failed returns the count and drops the error.
-    The reading pump then sees a plain EOF. Until we send our own FIN, a connection that got
-    the peer's FIN is in CLOSE_WAIT; one that got a reset is closed outright.
-    """
-    tcp_info = getattr(socket, "TCP_INFO", None)  # Linux
-    if tcp_info is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] == _TCP_CLOSE
-    except OSError:
-        return False
-
-
-def _shutdown(sock: socket.socket, how: int) -> None:
-    # The base method, so an SSLSocket keeps its TLS state for the other direction.
-    try:
-        socket.socket.shutdown(sock, how)
-    except OSError:
-        pass  # already disconnected or closed: nothing left to wake
-
-
-def _read_and_drop(sock: socket.socket) -> Optional[int]:
-    """Drop whatever is queued now: the byte count, or None once the peer has closed."""
-    dropped = 0
-    while True:
-        try:
-            data = socket.socket.recv(sock, 65536, _MSG_DONTWAIT)  # raw bytes, TLS or not
-        except OSError:  # EAGAIN, or the connection is already gone
-            return dropped
-        if not data:
-            return None
-        dropped += len(data)
-
-
-def _discard_unread(sock: socket.socket) -> None:
-    """Drop what the peer sent that will never be relayed, before the socket is closed.
-
-    Closing a TCP socket with unread bytes, or receiving bytes after it was closed, makes
-    the kernel answer with RST, and an RST destroys what the peer had not yet read of the
-    bytes we relayed to it. The common case, nothing unread, costs one non-blocking recv;
-    otherwise drop until the peer closes or stays quiet for a moment, within a bound.
-    """
-    if not _MSG_DONTWAIT or not _read_and_drop(sock):
-        return
-    deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
-    while time.monotonic() < deadline:
-        quiet = min(_DRAIN_QUIET_SECONDS, deadline - time.monotonic())
-        if quiet <= 0 or not _pump.wait_ready(sock, for_write=False, timeout=quiet):
-            return
-        if _read_and_drop(sock) is None:
-            return
-
-
 class Bridge:
     """Relays bytes between two connected stream sockets until one of the contract's ends.
 
@@ -165,9 +105,11 @@ class Bridge:
     The bridge owns both sockets: they are shut down and closed when it ends.
     """
 
-    #: Pump class for sockets whose bytes are their fd's bytes; engines override it
-    #: (a factory function goes in a staticmethod, so that it is not bound to the bridge).
-    fd_pump: ClassVar[Callable[..., PumpProtocol]] = _pump.Pump
+    #: The engine for sockets whose bytes are their fd's bytes (TLS always takes the pure
+    #: engine); a face module binds it (a function goes in a staticmethod).
+    fd_engine: ClassVar[Engine] = staticmethod(_pump.start)
+    #: Which engine fd_engine is: "cython" or "pure".
+    engine_name: ClassVar[str] = "pure"
 
     def __init__(
         self,
@@ -192,52 +134,88 @@ class Bridge:
         self.keep_alive_delay_time_seconds = max(2, k)
         self.activity = activity
         self.half_close = bool(half_close)
-
+        self._plan = Plan(
+            interval=self.rate_check_seconds,
+            idle_limit=self.keep_alive_delay_time_seconds // self.rate_check_seconds,
+            activity_both=activity == "both",
+            half_close=self.half_close,
+        )
         self._lock = threading.Lock()
-        self._ended = threading.Event()
-        self._reason: Optional[str] = None
-        self._result: Optional[BridgeResult] = None
         self._launched = False  # start()/run() was called
-        self._started = False  # ... and everything _wake() needs exists
-        self._wires: Tuple[socket.socket, socket.socket] = (stream1, stream2)
-        self._own_dups: List[socket.socket] = []
-        # Readable once the bridge ends: every pump waits on it beside its socket.
-        self._wake_pair: Tuple[socket.socket, ...] = ()
-        self._fin_sent: Set[socket.socket] = set()  # wires we half-closed (half_close=True)
-        self._pumps: List[PumpProtocol] = []
-        self._pump_threads: List[threading.Thread] = []
-        self._pumps_running = 0
-        self._checker: Optional[threading.Thread] = None
-        self._started_at = 0.0
+        self._stop_asked = False
+        self._relay: Optional[Relay] = None
+        self._result: Optional[BridgeResult] = None
+        self._ended: Optional[threading.Event] = None  # made by the first wait() that must block
+        self._callbacks: List[Callable[[BridgeResult], object]] = []
 
     # -- public API -------------------------------------------------------------------
 
     def run(self) -> BridgeResult:
-        """Relay in the calling thread until the bridge ends; return what happened."""
-        self._launch_pumps()
-        return self._supervise()
+        """Relay until the bridge ends, blocking the calling thread; return what happened.
+
+        An exception in the waiting thread (KeyboardInterrupt) stops the bridge and is
+        raised once both sockets are closed.
+        """
+        self._launch()
+        try:
+            result = self.wait()
+        except BaseException:
+            self.stop()
+            self._wait_through_interrupts()
+            raise
+        assert result is not None
+        return result
 
     def start(self) -> "Bridge":
         """Relay in the background; collect the result with ``wait()``."""
-        self._launch_pumps()
-        self._checker = threading.Thread(target=self._supervise, name="tcptotcp-checker", daemon=True)
-        self._checker.start()
+        self._launch()
         return self
 
     def stop(self) -> None:
         """End the bridge (reason ``"stopped"``) from any thread; returns at once."""
-        self._end("stopped")
+        with self._lock:
+            self._stop_asked = True
+            relay = self._relay
+        if relay is not None:
+            relay.stop()
 
     def wait(self, timeout: Optional[float] = None) -> Optional[BridgeResult]:
-        """The result, or ``None`` if the bridge still runs after `timeout` seconds."""
-        if self._checker is None:
-            raise RuntimeError("wait() needs a bridge started with start()")
-        self._checker.join(timeout)
-        return None if self._checker.is_alive() else self._result
+        """The result, or ``None`` if the bridge still runs after `timeout` seconds.
+
+        From any thread, any number of times, also after ``run()`` returned.
+        """
+        with self._lock:
+            if not self._launched:
+                raise RuntimeError("wait() needs a bridge started with start() or run()")
+            if self._result is not None:
+                return self._result
+            if self._ended is None:
+                self._ended = threading.Event()
+            ended = self._ended
+        ended.wait(timeout)
+        return self._result
+
+    def add_done_callback(self, fn: Callable[[BridgeResult], object]) -> None:
+        """Call ``fn(result)`` once the bridge ended: from the engine's thread, or at once
+        in this thread if it already has. Exceptions it raises go to ``sys.unraisablehook``."""
+        with self._lock:
+            if self._result is None:
+                self._callbacks.append(fn)
+                return
+            result = self._result
+        _call_back(fn, result)
 
     @property
     def running(self) -> bool:
         return self._launched and self._result is None
+
+    @property
+    def counts(self) -> Tuple[int, int]:
+        """Bytes delivered so far: (1 -> 2, 2 -> 1); the result's once ended."""
+        if self._result is not None:
+            return (self._result.bytes_1_to_2, self._result.bytes_2_to_1)
+        relay = self._relay
+        return relay.counts() if relay is not None else (0, 0)
 
     def __enter__(self) -> "Bridge":
         if not self._launched:
@@ -246,183 +224,79 @@ class Bridge:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-        if self._checker is not None:
-            self.wait()
+        if self._launched:
+            self._wait_through_interrupts()
 
-    # -- starting -----------------------------------------------------------------------
+    # -- inside -------------------------------------------------------------------------
 
-    def _launch_pumps(self) -> None:
+    def _launch(self) -> None:
         with self._lock:
             if self._launched:
                 raise RuntimeError("a Bridge runs only once")
             self._launched = True
-        self._started_at = time.monotonic()
         s1, s2 = self._streams
-        if _speaks_fd_bytes(s1) and _speaks_fd_bytes(s2):
-            # Private fds: a caller closing its objects can never free an fd number
-            # under a running pump.
-            self._own_dups = [_private_dup(s1)]
-            try:
-                self._own_dups.append(_private_dup(s2))
-                self._wake_pair = socket.socketpair()
-            except BaseException:
-                for dup in self._own_dups:
-                    dup.close()
-                raise
-            self._wires = (self._own_dups[0], self._own_dups[1])
-            pump_cls = self.fd_pump
-        else:
-            # TLS (or another wrapper): the bytes are not the fd's bytes, so the pure pump
-            # relays through the objects themselves.
-            self._wake_pair = socket.socketpair()
-            pump_cls = _pump.Pump
-        w1, w2 = self._wires
+        # TLS (or another wrapper): the bytes are not the fd's, so the pure pumps relay
+        # through the objects themselves.
+        engine = self.fd_engine if _pump.speaks_fd_bytes(s1) and _pump.speaks_fd_bytes(s2) else _pump.start
         try:
-            # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
-            # socket timeout the caller set can never end the bridge.
-            w1.setblocking(False)
-            w2.setblocking(False)
-            wake = self._wake_pair[0]
-            self._pumps = [pump_cls(w1, w2, wake), pump_cls(w2, w1, wake)]
-            self._pumps_running = 2
-            for index, name in ((0, "1->2"), (1, "2->1")):
-                thread = threading.Thread(
-                    target=self._pump_main, args=(index,), name=f"tcptotcp-pump {name}", daemon=True
-                )
-                thread.start()  # "can't start new thread" under load: cleaned up below
-                self._pump_threads.append(thread)
+            relay = engine(s1, s2, self._plan, self._on_end)
         except BaseException:
-            # Leave nothing behind: stop a pump that did start, then close what we opened.
-            self._wake_pair[1].send(b"!")
-            for thread in self._pump_threads:
-                thread.join()
-            for sock in (*self._own_dups, *self._wake_pair):
-                sock.close()
+            with self._lock:
+                self._launched = False  # nothing started: the sockets are as they were
             raise
         with self._lock:
-            self._started = True
-            ended_already = self._reason is not None  # stop() or a pump's end came first
-        if ended_already:
-            self._wake()
+            self._relay = relay
+            stop = self._stop_asked
+        if stop:
+            relay.stop()
 
-    def _pump_main(self, index: int) -> None:
-        outcome = ERROR
-        try:
-            outcome = self._pumps[index].run()
-        finally:
-            self._pump_ended(index, outcome)
-
-    # -- ending -------------------------------------------------------------------------
-
-    def _pump_ended(self, index: int, outcome: str) -> None:
-        with self._lock:
-            self._pumps_running -= 1
-            all_done = self._pumps_running == 0
-        if outcome == STOPPED:
-            return  # woken by _wake(): the reason is already recorded
-        src = self._wires[index]
-        if outcome == EOF and self._reason is None and src not in self._fin_sent and _was_reset(src):
-            outcome = ERROR
-        if outcome == EOF and self.half_close and not all_done:
-            # Forward the FIN; the other direction keeps flowing.
-            dst = self._wires[1 - index]
-            self._fin_sent.add(dst)
-            _shutdown(dst, socket.SHUT_WR)
-            return
-        self._end("closed" if outcome == EOF else "error")
-
-    def _end(self, reason: str) -> None:
-        """Record the first reason and wake everything."""
-        with self._lock:
-            if self._reason is not None:
-                return
-            self._reason = reason
-            if not self._started:
-                return  # _launch_pumps() will see the reason and wake everything itself
-        self._wake()
-
-    def _wake(self) -> None:
-        """Stop the pumps and the checker; send FIN both ways after what was relayed.
-
-        Reads are not shut down: a pump blocked in a read is woken by the wake socket
-        instead, and the sockets keep acknowledging (and advertising window) so the
-        teardown can drain what the peers still send and close with FIN, not RST.
-        """
-        try:
-            self._wake_pair[1].send(b"!")
-        except OSError:
-            pass  # already woken: the byte is never consumed
-        for wire in self._wires:  # also fails a pump's pending write at once
-            _shutdown(wire, socket.SHUT_WR)
-        self._ended.set()
-
-    # -- the idle checker ---------------------------------------------------------------
-
-    def _traffic_since_last_check(self) -> bool:
-        moved = [pump.take_activity() for pump in self._pumps]
-        return all(moved) if self.activity == "both" else any(moved)
-
-    def _supervise(self) -> BridgeResult:
-        """Check for traffic at the start and every r seconds; then tear down."""
-        r = self.rate_check_seconds
-        idle_limit = self.keep_alive_delay_time_seconds // r
-        interval = min(float(r), _LONGEST_INTERVAL)
-        idle_checks = 0
-        next_check = self._started_at
-        try:
-            while not self._ended.is_set():
-                if self._traffic_since_last_check():
-                    idle_checks = 0
-                elif idle_checks > idle_limit:
-                    self._end("idle")
-                    break
-                else:
-                    idle_checks += 1
-                next_check += interval
-                self._wait_until(next_check)
-        finally:
-            # Reached on every way out, KeyboardInterrupt included.
-            self._end("stopped")
-            self._tear_down()
-        assert self._result is not None
-        return self._result
-
-    def _wait_until(self, deadline: float) -> None:
-        while not self._ended.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._ended.wait(min(remaining, threading.TIMEOUT_MAX))
-
-    def _tear_down(self) -> None:
-        interrupted: Optional[BaseException] = None
-        for thread in self._pump_threads:
-            while thread.is_alive():
-                try:
-                    thread.join()
-                except BaseException as exc:  # a second Ctrl-C: finish cleaning up first
-                    interrupted = exc
-        # Only now that no pump can touch them: close the private fds, then the caller's.
-        for wire in self._wires:
-            if wire.fileno() >= 0:
-                _discard_unread(wire)
-        for sock in (*self._own_dups, *self._streams, *self._wake_pair):
+    def _on_end(self, bytes_1_to_2: int, bytes_2_to_1: int, reason: str, seconds: float) -> None:
+        """The engine's report, once, from its thread: its fds are closed; close the caller's."""
+        for sock in self._streams:
             try:
                 sock.close()
             except OSError:
                 pass
-        p12, p21 = self._pumps
-        reason = self._reason or "stopped"
-        if reason == "closed" and any(p.last_errno in _PEER_FAILURES for p in self._pumps):
-            reason = "error"
-        self._result = BridgeResult(
-            bytes_1_to_2=p12.bytes,
-            bytes_2_to_1=p21.bytes,
-            reason=reason,
-            seconds=time.monotonic() - self._started_at,
-        )
+        result = BridgeResult(bytes_1_to_2, bytes_2_to_1, reason, seconds)
+        with self._lock:
+            self._result = result
+            ended, callbacks, self._callbacks = self._ended, self._callbacks, []
+        if ended is not None:
+            ended.set()
+        for fn in callbacks:
+            _call_back(fn, result)
+
+    def _wait_through_interrupts(self) -> None:
+        """Wait for the end even through a second Ctrl-C; raise that one afterwards."""
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                self.wait()
+                break
+            except BaseException as exc:
+                interrupted = exc
         if interrupted is not None:
             raise interrupted
+
+
+def _call_back(fn: Callable[[BridgeResult], object], result: BridgeResult) -> None:
+    try:
+        fn(result)
+    except Exception as exc:
+        report_unraisable(exc, "Exception in a tcptotcp Bridge done callback", fn)
+
+
+class _Unraisable:
+    def __init__(self, exc: BaseException, message: str, obj: object) -> None:
+        self.exc_type, self.exc_value, self.exc_traceback = type(exc), exc, exc.__traceback__
+        self.err_msg = message
+        self.object = obj
+
+
+def report_unraisable(exc: BaseException, message: str, obj: object = None) -> None:
+    """Hand an exception no caller can receive (it arose in an engine's thread) to
+    ``sys.unraisablehook``, which prints it by default."""
+    sys.unraisablehook(_Unraisable(exc, message, obj))  # type: ignore[arg-type]
 
 
 def connect_with(bridge_cls: type) -> Callable[..., BridgeResult]:

@@ -1,19 +1,30 @@
-"""The pure-Python engine: one direction's copy loop.
+"""The pure-Python engine: per bridge, two pump threads and a checker thread.
 
-The seam between the semantics (``_bridge``) and an engine is ``PumpProtocol``: construct
-with (src, dst, wake): two non-blocking sockets and a socket that turns readable when the
-bridge wants the pump to stop. ``run()`` blocks until the direction ends and says how
-(``EOF``, ``ERROR`` or ``STOPPED``); ``bytes`` counts what was delivered in full,
-``last_errno`` says what failed, and ``take_activity()`` reads-and-clears the "bytes moved"
-flag. A pump never closes or shuts down anything: the bridge does.
+It is the fallback where the compiled core cannot load, the engine of TLS sockets everywhere,
+and the reference the compiled engine is tested against. ``start(stream1, stream2, plan,
+on_end)`` is the seam both engines share (see ``_bridge.Engine``): it relays between the two
+sockets in the background and returns a relay with ``stop()`` and ``counts()``; when the
+bridge has ended and its private fds are closed it calls ``on_end(bytes_1_to_2, bytes_2_to_1,
+reason, seconds)`` once, from one of its threads.
+
+Inside, a ``Pump`` is one direction's copy loop on a non-blocking socket; it waits with
+``poll()`` on its socket and the bridge's wake socket, and never closes or shuts down anything.
+The checker applies the idle rule, and the teardown drains unread input and closes.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 import socket
 import ssl
-from typing import Protocol
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Set, Tuple
+
+if TYPE_CHECKING:
+    from ._bridge import Plan
 
 EOF = "eof"
 ERROR = "error"
@@ -129,3 +140,291 @@ class Pump:
             return ERROR
         finally:
             view.release()
+
+
+# -- one bridge: two pumps and a checker ------------------------------------------------------
+
+# Draining a closing socket: stop once the peer has been quiet this long, or at the limit.
+_DRAIN_QUIET_SECONDS = 0.03
+_DRAIN_LIMIT_SECONDS = 0.25
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Failures that come from a peer or the network, never from our own shutdown (which gives
+# EPIPE). A reset makes the kernel report ECONNRESET to one caller only; the other pump on
+# that socket then reads a plain EOF, so "closed" may be recorded first for what was a reset.
+_PEER_FAILURES = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_TCP_CLOSE = 7  # tcpi_state of a connection that is gone (Linux's TCP_CLOSE)
+# Longer than anyone waits; keeps float deadlines finite for r of any size.
+_LONGEST_INTERVAL = 10.0**9
+
+OnEnd = Callable[[int, int, str, float], None]
+
+
+def speaks_fd_bytes(sock: socket.socket) -> bool:
+    """True when the bytes of `sock` are the bytes of its fd (not TLS, not a wrapper)."""
+    cls = type(sock)
+    return (
+        not isinstance(sock, ssl.SSLSocket)
+        and cls.recv_into is socket.socket.recv_into
+        and cls.send is socket.socket.send
+    )
+
+
+def _private_dup(sock: socket.socket) -> socket.socket:
+    """A socket object on a new fd of the same connection, owned by the bridge alone."""
+    fd = os.dup(sock.fileno())
+    try:
+        return socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """Whether the EOF just read on `sock` came from a reset, not a FIN.
+
+    A reset reaches one caller as ECONNRESET, and the kernel can swallow even that: a splice
+    that had moved some bytes before the send failed returns the count and drops the error.
+    The reading pump then sees a plain EOF. Until we send our own FIN, a connection that got
+    the peer's FIN is in CLOSE_WAIT; one that got a reset is closed outright.
+    """
+    tcp_info = getattr(socket, "TCP_INFO", None)  # Linux
+    if tcp_info is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return False
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    # The base method, so an SSLSocket keeps its TLS state for the other direction.
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass  # already disconnected or closed: nothing left to wake
+
+
+def _read_and_drop(sock: socket.socket) -> Optional[int]:
+    """Drop whatever is queued now: the byte count, or None once the peer has closed."""
+    dropped = 0
+    while True:
+        try:
+            data = socket.socket.recv(sock, 65536, _MSG_DONTWAIT)  # raw bytes, TLS or not
+        except OSError:  # EAGAIN, or the connection is already gone
+            return dropped
+        if not data:
+            return None
+        dropped += len(data)
+
+
+def _discard_unread(sock: socket.socket) -> None:
+    """Drop what the peer sent that will never be relayed, before the socket is closed.
+
+    Closing a TCP socket with unread bytes, or receiving bytes after it was closed, makes
+    the kernel answer with RST, and an RST destroys what the peer had not yet read of the
+    bytes we relayed to it. The common case, nothing unread, costs one non-blocking recv;
+    otherwise drop until the peer closes or stays quiet for a moment, within a bound.
+    """
+    if not _MSG_DONTWAIT or not _read_and_drop(sock):
+        return
+    deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
+    while time.monotonic() < deadline:
+        quiet = min(_DRAIN_QUIET_SECONDS, deadline - time.monotonic())
+        if quiet <= 0 or not wait_ready(sock, for_write=False, timeout=quiet):
+            return
+        if _read_and_drop(sock) is None:
+            return
+
+
+class ThreadRelay:
+    """One bridge of the pure engine. Built and started by ``start()``."""
+
+    def __init__(
+        self, stream1: socket.socket, stream2: socket.socket, plan: "Plan", on_end: OnEnd, pump_cls: Callable[..., PumpProtocol]
+    ) -> None:
+        self._plan = plan
+        self._on_end = on_end
+        self._pump_cls = pump_cls
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._reason: Optional[str] = None
+        self._started = False  # everything _wake() needs exists
+        self._wires: Tuple[socket.socket, socket.socket] = (stream1, stream2)
+        self._own_dups: List[socket.socket] = []
+        # Readable once the bridge ends: every pump waits on it beside its socket.
+        self._wake_pair: Tuple[socket.socket, ...] = ()
+        self._fin_sent: Set[socket.socket] = set()  # wires we half-closed (half_close=True)
+        self._pumps: List[PumpProtocol] = []
+        self._pump_threads: List[threading.Thread] = []
+        self._pumps_running = 0
+        self._started_at = time.monotonic()
+
+    def stop(self) -> None:
+        self._end("stopped")
+
+    def counts(self) -> Tuple[int, int]:
+        return (self._pumps[0].bytes, self._pumps[1].bytes) if self._pumps else (0, 0)
+
+    # -- starting -----------------------------------------------------------------------
+
+    def launch(self) -> None:
+        s1, s2 = self._wires
+        if speaks_fd_bytes(s1) and speaks_fd_bytes(s2):
+            # Private fds: a caller closing its objects can never free an fd number
+            # under a running pump.
+            self._own_dups = [_private_dup(s1)]
+            try:
+                self._own_dups.append(_private_dup(s2))
+                self._wake_pair = socket.socketpair()
+            except BaseException:
+                for dup in self._own_dups:
+                    dup.close()
+                raise
+            self._wires = (self._own_dups[0], self._own_dups[1])
+        else:
+            # TLS (or another wrapper): the bytes are not the fd's bytes, so the pumps
+            # relay through the objects themselves.
+            self._wake_pair = socket.socketpair()
+        w1, w2 = self._wires
+        try:
+            # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
+            # socket timeout the caller set can never end the bridge.
+            w1.setblocking(False)
+            w2.setblocking(False)
+            wake = self._wake_pair[0]
+            self._pumps = [self._pump_cls(w1, w2, wake), self._pump_cls(w2, w1, wake)]
+            self._pumps_running = 2
+            for index, name in ((0, "1->2"), (1, "2->1")):
+                thread = threading.Thread(
+                    target=self._pump_main, args=(index,), name=f"tcptotcp-pump {name}", daemon=True
+                )
+                thread.start()  # "can't start new thread" under load: cleaned up below
+                self._pump_threads.append(thread)
+            checker = threading.Thread(target=self._supervise, name="tcptotcp-checker", daemon=True)
+            checker.start()
+        except BaseException:
+            # Leave nothing behind: stop a pump that did start, then close what we opened.
+            self._wake_pair[1].send(b"!")
+            for thread in self._pump_threads:
+                thread.join()
+            for sock in (*self._own_dups, *self._wake_pair):
+                sock.close()
+            raise
+        with self._lock:
+            self._started = True
+            ended_already = self._reason is not None  # stop() or a pump's end came first
+        if ended_already:
+            self._wake()
+
+    def _pump_main(self, index: int) -> None:
+        outcome = ERROR
+        try:
+            outcome = self._pumps[index].run()
+        finally:
+            self._pump_ended(index, outcome)
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _pump_ended(self, index: int, outcome: str) -> None:
+        with self._lock:
+            self._pumps_running -= 1
+            all_done = self._pumps_running == 0
+        if outcome == STOPPED:
+            return  # woken by _wake(): the reason is already recorded
+        src, other = self._wires[index], self._wires[1 - index]
+        if outcome == EOF and self._reason is None:
+            # Either side: a reset there may not have reached a read yet.
+            if any(w not in self._fin_sent and _was_reset(w) for w in (src, other)):
+                outcome = ERROR
+        if outcome == EOF and self._plan.half_close and not all_done:
+            # Forward the FIN; the other direction keeps flowing.
+            self._fin_sent.add(other)
+            _shutdown(other, socket.SHUT_WR)
+            return
+        self._end("closed" if outcome == EOF else "error")
+
+    def _end(self, reason: str) -> None:
+        """Record the first reason and wake everything."""
+        with self._lock:
+            if self._reason is not None:
+                return
+            self._reason = reason
+            if not self._started:
+                return  # launch() will see the reason and wake everything itself
+        self._wake()
+
+    def _wake(self) -> None:
+        """Stop the pumps and the checker; send FIN both ways after what was relayed.
+
+        Reads are not shut down: a pump blocked in a read is woken by the wake socket
+        instead, and the sockets keep acknowledging (and advertising window) so the
+        teardown can drain what the peers still send and close with FIN, not RST.
+        """
+        try:
+            self._wake_pair[1].send(b"!")
+        except OSError:
+            pass  # already woken: the byte is never consumed
+        for wire in self._wires:  # also fails a pump's pending write at once
+            _shutdown(wire, socket.SHUT_WR)
+        self._ended.set()
+
+    # -- the idle checker ---------------------------------------------------------------
+
+    def _traffic_since_last_check(self) -> bool:
+        moved = [pump.take_activity() for pump in self._pumps]
+        return all(moved) if self._plan.activity_both else any(moved)
+
+    def _supervise(self) -> None:
+        """The contract's idle rule: a check at the start and every r seconds; then tear down."""
+        idle_limit = self._plan.idle_limit
+        interval = min(float(self._plan.interval), _LONGEST_INTERVAL)
+        idle_checks = 0
+        next_check = self._started_at
+        try:
+            while not self._ended.is_set():
+                if self._traffic_since_last_check():
+                    idle_checks = 0
+                elif idle_checks > idle_limit:
+                    self._end("idle")
+                    break
+                else:
+                    idle_checks += 1
+                next_check += interval
+                self._wait_until(next_check)
+        finally:
+            self._end("stopped")
+            self._tear_down()
+
+    def _wait_until(self, deadline: float) -> None:
+        while not self._ended.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._ended.wait(min(remaining, threading.TIMEOUT_MAX))
+
+    def _tear_down(self) -> None:
+        for thread in self._pump_threads:
+            thread.join()
+        # Only now that no pump can touch them: drain, then close the private fds.
+        for wire in self._wires:
+            if wire.fileno() >= 0:
+                _discard_unread(wire)
+        for sock in (*self._own_dups, *self._wake_pair):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        p12, p21 = self._pumps
+        reason = self._reason or "stopped"
+        if reason == "closed" and any(p.last_errno in _PEER_FAILURES for p in self._pumps):
+            reason = "error"
+        self._on_end(p12.bytes, p21.bytes, reason, time.monotonic() - self._started_at)
+
+
+def start(
+    stream1: socket.socket, stream2: socket.socket, plan: "Plan", on_end: OnEnd, *, pump: Callable[..., PumpProtocol] = Pump
+) -> ThreadRelay:
+    """The pure engine's side of the seam: relay in the background; see the module doc."""
+    relay = ThreadRelay(stream1, stream2, plan, on_end, pump)
+    relay.launch()
+    return relay

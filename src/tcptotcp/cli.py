@@ -121,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     # Start and summary lines go out whatever the log level: scripts wait for the first.
-    backend = "pure" if forwarder.bridge_class is tcptotcp.pure.Bridge else tcptotcp.BACKEND
+    backend = getattr(forwarder.bridge_class, "engine_name", "custom")
     print(f"tcptotcp: listening on {forwarder.address_text}, forwarding to {args.upstream.text} "
           f"(backend {backend})", file=sys.stderr, flush=True)
     try:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Set, Tuple, Union
 
+from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge, BridgeResult, check_activity
 
 log = logging.getLogger("tcptotcp")
@@ -117,11 +118,7 @@ class Forwarder:
         check_activity(activity)  # fail now, not once per client
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
-        if bridge_class is None:
-            from . import Bridge as default_bridge  # the compiled core where it loaded
-
-            bridge_class = default_bridge
-        self.bridge_class: type = bridge_class
+        self.bridge_class: type = DefaultBridge if bridge_class is None else bridge_class
         self.stats = ForwarderStats()
 
         self._lock = threading.Lock()

@@ -14,7 +14,8 @@ BACKEND = "pure"
 
 class Bridge(_bridge.Bridge):
     __doc__ = _bridge.Bridge.__doc__
-    fd_pump = _pump.Pump
+    fd_engine = staticmethod(_pump.start)
+    engine_name = "pure"
 
 
 connect = _bridge.connect_with(Bridge)
