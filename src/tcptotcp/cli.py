@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import tcptotcp
 
-from .forwarder import Address, Forwarder
+from .forwarder import Address, Forwarder, raise_fd_limit
 
 EXAMPLES = """\
 examples:
@@ -99,6 +99,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_connections < 1:
         print("tcptotcp: error: --max-connections must be at least 1", file=sys.stderr)
         return 2
+    raise_fd_limit()
     try:
         forwarder = Forwarder(
             args.listen,
@@ -120,6 +121,12 @@ def serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    shortfall = forwarder.fd_shortfall()
+    if shortfall:
+        needed, available = shortfall
+        log.warning("--max-connections %d may need up to %d file descriptors, but this process can open "
+                    "only %d more (ulimit -n): clients beyond that are refused until others end",
+                    args.max_connections, needed, available)
     # Start and summary lines go out whatever the log level: scripts wait for the first.
     backend = getattr(forwarder.bridge_class, "engine_name", "custom")
     print(f"tcptotcp: listening on {forwarder.address_text}, forwarding to {args.upstream.text} "

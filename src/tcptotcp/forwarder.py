@@ -2,11 +2,19 @@
 
 The original crate's headline example, as a library class the CLI wires to signals:
 ``Forwarder(listen, upstream).serve_forever()`` in one thread, ``close()`` from another.
+
+One thread does all of the forwarder's own work: a selector loop that accepts clients,
+connects to the upstream without blocking (``connect_timeout`` as a timer), and hands each
+connected pair to a ``Bridge`` started in the background. No thread is started per client;
+on the compiled backend the bridges run on the engine's loop threads, and each one's end is
+logged and counted from its done callback.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import os
 import selectors
@@ -14,7 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge, BridgeResult, check_activity
@@ -88,8 +96,41 @@ class ForwarderStats:
     active: int = 0
 
 
+class _Client:
+    """A client between accept and its bridge: waiting for the upstream connect."""
+
+    __slots__ = ("conn_id", "sock", "peer_text", "upstream", "deadline")
+
+    def __init__(self, conn_id: int, sock: socket.socket, peer_text: str, upstream: socket.socket, deadline: float):
+        self.conn_id = conn_id
+        self.sock = sock
+        self.peer_text = peer_text
+        self.upstream = upstream
+        self.deadline = deadline
+
+
+def raise_fd_limit() -> Tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as haproxy does; (soft, hard) after."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
 class Forwarder:
     """Accepts clients on `listen` and bridges each to `upstream` with one ``Bridge``."""
+
+    #: fds one client costs at most: its socket, the upstream's, the engine's two dups (and
+    #: the pure engine's wake pair).
+    FDS_PER_CLIENT = 6
 
     def __init__(
         self,
@@ -122,14 +163,17 @@ class Forwarder:
         self.stats = ForwarderStats()
 
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
         self._bridges: Set[Bridge] = set()
-        self._handlers: Dict[int, threading.Thread] = {}
+        self._connecting: Dict[int, _Client] = {}  # by upstream fd
+        self._timers: List[Tuple[float, int, int]] = []  # (deadline, conn_id, upstream fd)
         self._closing = threading.Event()
         self._draining = False  # close(drain_seconds > 0) in progress: let bridges run
-        self._next_id = 0
+        self._serving = threading.Lock()  # held while serve_forever() runs
+        self._ids = itertools.count(1)
+        self._accept_paused_until = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._listener = self._bind(backlog)
         self.address = self._listener.getsockname()
 
@@ -156,131 +200,222 @@ class Forwarder:
     def address_text(self) -> str:
         return format_sockaddr(self.listen.family, self.address)
 
+    def fd_shortfall(self) -> Optional[Tuple[int, int]]:
+        """(fds needed for max_connections, fds this process may open) when the first is
+        more than the second, else None."""
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 16
+        needed = self.max_connections * self.FDS_PER_CLIENT
+        return (needed, soft - in_use) if needed > soft - in_use else None
+
     def serve_forever(self) -> None:
         """Accept and bridge clients until ``close()`` (or ``request_stop()``) is called."""
-        with selectors.DefaultSelector() as selector:
+        with self._serving, selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
-            selector.register(self._listener, selectors.EVENT_READ)
-            while not self._closing.is_set():
-                # At the connection limit, leave clients in the backlog rather than
-                # accepting and dropping them.
-                if not self._slots.acquire(timeout=0.2):
-                    continue
-                accepted = False
-                try:
-                    if any(key.fileobj is self._listener for key, _ in selector.select(1.0)):
-                        accepted = self._accept_one()
-                finally:
-                    if not accepted:
-                        self._slots.release()
+            listening = False
+            try:
+                while not self._closing.is_set():
+                    want = self._may_accept()
+                    if want != listening:
+                        if want:
+                            selector.register(self._listener, selectors.EVENT_READ)
+                        else:
+                            selector.unregister(self._listener)
+                        listening = want
+                    for key, _ in selector.select(self._select_timeout()):
+                        if key.fileobj is self._listener:
+                            self._accept_some(selector)
+                        elif key.fileobj is self._wake_r:
+                            self._drain_wake()
+                        else:
+                            self._upstream_ready(selector, key.data)
+                    self._expire_connects(selector)
+            finally:
+                for client in list(self._connecting.values()):
+                    self._drop_client(selector, client)
 
-    def _accept_one(self) -> bool:
+    def _may_accept(self) -> bool:
+        # At the connection limit, leave clients in the backlog rather than accepting and
+        # dropping them; after EMFILE, wait a moment instead of spinning.
+        return self.stats.active < self.max_connections and time.monotonic() >= self._accept_paused_until
+
+    def _select_timeout(self) -> float:
+        timeout = 1.0
+        if self._timers:
+            timeout = min(timeout, self._timers[0][0] - time.monotonic())
+        if self._accept_paused_until > time.monotonic():
+            timeout = min(timeout, self._accept_paused_until - time.monotonic())
+        return max(0.0, timeout)
+
+    def _drain_wake(self) -> None:
         try:
-            client, peer = self._listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return False
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRNOS:
-                log.error("accept failed: %s; backing off", exc.strerror)
-                self._closing.wait(_BACKOFF_SECONDS)
-                return False
-            raise
-        with self._lock:
-            self._next_id += 1
-            conn_id = self._next_id
-            self.stats.accepted += 1
-            self.stats.active += 1
-        handler = threading.Thread(
-            target=self._handle, args=(conn_id, client, peer), name=f"tcptotcp-conn-{conn_id}", daemon=True
-        )
-        with self._lock:
-            self._handlers[conn_id] = handler
-        handler.start()
-        return True
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed
 
     # -- one client ---------------------------------------------------------------------
 
-    def _connect_upstream(self) -> socket.socket:
-        sock = socket.socket(self.upstream.family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.connect_timeout)
-            sock.connect(self.upstream.sockaddr)
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _handle(self, conn_id: int, client: socket.socket, peer: Any) -> None:
-        peer_text = format_sockaddr(client.family, peer)
-        upstream: Optional[socket.socket] = None
-        try:
-            client.setblocking(True)
+    def _accept_some(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(64):  # then let the other events of this turn run
+            if not self._may_accept():
+                return
             try:
-                upstream = self._connect_upstream()
+                client, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
             except OSError as exc:
-                with self._lock:
-                    self.stats.upstream_failures += 1
-                log.error("#%d %s: upstream %s failed: %s", conn_id, peer_text, self.upstream.text, exc)
-                return
-            try:
-                for sock in (client, upstream):
-                    _no_delay(sock)
-                bridge = self.bridge_class(client, upstream, **self._bridge_args)
-            except (OSError, ValueError) as exc:  # e.g. the client already left
-                log.info("#%d %s: not bridged: %s", conn_id, peer_text, exc)
-                return
+                if exc.errno in _RESOURCE_ERRNOS:
+                    log.error("accept failed: %s; backing off", exc.strerror)
+                    self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+                    return
+                raise
+            self._accept_paused_until = 0.0
+            conn_id = next(self._ids)
             with self._lock:
-                self._bridges.add(bridge)
-                if self._closing.is_set() and not self._draining:
-                    bridge.stop()
-            log.info("#%d open %s -> %s", conn_id, peer_text, self.upstream.text)
-            try:
-                result: BridgeResult = bridge.run()
-            except (OSError, RuntimeError) as exc:  # out of fds or threads: nothing started
-                log.error("#%d %s: bridge not started: %s", conn_id, peer_text, exc)
-                return
-            finally:
-                with self._lock:
-                    self._bridges.discard(bridge)
-            with self._lock:
-                self.stats.bytes_up += result.bytes_1_to_2
-                self.stats.bytes_down += result.bytes_2_to_1
-            log.info(
-                "#%d close %s: %d bytes up, %d down, %s after %.3f s",
-                conn_id,
-                peer_text,
-                result.bytes_1_to_2,
-                result.bytes_2_to_1,
-                result.reason,
-                result.seconds,
-            )
-        except Exception:
-            log.exception("#%d %s: unexpected failure", conn_id, peer_text)
-        finally:
-            client.close()  # no-ops once the bridge has closed them
-            if upstream is not None:
-                upstream.close()
-            with self._lock:
-                self.stats.active -= 1
-                self._handlers.pop(conn_id, None)
-            self._slots.release()
+                self.stats.accepted += 1
+                self.stats.active += 1
+            self._connect_upstream(selector, conn_id, client, format_sockaddr(client.family, peer))
+
+    def _connect_upstream(self, selector: selectors.BaseSelector, conn_id: int, client: socket.socket, peer_text: str) -> None:
+        try:
+            upstream = socket.socket(self.upstream.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+            self._upstream_failed(conn_id, client, peer_text, exc)
+            return
+        upstream.setblocking(False)
+        err = upstream.connect_ex(self.upstream.sockaddr)
+        if err == 0:
+            self._bridge(conn_id, client, peer_text, upstream)
+        elif err == errno.EINPROGRESS or (err == errno.EAGAIN and upstream.family != socket.AF_UNIX):
+            # (A Unix socket's EAGAIN is a full backlog: that connect never completes.)
+            pending = _Client(conn_id, client, peer_text, upstream, time.monotonic() + self.connect_timeout)
+            self._connecting[upstream.fileno()] = pending
+            heapq.heappush(self._timers, (pending.deadline, conn_id, upstream.fileno()))
+            selector.register(upstream, selectors.EVENT_WRITE, pending)
+        else:
+            upstream.close()
+            self._upstream_failed(conn_id, client, peer_text, OSError(err, os.strerror(err)))
+
+    def _upstream_ready(self, selector: selectors.BaseSelector, pending: _Client) -> None:
+        selector.unregister(pending.upstream)
+        del self._connecting[pending.upstream.fileno()]
+        err = pending.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            pending.upstream.close()
+            self._upstream_failed(pending.conn_id, pending.sock, pending.peer_text, OSError(err, os.strerror(err)))
+        else:
+            self._bridge(pending.conn_id, pending.sock, pending.peer_text, pending.upstream)
+
+    def _expire_connects(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, conn_id, fd = heapq.heappop(self._timers)
+            pending = self._connecting.get(fd)
+            if pending is None or pending.conn_id != conn_id:
+                continue  # connected or failed already
+            selector.unregister(pending.upstream)
+            del self._connecting[fd]
+            pending.upstream.close()
+            self._upstream_failed(conn_id, pending.sock, pending.peer_text, socket.timeout("timed out"))
+
+    def _drop_client(self, selector: selectors.BaseSelector, pending: _Client) -> None:
+        """Closing with a connect still pending: give up on it without a log line per client."""
+        selector.unregister(pending.upstream)
+        del self._connecting[pending.upstream.fileno()]
+        pending.upstream.close()
+        pending.sock.close()
+        self._client_gone()
+
+    def _upstream_failed(self, conn_id: int, client: socket.socket, peer_text: str, exc: OSError) -> None:
+        with self._lock:
+            self.stats.upstream_failures += 1
+        log.error("#%d %s: upstream %s failed: %s", conn_id, peer_text, self.upstream.text, exc)
+        client.close()
+        self._client_gone()
+
+    def _client_gone(self) -> None:
+        with self._lock:
+            self.stats.active -= 1
+            slot_opened = self.stats.active == self.max_connections - 1
+        if slot_opened:
+            self._wake()  # the serve loop may take the listener back
+
+    def _bridge(self, conn_id: int, client: socket.socket, peer_text: str, upstream: socket.socket) -> None:
+        try:
+            for sock in (client, upstream):
+                _no_delay(sock)
+            bridge = self.bridge_class(client, upstream, **self._bridge_args)
+        except (OSError, ValueError) as exc:  # e.g. the client already left
+            log.info("#%d %s: not bridged: %s", conn_id, peer_text, exc)
+            client.close()
+            upstream.close()
+            self._client_gone()
+            return
+        log.info("#%d open %s -> %s", conn_id, peer_text, self.upstream.text)
+        try:
+            bridge.start()
+        except (OSError, RuntimeError) as exc:  # out of fds or threads: nothing started
+            log.error("#%d %s: bridge not started: %s", conn_id, peer_text, exc)
+            client.close()
+            upstream.close()
+            if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+                self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+            self._client_gone()
+            return
+        # close() stops what is in _bridges only once serve_forever() returned: none is missed.
+        with self._lock:
+            self._bridges.add(bridge)
+        bridge.add_done_callback(lambda result: self._bridge_ended(conn_id, peer_text, bridge, result))
+
+    def _bridge_ended(self, conn_id: int, peer_text: str, bridge: Bridge, result: BridgeResult) -> None:
+        """From the engine's thread, once per bridge."""
+        with self._lock:
+            self._bridges.discard(bridge)
+            self.stats.bytes_up += result.bytes_1_to_2
+            self.stats.bytes_down += result.bytes_2_to_1
+        log.info(
+            "#%d close %s: %d bytes up, %d down, %s after %.3f s",
+            conn_id,
+            peer_text,
+            result.bytes_1_to_2,
+            result.bytes_2_to_1,
+            result.reason,
+            result.seconds,
+        )
+        self._client_gone()
 
     # -- stopping -----------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Make ``serve_forever()`` return soon; safe from a signal handler or any thread."""
         self._closing.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._wake()
 
     def close(self, drain_seconds: float = 0.0) -> None:
         """Stop accepting; let open bridges finish for up to `drain_seconds`, then stop them."""
         with self._lock:
             self._draining = drain_seconds > 0
         self.request_stop()
+        # serve_forever() gives up on pending upstream connects as it returns.
+        if not self._serving.acquire(timeout=5.0):
+            log.error("serve_forever() did not return in time")
+        else:
+            self._serving.release()
         self._listener.close()
         if self.listen.family == socket.AF_UNIX and isinstance(self.listen.sockaddr, str):
             try:
@@ -295,13 +430,9 @@ class Forwarder:
             bridges = list(self._bridges)
         for bridge in bridges:
             bridge.stop()
-        # Handlers end promptly once their bridge is stopped; one still connecting
-        # upstream is bounded by connect_timeout, and is a daemon thread.
         stop_waiting = time.monotonic() + 2.0
-        with self._lock:
-            handlers = list(self._handlers.values())
-        for handler in handlers:
-            handler.join(max(0.0, stop_waiting - time.monotonic()))
+        for bridge in bridges:
+            bridge.wait(max(0.0, stop_waiting - time.monotonic()))
         self._wake_r.close()
         self._wake_w.close()
 
