@@ -436,7 +436,7 @@ def run_case(case: str, relay: Relay, args, tmp: str) -> dict:
     else:
         conns = 32 if case == "wrk_c32" else 1000
         cmd = ["wrk", "-t", "2", "-c", str(conns), "-d", f"{args.duration}s", "--latency",
-               "--timeout", f"{args.wrk_timeout}s", url]
+               "--timeout", f"{args.wrk_timeout:g}s", url]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(args.duration / 2)  # every client connected by now: sample the relay
         if relay.proc and proc.poll() is None:
@@ -548,7 +548,8 @@ def build_report(runs: dict, relays: List[str], skipped: Dict[str, str], events:
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
                 lines = (p.stdout + p.stderr).strip().splitlines()
-                versions[tool] = next((ln for ln in lines if "version" in ln.lower()), lines[0] if lines else "")
+                key = "copyright" if tool == "wrk" else "version"
+                versions[tool] = next((ln for ln in lines if key in ln.lower()), lines[0] if lines else "")
             except (OSError, subprocess.TimeoutExpired):
                 pass
     try:
@@ -579,7 +580,7 @@ def markdown(report: dict) -> str:
         f"Measured {report['date']} on {report['machine']}" + (" (--quick)" if report["quick"] else ""),
         f"{report['rounds']} round(s), relays interleaved; nginx with {report['nginx_workers']} worker "
         f"process(es), {st['page_bytes']}-byte page; wrk -t 2 -d {st['wrk_duration_s']}s --timeout "
-        f"{st['wrk_timeout_s']}s; figures are medians (min–max over rounds). Run took {report['seconds']:.0f} s.",
+        f"{st['wrk_timeout_s']:g}s; figures are medians (min–max over rounds). Run took {report['seconds']:.0f} s.",
         "", "Versions: " + "; ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
     ]
     for case in CASES:
@@ -677,7 +678,7 @@ def main() -> int:
     ap.add_argument("--nginx-workers", type=int, default=1)
     ap.add_argument("--ab-requests", type=int, default=4000)
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    ap.add_argument("--wrk-timeout", type=float, default=2.0, help="wrk counts a request slower than this as a timeout")
+    ap.add_argument("--wrk-timeout", type=int, default=2, help="wrk counts a request slower than this as a timeout")
     ap.add_argument("--case-timeout", type=int, default=120, help="kill a load generator after this long")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the chart and table of a saved run")
