@@ -133,6 +133,22 @@ def open_fds(pid: int) -> int:
     return total
 
 
+NETSTAT = ("ListenOverflows", "ListenDrops", "TCPSynRetrans", "SyncookiesSent", "TCPTimeouts")
+
+
+def netstat() -> Dict[str, int]:
+    """Machine-wide TCP counters: an accept queue that overflows shows in ListenOverflows."""
+    out: Dict[str, int] = {}
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return out
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            out.update({k: int(v) for k, v in zip(names.split()[1:], values.split()[1:]) if k in NETSTAT})
+    return out
+
+
 def wait_port(port: int, proc: Optional[subprocess.Popen], what: str, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -258,6 +274,7 @@ class Relay:
         self.tmp: Optional[str] = None
         self.log_path: Optional[Path] = None
         self.summary = ""
+        self.final_log = ""
         self.starts = 0
         self.base_fds = 0
         self.start()
@@ -329,7 +346,8 @@ class Relay:
         if self.proc is not None:
             # SIGTERM: tcptotcp stops and prints its summary, haproxy and socat exit
             stop(self.proc, signal.SIGTERM)
-            m = re.findall(r"^tcptotcp: (?!listening).*$", self.log_text(), re.M)
+            self.final_log = self.log_text()
+            m = re.findall(r"^tcptotcp: (?!listening).*$", self.final_log, re.M)
             self.summary = m[-1] if m else ""
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -404,6 +422,7 @@ def parse_ab(out: str, csv_path: Path) -> dict:
 def run_case(case: str, relay: Relay, args, tmp: str) -> dict:
     url = f"http://127.0.0.1:{relay.port}{PATH}"
     cpu0 = relay.cpu()
+    net0 = netstat()
     mid: dict = {}
     t0 = time.monotonic()
     if case == "ab_c32":
@@ -453,6 +472,9 @@ def run_case(case: str, relay: Relay, args, tmp: str) -> dict:
             r["aborted"] = f"wrk exit {proc.returncode}: {(err.strip().splitlines() or ['?'])[-1]}"
         r["connections"] = conns
     r["seconds"] = time.monotonic() - t0
+    net1 = netstat()
+    r["tcp"] = {k: net1[k] - net0.get(k, 0) for k in net1}  # machine-wide, over this case
+    r["listen_overflows"] = r["tcp"].get("ListenOverflows", 0)
     if relay.proc:
         time.sleep(0.3)  # socat reaps its children: their CPU lands in cutime
         cpu = relay.cpu() - cpu0
@@ -505,6 +527,8 @@ def build_report(runs: dict, relays: List[str], skipped: Dict[str, str], events:
                     s[k] = spread(vals)
             s["timeouts"] = sum(x.get("timeouts", 0) for x in rs)
             s["errors"] = sum(x.get("errors", 0) for x in rs)
+            s["listen_overflows"] = sum(x.get("listen_overflows", 0) for x in rs)
+            s["syn_retrans"] = sum(x.get("tcp", {}).get("TCPSynRetrans", 0) for x in rs)
             s["aborted"] = [x["aborted"] for x in rs if x.get("aborted")]
             s["runs"] = len(rs)
             stats[r][case] = s
@@ -565,12 +589,18 @@ def build_report(runs: dict, relays: List[str], skipped: Dict[str, str], events:
             "events": events, "relay_summaries": summaries, "runs": runs}
 
 
-def fmt(s: Optional[dict], digits: str = ".3g") -> str:
+def num(v: float, digits: str = "") -> str:
+    if digits:
+        return f"{v:{digits}}"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def fmt(s: Optional[dict], digits: str = "") -> str:
     if not s:
         return "–"
     if s["n"] == 1 or s["min"] == s["max"]:
-        return f"{s['median']:{digits}}"
-    return f"{s['median']:{digits}} ({s['min']:{digits}}–{s['max']:{digits}})"
+        return num(s["median"], digits)
+    return f"{num(s['median'], digits)} ({num(s['min'], digits)}–{num(s['max'], digits)})"
 
 
 def markdown(report: dict) -> str:
@@ -588,17 +618,17 @@ def markdown(report: dict) -> str:
         rss = "RSS at 1,000 clients, MiB (PSS)" if case == "wrk_c1000" else "RSS mid-run, MiB (PSS)"
         lines += [f"### {CASE_TITLE[case]}", "",
                   f"| relay | req/s | p50 ms | p99 ms | timeouts / errors | relay CPU µs per {per} | {rss} "
-                  "| relay fds mid-run / after |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| relay fds mid-run / after | accept-queue overflows / SYN retransmits |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in relays:
             s = stats[r].get(case)
             if not s:
-                lines.append(f"| {r} | – | – | – | – | – | – | – |")
+                lines.append(f"| {r} | – | – | – | – | – | – | – | – |")
                 continue
             cpu = s.get("cpu_us_per_conn" if case == "ab_c32" else "cpu_us_per_req")
             mem = fmt(s.get("rss_mib"))
             if s.get("pss_mib"):
-                mem += f" ({s['pss_mib']['median']:.3g})"
+                mem += f" ({num(s['pss_mib']['median'])})"
             fds = "–"
             if s.get("fds_mid"):
                 fds = f"{s['fds_mid']['median']:.0f} / {s['fds_after']['max']:.0f}" if s.get("fds_after") else "–"
@@ -606,7 +636,8 @@ def markdown(report: dict) -> str:
             if s["aborted"]:
                 err += " (" + "; ".join(sorted(set(s["aborted"])))[:120] + ")"
             lines.append(f"| {r} | {fmt(s.get('rps'), '.0f')} | {fmt(s.get('p50_ms'))} | {fmt(s.get('p99_ms'))} "
-                         f"| {err} | {fmt(cpu)} | {mem if s.get('rss_mib') else '–'} | {fds} |")
+                         f"| {err} | {fmt(cpu)} | {mem if s.get('rss_mib') else '–'} | {fds} "
+                         f"| {s['listen_overflows']} / {s['syn_retrans']} |")
         lines.append("")
     if report["targets"]:
         lines += ["### Targets: compiled core (cython) against haproxy, this run", "",
@@ -628,7 +659,10 @@ def markdown(report: dict) -> str:
     lines += ["Relay CPU is utime+stime of the relay's process tree (reaped children included) over the "
               "case, divided by the connections ab opened or the requests wrk completed. RSS sums VmRSS "
               "over the tree (socat: one process per connection, shared pages counted each time; PSS splits "
-              "them). fds after: the most the relay still held after a case, once its clients were gone.", ""]
+              "them). fds after: the most the relay still held after a case, once its clients were gone. "
+              "Accept-queue overflows and SYN retransmits are the machine's TcpExt counters over the case "
+              "(summed over rounds): clients whose connect was dropped because a listen backlog was full "
+              "and who retried after 1 s or more.", ""]
     return "\n".join(lines)
 
 
@@ -767,8 +801,10 @@ def main() -> int:
                     r["round"] = rnd + 1
                     runs[name].setdefault(case, []).append(r)
                     note = ""
+                    if r.get("listen_overflows"):
+                        note += f"  listen overflows {r['listen_overflows']}"
                     if r.get("timeouts") or r.get("errors") or r.get("aborted"):
-                        note = f"  timeouts {r['timeouts']} errors {r['errors']} {r.get('error_detail')} " \
+                        note += f"  timeouts {r['timeouts']} errors {r['errors']} {r.get('error_detail')} " \
                                f"{r.get('aborted', '')}"
                         events.append(f"round {rnd + 1} {case} {name}: timeouts {r['timeouts']}, errors "
                                       f"{r['errors']} {r.get('error_detail')} {r.get('aborted', '')}".rstrip())
@@ -790,7 +826,7 @@ def main() -> int:
         for name, relay in running.items():
             relay.close()
             if relay.proc is not None:
-                text = relay.log_text()
+                text = relay.final_log
                 if name in TCPTOTCP:
                     summaries[name] = relay.summary
                 bad = [ln for ln in text.splitlines()

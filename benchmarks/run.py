@@ -1,10 +1,13 @@
 """How fast is tcptotcp, and why: every relay measured side by side, in one run, on loopback.
 
-    python benchmarks/run.py [--quick] [--relays cython,pure,socat,haproxy]
+    python benchmarks/run.py [--quick] [--relays cython,pure,socat,haproxy] [--baseline PATH]
 
 Each relay is its own process between a load generator and an upstream (benchmarks/peers.py,
 separate processes with 4 MiB buffers). Cases run interleaved (every relay once per round),
 repeated; figures are medians with their spread, and ratios to "direct" (no relay at all).
+--baseline PATH adds the relay "baseline": the compiled core of another built tree (PATH/src),
+measured in the same rounds, and a table of this core's ratios to it.
+The many-bridges case (benchmarks/many.py) runs in-process for cython, pure and baseline.
 Writes benchmarks/results/<date>.json and .md, and a PNG chart when matplotlib is installed.
 """
 
@@ -25,8 +28,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import many  # benchmarks/many.py, beside this file
+
 HERE = Path(__file__).resolve().parent
 PEERS = [sys.executable, str(HERE / "peers.py")]
+# The relays that are benchmarks/relay.py (this package); "baseline" is relay.py's "cython"
+# importing the package of another tree (PYTHONPATH=<--baseline>/src).
+OURS = ("cython", "cython-copy", "pure", "baseline")
+# The many-bridges case (benchmarks/many.py) measures these backends, in-process.
+MANY_BACKENDS = ("cython", "pure", "baseline")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -81,17 +91,24 @@ def rss_bytes(pid: int) -> int:
 class Relay:
     """A relay process listening on 127.0.0.1:port, forwarding to the upstream."""
 
-    def __init__(self, name: str, upstream_port: int, spin: bool = False):
+    def __init__(self, name: str, upstream_port: int, spin: bool = False, baseline: Optional[str] = None):
         self.name = name
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         self.port = 0
         if name == "direct":
             self.proc = None
             self.port = upstream_port
-        elif name in ("cython", "cython-copy", "pure"):
-            cmd = [sys.executable, str(HERE / "relay.py"), name, str(upstream_port)] + (["--spin"] if spin else [])
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            self.port = int(self.proc.stdout.readline())
+        elif name in OURS:
+            backend, env = name, None
+            if name == "baseline":  # the old core: relay.py's "cython", from the other tree
+                backend, env = "cython", baseline_env(baseline)
+            cmd = [sys.executable, str(HERE / "relay.py"), backend, str(upstream_port)] + (["--spin"] if spin else [])
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            line = self.proc.stdout.readline()
+            if not line.strip():
+                self.proc.wait(10)
+                raise RuntimeError(f"relay {name} exited with {self.proc.returncode} at start")
+            self.port = int(line)
         elif name == "socat":
             self.port = free_port()
             self.proc = subprocess.Popen(
@@ -140,7 +157,7 @@ class Relay:
 
     def close(self) -> None:
         if self.proc is not None:
-            if self.name in ("cython", "cython-copy", "pure"):
+            if self.name in OURS:
                 try:
                     self.proc.stdin.write("quit\n")
                     self.proc.stdin.close()
@@ -158,6 +175,36 @@ class Relay:
             self._tmp.cleanup()
 
 
+def baseline_env(path: Optional[str]) -> dict:
+    """The environment that makes `import tcptotcp` load the tree at `path` (built in place)."""
+    if not path:
+        raise ValueError("the baseline relay needs --baseline PATH")
+    src = str(Path(path).resolve() / "src")
+    env = dict(os.environ)
+    env.pop("TCPTOTCP_NO_EXTENSIONS", None)
+    env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def check_baseline(path: str) -> dict:
+    """Fail early unless PATH/src holds a tcptotcp whose compiled core loads; its description."""
+    src = Path(path).resolve() / "src"
+    probe = "import tcptotcp, json; print(json.dumps([tcptotcp.__file__, tcptotcp.BACKEND]))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         env=baseline_env(path), cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise SystemExit(f"--baseline {path}: import tcptotcp failed: {out.stderr.strip()[-500:]}")
+    module, backend = json.loads(out.stdout)
+    if not Path(module).resolve().is_relative_to(src):
+        raise SystemExit(f"--baseline {path}: imported {module}, not from {src}")
+    if backend != "cython":
+        raise SystemExit(f"--baseline {path}: its compiled core did not load (BACKEND = {backend}); "
+                         f"build it: cd {path} && python setup.py build_ext --inplace")
+    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    return {"path": str(Path(path).resolve()), "commit": commit or None, "module": module}
+
+
 def peer(*args: object, timeout: float = 600) -> dict:
     out = subprocess.run([*PEERS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -172,7 +219,14 @@ def spread(values: List[float]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller transfers, fewer rounds")
-    ap.add_argument("--relays", default="cython,pure,socat,haproxy")
+    ap.add_argument("--relays", default="cython,pure,socat,haproxy",
+                    help="comma-separated, of cython, cython-copy, pure, socat, haproxy (direct always runs)")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="add the relay 'baseline': the compiled core of the tree at PATH, built in place "
+                         "(git worktree add /tmp/base <commit> && cd /tmp/base && "
+                         "python setup.py build_ext --inplace)")
+    ap.add_argument("--many", type=int, default=2000, metavar="N",
+                    help="bridges open at once in the many-bridges case (default 2000; 0 skips it)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the chart of a saved run")
     args = ap.parse_args()
@@ -181,8 +235,16 @@ def main() -> int:
         return 0
 
     wanted = [r for r in args.relays.split(",") if r]
-    relays = ["direct"] + [r for r in wanted if r in ("cython", "cython-copy", "pure") or shutil.which(r)]
+    baseline_info = None
+    if args.baseline:
+        baseline_info = check_baseline(args.baseline)
+        if "baseline" not in wanted:
+            wanted.append("baseline")
+    elif "baseline" in wanted:
+        ap.error("the relay 'baseline' needs --baseline PATH")
+    relays = ["direct"] + [r for r in wanted if r in OURS or shutil.which(r)]
     skipped = [r for r in wanted if r not in relays]
+    errors: List[str] = []
     rounds = 3 if args.quick else 5
     bulk_n = (256 if args.quick else 1024) << 20
     pings = 2000 if args.quick else 10000
@@ -198,8 +260,10 @@ def main() -> int:
     def add(relay: str, case: str, value: float) -> None:
         samples[relay].setdefault(case, []).append(value)
 
-    running = {r: Relay(r, upstream_port) for r in relays}
+    running: Dict[str, Relay] = {}
     try:
+        for r in relays:
+            running[r] = Relay(r, upstream_port, baseline=args.baseline)
         for rnd in range(rounds):
             print(f"round {rnd + 1}/{rounds}", file=sys.stderr)
             for name, relay in running.items():
@@ -229,10 +293,10 @@ def main() -> int:
             add(name, "rss_KiB_per_idle_bridge", (relay.rss() - before) / 1000 / 1024)
             holder.stdin.close()
             holder.wait(60)
-        for name in [r for r in relays if r in ("cython", "cython-copy", "pure")]:
+        for name in [r for r in relays if r in OURS]:
             for _ in range(rounds):
                 try:
-                    spinning = Relay(name, upstream_port, spin=True)
+                    spinning = Relay(name, upstream_port, spin=True, baseline=args.baseline)
                     try:
                         spinning.spin_rate()
                         time.sleep(1.0)
@@ -246,6 +310,18 @@ def main() -> int:
                     continue
                 add(name, "busy_bulk_GBps", b["bytes"] / b["seconds"] / 1e9)
                 add(name, "busy_spinner_keeps", loaded / solo)
+        # Many bridges in one process (benchmarks/many.py, a fresh process per backend),
+        # interleaved like the relays; a wrong byte or count is an error, not a number.
+        many_backends = [r for r in relays if r in MANY_BACKENDS] if args.many > 0 else []
+        for rnd in range(rounds if many_backends else 0):
+            print(f"many bridges, round {rnd + 1}/{rounds}", file=sys.stderr)
+            for name in many_backends:
+                m = many.run_child(name, args.many, args.baseline)
+                if m.get("errors"):
+                    errors += [f"many bridges, {name}: {e}" for e in m["errors"]]
+                    continue
+                for key in MANY_KEYS:
+                    add(name, f"many_{key}", m[key])
     finally:
         for relay in running.values():
             relay.close()
@@ -253,6 +329,8 @@ def main() -> int:
         up.wait(10)
 
     report = build_report(samples, relays, skipped, args, bulk_n)
+    report["baseline"] = baseline_info
+    report["errors"] = errors
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
@@ -261,6 +339,9 @@ def main() -> int:
     (out / f"{stem}.md").write_text(md)
     print(md)
     chart(report, out / f"{stem}.png")
+    if errors:
+        print("ERRORS:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -278,8 +359,16 @@ def build_report(samples, relays, skipped, args, bulk_n) -> dict:
                 stats[r]["busy_bulk_GBps"]["median"] / stats[r]["bulk_GBps"]["median"])
     machine = f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, " \
               f"{os.cpu_count()} cores, Python {platform.python_version()}"
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
-            "quick": args.quick, "bulk_bytes": bulk_n, "relays": relays, "skipped": skipped, "stats": stats}
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+              "quick": args.quick, "bulk_bytes": bulk_n, "many_bridges": args.many, "relays": relays,
+              "skipped": skipped, "stats": stats}
+    if "cython" in stats and "baseline" in stats:
+        report["new_vs_baseline"] = {
+            case: stats["cython"][case]["median"] / stats["baseline"][case]["median"]
+            for _, case, _ in ROWS
+            if case in stats["cython"] and case in stats["baseline"] and stats["baseline"][case]["median"]
+        }
+    return report
 
 
 ROWS = [
@@ -295,7 +384,21 @@ ROWS = [
     ("RSS per idle bridge, KiB", "rss_KiB_per_idle_bridge", None),
     ("bulk with a Python thread spinning, GB/s", "busy_bulk_GBps", "x_unloaded"),
     ("spinning thread keeps (of its solo speed)", "busy_spinner_keeps", None),
+    ("{many} bridges in one process: start(), bridges/s", "many_start_per_s", None),
+    ("{many} bridges in one process: stop() + wait(), bridges/s", "many_stop_wait_per_s", None),
+    ("{many} bridges in one process: RSS per idle bridge, KiB", "many_rss_KiB_per_idle_bridge", None),
+    ("{many} bridges in one process: threads per bridge", "many_threads_per_bridge", None),
 ]
+# many.py's figures that become the cases many_<key>.
+MANY_KEYS = ("start_per_s", "stop_wait_per_s", "rss_KiB_per_idle_bridge", "threads_per_bridge")
+# Which way is better, for the new-core-vs-baseline table: the cases where lower wins.
+LOWER_IS_BETTER = {"cpu_s_per_GB", "p50_us", "p99_us", "rss_KiB_per_idle_bridge",
+                   "many_rss_KiB_per_idle_bridge", "many_threads_per_bridge"}
+
+
+def num(x: float) -> str:
+    """3 significant digits; whole numbers with thousands separators from 1,000 up."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
 
 
 def markdown(report: dict) -> str:
@@ -309,20 +412,34 @@ def markdown(report: dict) -> str:
             if not s:
                 cells.append("–")
                 continue
-            cell = f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"
+            cell = f"{num(s['median'])} ({num(s['min'])}–{num(s['max'])})"
             if extra and extra in s:
-                cell += {"x_direct": f", {s[extra]:.2f}x direct", "added_us": f", +{s[extra]:.1f}",
+                cell += {"x_direct": f", {s[extra]:.2f}x direct", "added_us": f", {s[extra]:+.1f}",
                          "x_unloaded": f", {s[extra]:.3f} of unloaded"}[extra]
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label.format(many=report.get('many_bridges'))} | " + " | ".join(cells) + " |")
     if "cython" in relays and "pure" in relays:
         c, p = stats["cython"], stats["pure"]
         lines += ["", "compiled core vs pure twin: "
                   f"bulk {c['bulk_GBps']['median'] / p['bulk_GBps']['median']:.2f}x, "
                   f"both ways {c['duplex_GBps']['median'] / p['duplex_GBps']['median']:.2f}x, "
                   f"CPU per GB {c['cpu_s_per_GB']['median'] / p['cpu_s_per_GB']['median']:.2f}x"]
+    if report.get("new_vs_baseline"):
+        base = report.get("baseline") or {}
+        lines += ["", "New core vs baseline (" + (f"commit {base['commit']}, " if base.get("commit") else "")
+                  + f"{base.get('path', '?')}), medians of the same run: ratio cython / baseline", "",
+                  "| case | cython | baseline | cython / baseline | better when |", "|---|---|---|---|---|"]
+        for label, case, _ in ROWS:
+            if case in report["new_vs_baseline"]:
+                c, b = stats["cython"][case]["median"], stats["baseline"][case]["median"]
+                lines.append(f"| {label.format(many=report.get('many_bridges'))} | {num(c)} | {num(b)} | "
+                             f"{report['new_vs_baseline'][case]:.3g}x | "
+                             f"{'lower' if case in LOWER_IS_BETTER else 'higher'} |")
     if report["skipped"]:
         lines += ["", "not installed, skipped: " + ", ".join(report["skipped"])]
+    if report.get("errors"):
+        lines += ["", "**Errors** (those measurements are left out):"] + [f"- {e}" for e in report["errors"]]
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional, Protocol, Tuple
+from typing import Callable, ClassVar, List, Optional, Protocol, Tuple, Union
 
 from . import _pump
 
@@ -49,7 +49,8 @@ class Relay(Protocol):
 
 
 OnEnd = Callable[[int, int, str, float], None]
-Engine = Callable[[socket.socket, socket.socket, Plan, OnEnd], Relay]
+# Given sockets, an engine relays on private dups of them; given fds (ints), it adopts them.
+Engine = Callable[[Union[socket.socket, int], Union[socket.socket, int], Plan, OnEnd], Relay]
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,43 @@ class Bridge:
         _check_socket(stream2, "stream2")
         if _same_connection(stream1, stream2):
             raise ValueError("stream1 and stream2 are the same socket")
+        self._setup((stream1, stream2), rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close)
+
+    @classmethod
+    def from_fds(
+        cls,
+        fd1: int,
+        fd2: int,
+        rate_check_seconds: int,
+        keep_alive_delay_time_seconds: int,
+        *,
+        activity: str = "both",
+        half_close: bool = False,
+    ) -> "Bridge":
+        """A bridge that adopts two fds of connected stream sockets: it relays on them without
+        duplicating them, and closes them when it ends. If ``start()``/``run()`` raises, they
+        are still the caller's. The fds are not checked beyond being distinct integers: a
+        bad one makes the bridge end with reason "error". What a forwarder that made the
+        sockets itself uses, to save the checks, the dups and their closes."""
+        fds = tuple(_check_int(fd, name) for fd, name in ((fd1, "fd1"), (fd2, "fd2")))
+        if fds[0] < 0 or fds[1] < 0 or fds[0] == fds[1]:
+            raise ValueError(f"two distinct open fds needed, not {fds[0]} and {fds[1]}")
+        bridge = cls.__new__(cls)
+        bridge._setup(fds, rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close)
+        return bridge
+
+    def _setup(
+        self,
+        streams: Tuple[Union[socket.socket, int], Union[socket.socket, int]],
+        rate_check_seconds: int,
+        keep_alive_delay_time_seconds: int,
+        activity: str,
+        half_close: bool,
+    ) -> None:
         r = _check_int(rate_check_seconds, "rate_check_seconds")
         k = _check_int(keep_alive_delay_time_seconds, "keep_alive_delay_time_seconds")
         check_activity(activity)
-        self._streams = (stream1, stream2)
+        self._streams = streams
         # The original's clamping: u8 rate check of at least 1 s, keep-alive of at least 2 s.
         self.rate_check_seconds = max(1, r)
         self.keep_alive_delay_time_seconds = max(2, k)
@@ -236,8 +270,9 @@ class Bridge:
             self._launched = True
         s1, s2 = self._streams
         # TLS (or another wrapper): the bytes are not the fd's, so the pure pumps relay
-        # through the objects themselves.
-        engine = self.fd_engine if _pump.speaks_fd_bytes(s1) and _pump.speaks_fd_bytes(s2) else _pump.start
+        # through the objects themselves. Adopted fds are fd bytes.
+        fd_bytes = isinstance(s1, int) or (_pump.speaks_fd_bytes(s1) and _pump.speaks_fd_bytes(s2))
+        engine = self.fd_engine if fd_bytes else _pump.start
         try:
             relay = engine(s1, s2, self._plan, self._on_end)
         except BaseException:
@@ -253,10 +288,11 @@ class Bridge:
     def _on_end(self, bytes_1_to_2: int, bytes_2_to_1: int, reason: str, seconds: float) -> None:
         """The engine's report, once, from its thread: its fds are closed; close the caller's."""
         for sock in self._streams:
-            try:
-                sock.close()
-            except OSError:
-                pass
+            if isinstance(sock, socket.socket):  # adopted fds: the engine closed them
+                try:
+                    sock.close()
+                except OSError:
+                    pass
         result = BridgeResult(bytes_1_to_2, bytes_2_to_1, reason, seconds)
         with self._lock:
             self._result = result

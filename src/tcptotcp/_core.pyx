@@ -44,7 +44,7 @@ cdef extern from "_loop.h" nogil:
     const int MAX_LOOPS "T2T_MAX_LOOPS"
     int t2t_engine_start(int nloops)
     int t2t_loop_count()
-    t2t_bridge *t2t_start(int fd1, int fd2, int64_t interval_ns, uint64_t idle_limit, int activity_both,
+    t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit, int activity_both,
                           int half_close, int may_splice, void *owner)
     void t2t_stop(t2t_bridge *b)
     void t2t_release(t2t_bridge *b)
@@ -182,19 +182,22 @@ if hasattr(os, "register_at_fork"):
 def start(stream1, stream2, plan, on_end, *, bint splice=True):
     """Relay between private dups of two connected sockets on a loop thread; returns at once.
 
+    Given two fds (ints) instead, the bridge adopts them: no dups; they are its to close.
+
     `plan` carries ``interval`` (seconds between idle checks), ``idle_limit``,
     ``activity_both`` and ``half_close``. ``on_end(bytes_1_to_2, bytes_2_to_1, reason,
     seconds)`` is called once, from the results thread, after the dups are closed.
     """
     _ensure_engine()
-    cdef int fd1 = stream1.fileno()
-    cdef int fd2 = stream2.fileno()
+    cdef bint adopt = isinstance(stream1, int) and isinstance(stream2, int)
+    cdef int fd1 = stream1 if adopt else stream1.fileno()
+    cdef int fd2 = stream2 if adopt else stream2.fileno()
     cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
     cdef Relay relay = Relay.__new__(Relay)
     relay._on_end = on_end
     Py_INCREF(relay)  # held for the engine until the results thread finished it
-    relay._b = t2t_start(fd1, fd2, interval_ns, idle_limit, plan.activity_both, plan.half_close,
+    relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
                          splice, <void *>relay)
     if relay._b == NULL:
         err = errno

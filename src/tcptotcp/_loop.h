@@ -32,6 +32,7 @@
 #include <unistd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -168,17 +169,22 @@ static void t2t_count(t2t_dir *d, size_t n) {
     d->active = 1;
 }
 
-static int t2t_nonblocking_dup(int fd) {
-    int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (copy < 0) return -1;
-    int flags = fcntl(copy, F_GETFL);
-    if (flags < 0 || fcntl(copy, F_SETFL, flags | O_NONBLOCK) < 0) {
+static int t2t_set_nonblocking(int fd) {
+    int on = 1;
+    return ioctl(fd, FIONBIO, &on); /* one syscall, where F_GETFL + F_SETFL take two */
+}
+
+/* The bridge's own fd for the caller's fd: a private dup, or (adopt) the fd itself. */
+static int t2t_own_fd(int fd, int adopt) {
+    int own = adopt ? fd : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) return -1;
+    if (t2t_set_nonblocking(own) != 0) {
         int saved = errno;
-        close(copy);
+        if (!adopt) close(own);
         errno = saved;
         return -1;
     }
-    return copy;
+    return own;
 }
 
 /* Whether the connection behind fd was reset rather than closed with a FIN. A reset reaches
@@ -869,21 +875,22 @@ static int t2t_engine_start(int nloops) {
 
 static int t2t_loop_count(void) { return t2t_the_engine.nloops; }
 
-/* A new bridge on private non-blocking dups of fd1 and fd2, handed to the least-loaded loop.
-   NULL with errno on failure (nothing left open). */
-static t2t_bridge *t2t_start(int fd1, int fd2, int64_t interval_ns, uint64_t idle_limit, int activity_both,
-                             int half_close, int may_splice, void *owner) {
+/* A new bridge on private non-blocking dups of fd1 and fd2 (or, with adopt, on fd1 and fd2
+   themselves, which the bridge then owns and closes), handed to the least-loaded loop.
+   NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
+static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit,
+                             int activity_both, int half_close, int may_splice, void *owner) {
     t2t_engine *E = &t2t_the_engine;
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b) {
         errno = ENOMEM;
         return NULL;
     }
-    b->side[0].fd = t2t_nonblocking_dup(fd1);
-    b->side[1].fd = b->side[0].fd < 0 ? -1 : t2t_nonblocking_dup(fd2);
+    b->side[0].fd = t2t_own_fd(fd1, adopt);
+    b->side[1].fd = b->side[0].fd < 0 ? -1 : t2t_own_fd(fd2, adopt);
     if (b->side[1].fd < 0) {
         int saved = errno;
-        if (b->side[0].fd >= 0) close(b->side[0].fd);
+        if (b->side[0].fd >= 0 && !adopt) close(b->side[0].fd);
         free(b);
         errno = saved;
         return NULL;

@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Set, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Set, Tuple, Union
 
 if TYPE_CHECKING:
     from ._bridge import Plan
@@ -250,7 +250,7 @@ class ThreadRelay:
         self._reason: Optional[str] = None
         self._started = False  # everything _wake() needs exists
         self._wires: Tuple[socket.socket, socket.socket] = (stream1, stream2)
-        self._own_dups: List[socket.socket] = []
+        self._owned: List[socket.socket] = []  # closed by the teardown
         # Readable once the bridge ends: every pump waits on it beside its socket.
         self._wake_pair: Tuple[socket.socket, ...] = ()
         self._fin_sent: Set[socket.socket] = set()  # wires we half-closed (half_close=True)
@@ -267,20 +267,23 @@ class ThreadRelay:
 
     # -- starting -----------------------------------------------------------------------
 
-    def launch(self) -> None:
+    def launch(self, adopt: bool = False) -> None:
         s1, s2 = self._wires
-        if speaks_fd_bytes(s1) and speaks_fd_bytes(s2):
+        if adopt:
+            self._owned = [s1, s2]
+            self._wake_pair = socket.socketpair()
+        elif speaks_fd_bytes(s1) and speaks_fd_bytes(s2):
             # Private fds: a caller closing its objects can never free an fd number
             # under a running pump.
-            self._own_dups = [_private_dup(s1)]
+            self._owned = [_private_dup(s1)]
             try:
-                self._own_dups.append(_private_dup(s2))
+                self._owned.append(_private_dup(s2))
                 self._wake_pair = socket.socketpair()
             except BaseException:
-                for dup in self._own_dups:
+                for dup in self._owned:
                     dup.close()
                 raise
-            self._wires = (self._own_dups[0], self._own_dups[1])
+            self._wires = (self._owned[0], self._owned[1])
         else:
             # TLS (or another wrapper): the bytes are not the fd's bytes, so the pumps
             # relay through the objects themselves.
@@ -307,8 +310,11 @@ class ThreadRelay:
             self._wake_pair[1].send(b"!")
             for thread in self._pump_threads:
                 thread.join()
-            for sock in (*self._own_dups, *self._wake_pair):
-                sock.close()
+            for sock in (*self._owned, *self._wake_pair):
+                if adopt and sock in self._owned:
+                    sock.detach()  # a failed start leaves adopted fds to the caller
+                else:
+                    sock.close()
             raise
         with self._lock:
             self._started = True
@@ -409,7 +415,7 @@ class ThreadRelay:
         for wire in self._wires:
             if wire.fileno() >= 0:
                 _discard_unread(wire)
-        for sock in (*self._own_dups, *self._wake_pair):
+        for sock in (*self._owned, *self._wake_pair):
             try:
                 sock.close()
             except OSError:
@@ -422,9 +428,26 @@ class ThreadRelay:
 
 
 def start(
-    stream1: socket.socket, stream2: socket.socket, plan: "Plan", on_end: OnEnd, *, pump: Callable[..., PumpProtocol] = Pump
+    stream1: Union[socket.socket, int],
+    stream2: Union[socket.socket, int],
+    plan: "Plan",
+    on_end: OnEnd,
+    *,
+    pump: Callable[..., PumpProtocol] = Pump,
 ) -> ThreadRelay:
-    """The pure engine's side of the seam: relay in the background; see the module doc."""
+    """The pure engine's side of the seam: relay in the background; see the module doc.
+
+    Given two fds (ints) instead of sockets, the bridge adopts them: no dups; they are its
+    to close (unless start raises)."""
+    adopt = isinstance(stream1, int) and isinstance(stream2, int)
+    if adopt:
+        stream1 = socket.socket(fileno=stream1)
+        try:
+            stream2 = socket.socket(fileno=stream2)
+        except BaseException:
+            stream1.detach()
+            raise
+    assert isinstance(stream1, socket.socket) and isinstance(stream2, socket.socket)
     relay = ThreadRelay(stream1, stream2, plan, on_end, pump)
-    relay.launch()
+    relay.launch(adopt)
     return relay

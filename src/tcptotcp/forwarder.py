@@ -96,15 +96,28 @@ class ForwarderStats:
     active: int = 0
 
 
+class _Peer:
+    """A client's address, formatted only if a log line is written."""
+
+    __slots__ = ("family", "sockaddr")
+
+    def __init__(self, family: int, sockaddr: Any) -> None:
+        self.family = family
+        self.sockaddr = sockaddr
+
+    def __str__(self) -> str:
+        return format_sockaddr(self.family, self.sockaddr)
+
+
 class _Client:
     """A client between accept and its bridge: waiting for the upstream connect."""
 
-    __slots__ = ("conn_id", "sock", "peer_text", "upstream", "deadline")
+    __slots__ = ("conn_id", "fd", "peer", "upstream", "deadline")
 
-    def __init__(self, conn_id: int, sock: socket.socket, peer_text: str, upstream: socket.socket, deadline: float):
+    def __init__(self, conn_id: int, fd: int, peer: _Peer, upstream: socket.socket, deadline: float):
         self.conn_id = conn_id
-        self.sock = sock
-        self.peer_text = peer_text
+        self.fd = fd  # the accepted client, as a bare fd until its bridge adopts it
+        self.peer = peer
         self.upstream = upstream
         self.deadline = deadline
 
@@ -186,6 +199,8 @@ class Forwarder:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.listen.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # nothing wider
+            # Accepted sockets inherit it: each read is forwarded at once (see _no_delay).
+            _no_delay(sock)
             sock.bind(self.listen.sockaddr)
             sock.listen(backlog)
             sock.setblocking(False)
@@ -273,7 +288,8 @@ class Forwarder:
             if not self._may_accept():
                 return
             try:
-                client, peer = self._listener.accept()
+                # The bare fd: no socket object, no blocking-mode syscall; its bridge adopts it.
+                client, peer = self._listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -287,29 +303,38 @@ class Forwarder:
             with self._lock:
                 self.stats.accepted += 1
                 self.stats.active += 1
-            self._connect_upstream(selector, conn_id, client, format_sockaddr(client.family, peer))
+            self._connect_upstream(selector, conn_id, client, _Peer(self.listen.family, peer))
 
-    def _connect_upstream(self, selector: selectors.BaseSelector, conn_id: int, client: socket.socket, peer_text: str) -> None:
+    def _connect_upstream(self, selector: selectors.BaseSelector, conn_id: int, client: int, peer: _Peer) -> None:
         try:
             upstream = socket.socket(self.upstream.family, socket.SOCK_STREAM)
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
-            self._upstream_failed(conn_id, client, peer_text, exc)
+            self._upstream_failed(conn_id, client, peer, exc)
             return
         upstream.setblocking(False)
+        _no_delay(upstream)
         err = upstream.connect_ex(self.upstream.sockaddr)
+        if err == errno.EINPROGRESS:
+            # On a local upstream the handshake has usually completed inside connect() already;
+            # asking again (0 once connected) saves a trip through the selector.
+            err = upstream.connect_ex(self.upstream.sockaddr)
+            if err in (errno.EALREADY, errno.EINPROGRESS):
+                err = errno.EINPROGRESS
+            elif err == errno.EISCONN:
+                err = 0
         if err == 0:
-            self._bridge(conn_id, client, peer_text, upstream)
+            self._bridge(conn_id, client, peer, upstream)
         elif err == errno.EINPROGRESS or (err == errno.EAGAIN and upstream.family != socket.AF_UNIX):
             # (A Unix socket's EAGAIN is a full backlog: that connect never completes.)
-            pending = _Client(conn_id, client, peer_text, upstream, time.monotonic() + self.connect_timeout)
+            pending = _Client(conn_id, client, peer, upstream, time.monotonic() + self.connect_timeout)
             self._connecting[upstream.fileno()] = pending
             heapq.heappush(self._timers, (pending.deadline, conn_id, upstream.fileno()))
             selector.register(upstream, selectors.EVENT_WRITE, pending)
         else:
             upstream.close()
-            self._upstream_failed(conn_id, client, peer_text, OSError(err, os.strerror(err)))
+            self._upstream_failed(conn_id, client, peer, OSError(err, os.strerror(err)))
 
     def _upstream_ready(self, selector: selectors.BaseSelector, pending: _Client) -> None:
         selector.unregister(pending.upstream)
@@ -317,9 +342,9 @@ class Forwarder:
         err = pending.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             pending.upstream.close()
-            self._upstream_failed(pending.conn_id, pending.sock, pending.peer_text, OSError(err, os.strerror(err)))
+            self._upstream_failed(pending.conn_id, pending.fd, pending.peer, OSError(err, os.strerror(err)))
         else:
-            self._bridge(pending.conn_id, pending.sock, pending.peer_text, pending.upstream)
+            self._bridge(pending.conn_id, pending.fd, pending.peer, pending.upstream)
 
     def _expire_connects(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()
@@ -331,21 +356,21 @@ class Forwarder:
             selector.unregister(pending.upstream)
             del self._connecting[fd]
             pending.upstream.close()
-            self._upstream_failed(conn_id, pending.sock, pending.peer_text, socket.timeout("timed out"))
+            self._upstream_failed(conn_id, pending.fd, pending.peer, socket.timeout("timed out"))
 
     def _drop_client(self, selector: selectors.BaseSelector, pending: _Client) -> None:
         """Closing with a connect still pending: give up on it without a log line per client."""
         selector.unregister(pending.upstream)
         del self._connecting[pending.upstream.fileno()]
         pending.upstream.close()
-        pending.sock.close()
+        os.close(pending.fd)
         self._client_gone()
 
-    def _upstream_failed(self, conn_id: int, client: socket.socket, peer_text: str, exc: OSError) -> None:
+    def _upstream_failed(self, conn_id: int, client: int, peer: _Peer, exc: OSError) -> None:
         with self._lock:
             self.stats.upstream_failures += 1
-        log.error("#%d %s: upstream %s failed: %s", conn_id, peer_text, self.upstream.text, exc)
-        client.close()
+        log.error("#%d %s: upstream %s failed: %s", conn_id, peer, self.upstream.text, exc)
+        os.close(client)
         self._client_gone()
 
     def _client_gone(self) -> None:
@@ -355,34 +380,27 @@ class Forwarder:
         if slot_opened:
             self._wake()  # the serve loop may take the listener back
 
-    def _bridge(self, conn_id: int, client: socket.socket, peer_text: str, upstream: socket.socket) -> None:
-        try:
-            for sock in (client, upstream):
-                _no_delay(sock)
-            bridge = self.bridge_class(client, upstream, **self._bridge_args)
-        except (OSError, ValueError) as exc:  # e.g. the client already left
-            log.info("#%d %s: not bridged: %s", conn_id, peer_text, exc)
-            client.close()
-            upstream.close()
-            self._client_gone()
-            return
-        log.info("#%d open %s -> %s", conn_id, peer_text, self.upstream.text)
+    def _bridge(self, conn_id: int, client: int, peer: _Peer, upstream: socket.socket) -> None:
+        # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
+        bridge = self.bridge_class.from_fds(client, upstream.fileno(), **self._bridge_args)
+        log.info("#%d open %s -> %s", conn_id, peer, self.upstream.text)
         try:
             bridge.start()
         except (OSError, RuntimeError) as exc:  # out of fds or threads: nothing started
-            log.error("#%d %s: bridge not started: %s", conn_id, peer_text, exc)
-            client.close()
+            log.error("#%d %s: bridge not started: %s", conn_id, peer, exc)
+            os.close(client)
             upstream.close()
             if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
             self._client_gone()
             return
+        upstream.detach()  # the bridge closes it
         # close() stops what is in _bridges only once serve_forever() returned: none is missed.
         with self._lock:
             self._bridges.add(bridge)
-        bridge.add_done_callback(lambda result: self._bridge_ended(conn_id, peer_text, bridge, result))
+        bridge.add_done_callback(lambda result: self._bridge_ended(conn_id, peer, bridge, result))
 
-    def _bridge_ended(self, conn_id: int, peer_text: str, bridge: Bridge, result: BridgeResult) -> None:
+    def _bridge_ended(self, conn_id: int, peer: _Peer, bridge: Bridge, result: BridgeResult) -> None:
         """From the engine's thread, once per bridge."""
         with self._lock:
             self._bridges.discard(bridge)
@@ -391,7 +409,7 @@ class Forwarder:
         log.info(
             "#%d close %s: %d bytes up, %d down, %s after %.3f s",
             conn_id,
-            peer_text,
+            peer,
             result.bytes_1_to_2,
             result.bytes_2_to_1,
             result.reason,
