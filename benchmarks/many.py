@@ -196,8 +196,10 @@ def make_pairs(n: int, listener: socket.socket, socks: List[socket.socket], dead
     return pairs
 
 
-def drive(ends: List[End], deadline: float, max_events: int, errors: List[str]) -> dict:
-    """Send every end's payload and receive its peer's, all at once, on one epoll; bounded."""
+def drive(ends: List[End], deadline: float, max_events: int, errors: List[str], rng: random.Random) -> dict:
+    """Send every end's payload and receive its peer's, all at once, on one epoll; bounded.
+    Writes come in random sizes (a packet's worth, up to 64 KiB, or 256 KiB), so a bridge
+    sees both small reads and bulk ones."""
     buf = bytearray(256 * 1024)
     view = memoryview(buf)
     sel = selectors.DefaultSelector()
@@ -215,7 +217,8 @@ def drive(ends: List[End], deadline: float, max_events: int, errors: List[str]) 
                 e: End = key.data
                 if mask & selectors.EVENT_WRITE and e.sent < len(e.out):
                     try:
-                        e.sent += e.sock.send(e.out[e.sent:e.sent + len(buf)])
+                        size = rng.choice((rng.randint(1, 1500), rng.randint(1, 65536), len(buf)))
+                        e.sent += e.sock.send(e.out[e.sent:e.sent + size])
                     except BlockingIOError:
                         pass
                 for _ in range(64):  # bounded: come back on the next select
@@ -302,6 +305,8 @@ def main_child(args: argparse.Namespace) -> int:
     if backend == "baseline":
         src = Path(args.baseline).resolve() / "src"
         sys.path.insert(0, str(src))
+    elif backend == "pure":
+        os.environ["TCPTOTCP_NO_EXTENSIONS"] = "1"
     import tcptotcp  # noqa: E402  (after choosing the tree and the backend)
 
     out["module"] = tcptotcp.__file__
@@ -380,7 +385,7 @@ def main_child(args: argparse.Namespace) -> int:
             ends.append(End(c2, p21, p12, i))
         total = sum(len(p) + len(q) for p, q in payloads)
         traffic = drive(ends, min(time_limit, time.monotonic() + args.traffic_seconds),
-                        max_events=50 * len(ends) + total // 1024, errors=errors)
+                        max_events=50 * len(ends) + total // 256, errors=errors, rng=rng)
         bad = [e.index for e in ends if e.got != e.expect_len or e.hash.digest() != e.expect_digest]
         if bad:
             errors.append(f"traffic: {len(bad)} of {2 * n} directions wrong (length or SHA-256), "

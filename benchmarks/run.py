@@ -200,9 +200,19 @@ def check_baseline(path: str) -> dict:
     if backend != "cython":
         raise SystemExit(f"--baseline {path}: its compiled core did not load (BACKEND = {backend}); "
                          f"build it: cd {path} && python setup.py build_ext --inplace")
-    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    return {"path": str(Path(path).resolve()), "commit": commit or None, "module": module}
+    return {"path": str(Path(path).resolve()), "commit": git_commit(Path(path)), "module": module}
+
+
+def git_commit(tree: Path) -> Optional[str]:
+    """The tree's short commit, "+dirty" when it has uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (head + ("+dirty" if dirty else "")) if head else None
 
 
 def peer(*args: object, timeout: float = 600) -> dict:
@@ -360,6 +370,7 @@ def build_report(samples, relays, skipped, args, bulk_n) -> dict:
     machine = f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, " \
               f"{os.cpu_count()} cores, Python {platform.python_version()}"
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+              "commit": git_commit(HERE.parent),
               "quick": args.quick, "bulk_bytes": bulk_n, "many_bridges": args.many, "relays": relays,
               "skipped": skipped, "stats": stats}
     if "cython" in stats and "baseline" in stats:
@@ -403,7 +414,8 @@ def num(x: float) -> str:
 
 def markdown(report: dict) -> str:
     relays, stats = report["relays"], report["stats"]
-    lines = [f"Measured {report['date']} on {report['machine']}" + (" (--quick)" if report["quick"] else ""),
+    lines = [f"Measured {report['date']} on {report['machine']}" + (" (--quick)" if report["quick"] else "")
+             + (f", commit {report['commit']}" if report.get("commit") else ""),
              "", "| case | " + " | ".join(relays) + " |", "|---|" + "---|" * len(relays)]
     for label, case, extra in ROWS:
         cells = []

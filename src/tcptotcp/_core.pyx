@@ -44,6 +44,7 @@ cdef extern from "_loop.h" nogil:
     const int MAX_LOOPS "T2T_MAX_LOOPS"
     int t2t_engine_start(int nloops)
     int t2t_loop_count()
+    int t2t_loop_load(int i)
     t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit, int activity_both,
                           int half_close, int may_splice, void *owner)
     void t2t_stop(t2t_bridge *b)
@@ -217,6 +218,7 @@ def stats():
     return {
         "loops": t2t_loop_count(),
         "bridges": t2t_bridges_open(),
+        "bridges_per_loop": [t2t_loop_load(i) for i in range(t2t_loop_count())],
         "pooled_pipes": t2t_pooled_pipes(),
         "engine_fds": t2t_engine_fds(),
     }

@@ -875,6 +875,11 @@ static int t2t_engine_start(int nloops) {
 
 static int t2t_loop_count(void) { return t2t_the_engine.nloops; }
 
+/* Bridges assigned to loop i and not yet ended. */
+static int t2t_loop_load(int i) {
+    return i < t2t_the_engine.nloops ? __atomic_load_n(&t2t_the_engine.loops[i].load, __ATOMIC_RELAXED) : 0;
+}
+
 /* A new bridge on private non-blocking dups of fd1 and fd2 (or, with adopt, on fd1 and fd2
    themselves, which the bridge then owns and closes), handed to the least-loaded loop.
    NULL with errno on failure: nothing left open, and adopted fds still the caller's. */

@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Set, Tuple, Union
 
 if TYPE_CHECKING:
@@ -236,6 +237,10 @@ def _discard_unread(sock: socket.socket) -> None:
             return
 
 
+# Bridges between launch and teardown: what a forked child must finish (see _after_fork_in_child).
+_live: "weakref.WeakSet[ThreadRelay]" = weakref.WeakSet()
+
+
 class ThreadRelay:
     """One bridge of the pure engine. Built and started by ``start()``."""
 
@@ -316,6 +321,7 @@ class ThreadRelay:
                 else:
                     sock.close()
             raise
+        _live.add(self)
         with self._lock:
             self._started = True
             ended_already = self._reason is not None  # stop() or a pump's end came first
@@ -411,6 +417,7 @@ class ThreadRelay:
     def _tear_down(self) -> None:
         for thread in self._pump_threads:
             thread.join()
+        _live.discard(self)
         # Only now that no pump can touch them: drain, then close the private fds.
         for wire in self._wires:
             if wire.fileno() >= 0:
@@ -425,6 +432,22 @@ class ThreadRelay:
         if reason == "closed" and any(p.last_errno in _PEER_FAILURES for p in self._pumps):
             reason = "error"
         self._on_end(p12.bytes, p21.bytes, reason, time.monotonic() - self._started_at)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's pump threads: close the child's copies of each
+    running bridge's fds (the parent's connections are untouched) and report the bridge
+    ended, "stopped", with the counts at the fork."""
+    for relay in list(_live):
+        _live.discard(relay)
+        for sock in (*relay._owned, *relay._wake_pair):
+            sock.close()
+        b12, b21 = relay.counts()
+        relay._on_end(b12, b21, "stopped", time.monotonic() - relay._started_at)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def start(
