@@ -7,9 +7,12 @@ The compiled core (``BACKEND == "cython"``) is used where it loaded; otherwise, 
 """
 
 from . import pure
-from ._backend import BACKEND, Bridge, connect
+from ._aio import take_socket
+from ._backend import BACKEND, Bridge, aconnect, connect
 from ._bridge import BridgeResult
 from .forwarder import Forwarder
 
-__all__ = ["BACKEND", "Bridge", "BridgeResult", "Forwarder", "connect", "pure", "__version__"]
+__all__ = [
+    "BACKEND", "Bridge", "BridgeResult", "Forwarder", "aconnect", "connect", "pure", "take_socket", "__version__"
+]
 __version__ = "0.1.0"

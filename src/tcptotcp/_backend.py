@@ -43,3 +43,4 @@ else:
 
 
 connect = _bridge.connect_with(Bridge)
+aconnect = _bridge.aconnect_with(Bridge)

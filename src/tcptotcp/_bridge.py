@@ -17,7 +17,10 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, ClassVar, List, Optional, Protocol, Tuple, Union
+
+if TYPE_CHECKING:
+    import asyncio
 
 from . import _pump
 
@@ -261,6 +264,39 @@ class Bridge:
         if self._launched:
             self._wait_through_interrupts()
 
+    # -- asyncio ------------------------------------------------------------------------
+
+    async def wait_async(self) -> BridgeResult:
+        """Await the result without blocking the event loop (no thread is started for it).
+
+        Any number of coroutines may await one bridge. Cancelling one of them only stops
+        that wait: the bridge runs on (``stop()`` ends it).
+        """
+        import asyncio
+
+        with self._lock:
+            if not self._launched:
+                raise RuntimeError("wait_async() needs a bridge started with start()")
+        loop = asyncio.get_running_loop()
+        ended: "asyncio.Future[BridgeResult]" = loop.create_future()
+
+        def deliver(result: BridgeResult) -> None:  # from the engine's thread, or right here
+            try:
+                loop.call_soon_threadsafe(_settle, ended, result)
+            except RuntimeError:
+                pass  # the loop was closed: nobody is waiting any more
+
+        self.add_done_callback(deliver)
+        return await ended
+
+    async def __aenter__(self) -> "Bridge":
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stop()
+        if self._launched:
+            await _await_end(self)
+
     # -- inside -------------------------------------------------------------------------
 
     def _launch(self) -> None:
@@ -333,6 +369,64 @@ def report_unraisable(exc: BaseException, message: str, obj: object = None) -> N
     """Hand an exception no caller can receive (it arose in an engine's thread) to
     ``sys.unraisablehook``, which prints it by default."""
     sys.unraisablehook(_Unraisable(exc, message, obj))  # type: ignore[arg-type]
+
+
+def _settle(future: "asyncio.Future[BridgeResult]", result: BridgeResult) -> None:
+    if not future.done():  # a cancelled waiter
+        future.set_result(result)
+
+
+async def _await_end(bridge: Bridge) -> BridgeResult:
+    """Await a bridge that was told to stop, even through cancellation (it ends within
+    moments); a cancellation that came meanwhile is raised afterwards."""
+    import asyncio
+
+    ending = asyncio.ensure_future(bridge.wait_async())
+    cancelled: Optional[BaseException] = None
+    while True:
+        try:
+            result = await asyncio.shield(ending)
+            break
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+def aconnect_with(bridge_cls: type) -> Callable[..., Awaitable[BridgeResult]]:
+    """Build the module-level ``aconnect`` for a Bridge class bound to one engine."""
+
+    async def aconnect(
+        stream1: socket.socket,
+        stream2: socket.socket,
+        rate_check_seconds: int,
+        keep_alive_delay_time_seconds: int,
+        *,
+        activity: str = "both",
+        half_close: bool = False,
+    ) -> BridgeResult:
+        """``connect()`` for asyncio: relay until the bridge ends, without blocking the event loop.
+
+        Cancelling the awaiting task stops the bridge (reason "stopped"), waits for both sockets
+        to be closed, and raises ``CancelledError``.
+        """
+        bridge = bridge_cls(
+            stream1,
+            stream2,
+            rate_check_seconds,
+            keep_alive_delay_time_seconds,
+            activity=activity,
+            half_close=half_close,
+        ).start()
+        try:
+            return await bridge.wait_async()
+        except BaseException:
+            bridge.stop()
+            await _await_end(bridge)
+            raise
+
+    return aconnect
 
 
 def connect_with(bridge_cls: type) -> Callable[..., BridgeResult]:

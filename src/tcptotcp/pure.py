@@ -5,9 +5,10 @@ It is also what ``tcptotcp`` becomes where the compiled core cannot load, or wit
 """
 
 from . import _bridge, _pump
+from ._aio import take_socket
 from ._bridge import BridgeResult
 
-__all__ = ["BACKEND", "Bridge", "BridgeResult", "connect"]
+__all__ = ["BACKEND", "Bridge", "BridgeResult", "aconnect", "connect", "take_socket"]
 
 BACKEND = "pure"
 
@@ -19,3 +20,4 @@ class Bridge(_bridge.Bridge):
 
 
 connect = _bridge.connect_with(Bridge)
+aconnect = _bridge.aconnect_with(Bridge)
