@@ -198,21 +198,27 @@ def test_a_forked_child_gets_fresh_engine_and_leaves_the_parents_bridges_alone(b
         if pid == 0:  # the child: report through the pipe, never return into pytest
             code = 1
             try:
+                said = []
                 inherited = bridge.wait(5)
-                ok = inherited is not None and inherited.reason == "stopped" and inherited.bytes_1_to_2 == 6
+                if inherited is None or (inherited.reason, inherited.bytes_1_to_2) != ("stopped", 6):
+                    said.append(f"inherited: {inherited}")
                 with Topology() as u:
                     fresh = backend.Bridge(u.stream1, u.stream2, 60, 600).start()
                     u.peer_a.sendall(b"child")
-                    ok = ok and recv_exactly(u.peer_b, 5) == b"child"
+                    echoed = recv_exactly(u.peer_b, 5)
+                    if echoed != b"child":
+                        said.append(f"fresh bridge relayed {echoed!r}, ended {fresh.wait(0)}")
                     fresh.stop()
-                    ok = ok and fresh.wait(5) is not None
-                os.write(write_end, b"ok" if ok else b"no")
+                    if fresh.wait(5) is None:
+                        said.append("fresh bridge did not stop")
+                os.write(write_end, "; ".join(said).encode() or b"ok")
                 code = 0
             finally:
                 os._exit(code)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as report:
-            assert report.read() == b"ok"
+            said = report.read()
+            assert said == b"ok", said.decode()
         assert os.waitpid(pid, 0)[1] == 0
         assert bridge.running
         t.peer_a.sendall(b"after")
