@@ -615,7 +615,7 @@ def markdown(report: dict) -> str:
     ]
     for case in CASES:
         per = "connection" if case == "ab_c32" else "request"
-        rss = "RSS at 1,000 clients, MiB (PSS)" if case == "wrk_c1000" else "RSS mid-run, MiB (PSS)"
+        rss = "relay RSS at 1,000 clients, MiB" if case == "wrk_c1000" else "relay RSS mid-run, MiB"
         lines += [f"### {CASE_TITLE[case]}", "",
                   f"| relay | req/s | p50 ms | p99 ms | timeouts / errors | relay CPU µs per {per} | {rss} "
                   "| relay fds mid-run / after | accept-queue overflows / SYN retransmits |",
@@ -628,7 +628,7 @@ def markdown(report: dict) -> str:
             cpu = s.get("cpu_us_per_conn" if case == "ab_c32" else "cpu_us_per_req")
             mem = fmt(s.get("rss_mib"))
             if s.get("pss_mib"):
-                mem += f" ({num(s['pss_mib']['median'])})"
+                mem += f", PSS {num(s['pss_mib']['median'])}"
             fds = "–"
             if s.get("fds_mid"):
                 fds = f"{s['fds_mid']['median']:.0f} / {s['fds_after']['max']:.0f}" if s.get("fds_after") else "–"

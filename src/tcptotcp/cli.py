@@ -77,6 +77,9 @@ def forward_parser() -> argparse.ArgumentParser:
                    help="forward a FIN and keep the other direction open")
     p.add_argument("--max-connections", type=int, default=1024, metavar="N",
                    help="bridges at once; further clients wait in the backlog (default 1024)")
+    p.add_argument("--backlog", type=int, default=4096, metavar="N",
+                   help="listen backlog: clients the kernel queues before they are accepted (default 4096, "
+                        "capped by net.core.somaxconn)")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="give up on the upstream after this long (default 10)")
     p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
@@ -111,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             connect_timeout=args.connect_timeout,
             bridge_class=_backend_bridge(args.backend),
+            backlog=max(1, args.backlog),
         )
     except OSError as exc:
         print(f"tcptotcp: error: cannot listen on {args.listen.text}: {exc.strerror or exc}", file=sys.stderr)

@@ -141,9 +141,9 @@ def raise_fd_limit() -> Tuple[int, int]:
 class Forwarder:
     """Accepts clients on `listen` and bridges each to `upstream` with one ``Bridge``."""
 
-    #: fds one client costs at most: its socket, the upstream's, the engine's two dups (and
-    #: the pure engine's wake pair).
-    FDS_PER_CLIENT = 6
+    #: fds one client costs: its socket and the upstream's, adopted by the bridge; the pure
+    #: engine adds its wake pair.
+    FDS_PER_CLIENT = {"cython": 2, "pure": 4}
 
     def __init__(
         self,
@@ -157,7 +157,7 @@ class Forwarder:
         max_connections: int = 1024,
         connect_timeout: float = 10.0,
         bridge_class: Optional[type] = None,
-        backlog: int = 128,
+        backlog: int = 4096,
     ) -> None:
         self.listen = listen if isinstance(listen, Address) else Address.parse(listen, passive=True)
         self.upstream = upstream if isinstance(upstream, Address) else Address.parse(upstream)
@@ -226,7 +226,7 @@ class Forwarder:
         if soft == resource.RLIM_INFINITY:
             return None
         in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 16
-        needed = self.max_connections * self.FDS_PER_CLIENT
+        needed = self.max_connections * self.FDS_PER_CLIENT.get(getattr(self.bridge_class, "engine_name", ""), 4)
         return (needed, soft - in_use) if needed > soft - in_use else None
 
     def serve_forever(self) -> None:
