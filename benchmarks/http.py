@@ -157,7 +157,7 @@ def wait_port(port: int, proc: Optional[subprocess.Popen], what: str, seconds: f
             return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode} at start")
+                raise RuntimeError(f"{what} exited with {proc.returncode} at start") from None
             time.sleep(0.05)
     raise RuntimeError(f"{what}: nothing listens on 127.0.0.1:{port} after {seconds:g} s")
 
@@ -227,7 +227,10 @@ http {{
 """)
         self.proc = subprocess.Popen(
             ["nginx", "-p", t + "/", "-c", str(conf), "-e", f"{t}/error.log"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(Path(t) / "stderr", "w"))
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(t) / "stderr", "w"),
+        )
         try:
             wait_port(self.port, self.proc, "nginx")
         except RuntimeError:
@@ -289,8 +292,19 @@ class Relay:
         self.log_path = Path(self.tmp) / f"{name}-{self.starts}.log"
         log = open(self.log_path, "w")
         if name in TCPTOTCP:
-            cmd = [sys.executable, "-m", "tcptotcp", "127.0.0.1:0", f"127.0.0.1:{up}",
-                   "--backend", name, "--log-level", "warning", "--max-connections", "4096"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tcptotcp",
+                "127.0.0.1:0",
+                f"127.0.0.1:{up}",
+                "--backend",
+                name,
+                "--log-level",
+                "warning",
+                "--max-connections",
+                "4096",
+            ]
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             deadline = time.monotonic() + 30
             while True:
@@ -312,13 +326,17 @@ class Relay:
                 f"frontend f\n  bind 127.0.0.1:{self.port}\n  maxconn 8000\n  default_backend b\n"
                 f"backend b\n  server s 127.0.0.1:{up} maxconn 8000\n"
             )
-            self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                ["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
         elif name == "socat":
             self.port = free_port()
             self.proc = subprocess.Popen(
-                ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
-                 f"TCP:127.0.0.1:{up}"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr,backlog=4096", f"TCP:127.0.0.1:{up}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
         else:
             raise ValueError(name)
         wait_port(self.port, self.proc, name)
@@ -454,8 +472,19 @@ def run_case(case: str, relay: Relay, args, tmp: str) -> dict:
         r["connections"] = r["requests"]
     else:
         conns = 32 if case == "wrk_c32" else 1000
-        cmd = ["wrk", "-t", "2", "-c", str(conns), "-d", f"{args.duration}s", "--latency",
-               "--timeout", f"{args.wrk_timeout:g}s", url]
+        cmd = [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(conns),
+            "-d",
+            f"{args.duration}s",
+            "--latency",
+            "--timeout",
+            f"{args.wrk_timeout:g}s",
+            url,
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(args.duration / 2)  # every client connected by now: sample the relay
         if relay.proc and proc.poll() is None:
@@ -507,12 +536,19 @@ def spread(values: List[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-METRICS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_conn", "cpu_us_per_req", "rss_mib", "pss_mib",
-           "fds_mid", "fds_after")
+METRICS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_conn", "cpu_us_per_req", "rss_mib", "pss_mib", "fds_mid", "fds_after")
 
 
-def build_report(runs: dict, relays: List[str], skipped: Dict[str, str], events: List[str],
-                 summaries: Dict[str, str], args, nginx_workers: int, seconds: float) -> dict:
+def build_report(
+    runs: dict,
+    relays: List[str],
+    skipped: Dict[str, str],
+    events: List[str],
+    summaries: Dict[str, str],
+    args,
+    nginx_workers: int,
+    seconds: float,
+) -> dict:
     stats: dict = {}
     for r in relays:
         stats[r] = {}
@@ -550,24 +586,55 @@ def build_report(runs: dict, relays: List[str], skipped: Dict[str, str], events:
             return spread(out) if out else None
 
         rr = ratio("ab_c32")
-        targets.append({"target": "new connections/s (ab -c 32) >= 1.0x haproxy", "ratio": rr,
-                        "per_round": paired("ab_c32"), "met": rr is not None and rr >= 1.0})
+        targets.append(
+            {
+                "target": "new connections/s (ab -c 32) >= 1.0x haproxy",
+                "ratio": rr,
+                "per_round": paired("ab_c32"),
+                "met": rr is not None and rr >= 1.0,
+            }
+        )
         rr = ratio("wrk_c32")
-        targets.append({"target": "keep-alive req/s, 32 clients >= 1.0x haproxy", "ratio": rr,
-                        "per_round": paired("wrk_c32"), "met": rr is not None and rr >= 1.0})
+        targets.append(
+            {
+                "target": "keep-alive req/s, 32 clients >= 1.0x haproxy",
+                "ratio": rr,
+                "per_round": paired("wrk_c32"),
+                "met": rr is not None and rr >= 1.0,
+            }
+        )
         rr = ratio("wrk_c1000")
         t = c.get("wrk_c1000", {}).get("timeouts")
-        targets.append({"target": "1,000 clients: zero timeouts and req/s >= 1.0x haproxy", "ratio": rr,
-                        "per_round": paired("wrk_c1000"), "timeouts": t,
-                        "met": rr is not None and rr >= 1.0 and t == 0})
+        targets.append(
+            {
+                "target": "1,000 clients: zero timeouts and req/s >= 1.0x haproxy",
+                "ratio": rr,
+                "per_round": paired("wrk_c1000"),
+                "timeouts": t,
+                "met": rr is not None and rr >= 1.0 and t == 0,
+            }
+        )
         rr = ratio("ab_c32", "cpu_us_per_conn")
-        targets.append({"target": "relay CPU per connection <= haproxy's", "ratio": rr,
-                        "per_round": paired("ab_c32", "cpu_us_per_conn"), "met": rr is not None and rr <= 1.0})
-    machine = f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, " \
-              f"{os.cpu_count()} cores, Python {platform.python_version()}"
+        targets.append(
+            {
+                "target": "relay CPU per connection <= haproxy's",
+                "ratio": rr,
+                "per_round": paired("ab_c32", "cpu_us_per_conn"),
+                "met": rr is not None and rr <= 1.0,
+            }
+        )
+    machine = (
+        f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     versions = {}
-    for tool, cmd in (("nginx", ["nginx", "-v"]), ("haproxy", ["haproxy", "-v"]), ("socat", ["socat", "-V"]),
-                      ("wrk", ["wrk", "-v"]), ("ab", ["ab", "-V"])):
+    for tool, cmd in (
+        ("nginx", ["nginx", "-v"]),
+        ("haproxy", ["haproxy", "-v"]),
+        ("socat", ["socat", "-V"]),
+        ("wrk", ["wrk", "-v"]),
+        ("ab", ["ab", "-V"]),
+    ):
         if shutil.which(tool):
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -578,15 +645,33 @@ def build_report(runs: dict, relays: List[str], skipped: Dict[str, str], events:
                 pass
     try:
         import tcptotcp
+
         versions["tcptotcp"] = f"{tcptotcp.__version__} ({tcptotcp.BACKEND})"
     except ImportError:
         pass
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "quick": args.quick,
-            "rounds": args.rounds, "seconds": round(seconds, 1), "nginx_workers": nginx_workers,
-            "settings": {"ab_requests": args.ab_requests, "wrk_duration_s": args.duration,
-                         "wrk_timeout_s": args.wrk_timeout, "wrk_threads": 2, "page_bytes": PAGE},
-            "versions": versions, "relays": relays, "skipped": skipped, "stats": stats, "targets": targets,
-            "events": events, "relay_summaries": summaries, "runs": runs}
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine,
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "seconds": round(seconds, 1),
+        "nginx_workers": nginx_workers,
+        "settings": {
+            "ab_requests": args.ab_requests,
+            "wrk_duration_s": args.duration,
+            "wrk_timeout_s": args.wrk_timeout,
+            "wrk_threads": 2,
+            "page_bytes": PAGE,
+        },
+        "versions": versions,
+        "relays": relays,
+        "skipped": skipped,
+        "stats": stats,
+        "targets": targets,
+        "events": events,
+        "relay_summaries": summaries,
+        "runs": runs,
+    }
 
 
 def num(v: float, digits: str = "") -> str:
@@ -611,15 +696,20 @@ def markdown(report: dict) -> str:
         f"{report['rounds']} round(s), relays interleaved; nginx with {report['nginx_workers']} worker "
         f"process(es), {st['page_bytes']}-byte page; wrk -t 2 -d {st['wrk_duration_s']}s --timeout "
         f"{st['wrk_timeout_s']:g}s; figures are medians (min–max over rounds). Run took {report['seconds']:.0f} s.",
-        "", "Versions: " + "; ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
+        "",
+        "Versions: " + "; ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
     ]
     for case in CASES:
         per = "connection" if case == "ab_c32" else "request"
         rss = "relay RSS at 1,000 clients, MiB" if case == "wrk_c1000" else "relay RSS mid-run, MiB"
-        lines += [f"### {CASE_TITLE[case]}", "",
-                  f"| relay | req/s | p50 ms | p99 ms | timeouts / errors | relay CPU µs per {per} | {rss} "
-                  "| relay fds mid-run / after | accept-queue overflows / SYN retransmits |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {CASE_TITLE[case]}",
+            "",
+            f"| relay | req/s | p50 ms | p99 ms | timeouts / errors | relay CPU µs per {per} | {rss} "
+            "| relay fds mid-run / after | accept-queue overflows / SYN retransmits |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in relays:
             s = stats[r].get(case)
             if not s:
@@ -635,13 +725,19 @@ def markdown(report: dict) -> str:
             err = f"{s['timeouts']} / {s['errors']}"
             if s["aborted"]:
                 err += " (" + "; ".join(sorted(set(s["aborted"])))[:120] + ")"
-            lines.append(f"| {r} | {fmt(s.get('rps'), '.0f')} | {fmt(s.get('p50_ms'))} | {fmt(s.get('p99_ms'))} "
-                         f"| {err} | {fmt(cpu)} | {mem if s.get('rss_mib') else '–'} | {fds} "
-                         f"| {s['listen_overflows']} / {s['syn_retrans']} |")
+            lines.append(
+                f"| {r} | {fmt(s.get('rps'), '.0f')} | {fmt(s.get('p50_ms'))} | {fmt(s.get('p99_ms'))} "
+                f"| {err} | {fmt(cpu)} | {mem if s.get('rss_mib') else '–'} | {fds} "
+                f"| {s['listen_overflows']} / {s['syn_retrans']} |"
+            )
         lines.append("")
     if report["targets"]:
-        lines += ["### Targets: compiled core (cython) against haproxy, this run", "",
-                  "| target | cython / haproxy (ratio of medians) | per round | met |", "|---|---|---|---|"]
+        lines += [
+            "### Targets: compiled core (cython) against haproxy, this run",
+            "",
+            "| target | cython / haproxy (ratio of medians) | per round | met |",
+            "|---|---|---|---|",
+        ]
         for t in report["targets"]:
             ratio = "–" if t["ratio"] is None else f"{t['ratio']:.2f}x"
             if "timeouts" in t:
@@ -654,15 +750,21 @@ def markdown(report: dict) -> str:
     if report["events"]:
         lines += ["Events:", ""] + [f"- {e}" for e in report["events"]] + [""]
     if report["relay_summaries"]:
-        lines += ["Relay summaries at exit:", ""] + \
-                 [f"- {k}: `{v}`" for k, v in report["relay_summaries"].items() if v] + [""]
-    lines += ["Relay CPU is utime+stime of the relay's process tree (reaped children included) over the "
-              "case, divided by the connections ab opened or the requests wrk completed. RSS sums VmRSS "
-              "over the tree (socat: one process per connection, shared pages counted each time; PSS splits "
-              "them). fds after: the most the relay still held after a case, once its clients were gone. "
-              "Accept-queue overflows and SYN retransmits are the machine's TcpExt counters over the case "
-              "(summed over rounds): clients whose connect was dropped because a listen backlog was full "
-              "and who retried after 1 s or more.", ""]
+        lines += (
+            ["Relay summaries at exit:", ""]
+            + [f"- {k}: `{v}`" for k, v in report["relay_summaries"].items() if v]
+            + [""]
+        )
+    lines += [
+        "Relay CPU is utime+stime of the relay's process tree (reaped children included) over the "
+        "case, divided by the connections ab opened or the requests wrk completed. RSS sums VmRSS "
+        "over the tree (socat: one process per connection, shared pages counted each time; PSS splits "
+        "them). fds after: the most the relay still held after a case, once its clients were gone. "
+        "Accept-queue overflows and SYN retransmits are the machine's TcpExt counters over the case "
+        "(summed over rounds): clients whose connect was dropped because a listen backlog was full "
+        "and who retried after 1 s or more.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -689,9 +791,10 @@ def chart(report: dict, path: Path) -> None:
             lo.append(s["median"] - s["min"])
             hi.append(s["max"] - s["median"])
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2, label=r)
-    ax.set_xticks([j + width * (len(relays) - 1) / 2 for j in range(len(CASES))],
-                  ["ab -c 32\n(new connection per request)", "wrk -c 32\n(keep-alive)",
-                   "wrk -c 1000\n(keep-alive)"])
+    ax.set_xticks(
+        [j + width * (len(relays) - 1) / 2 for j in range(len(CASES))],
+        ["ab -c 32\n(new connection per request)", "wrk -c 32\n(keep-alive)", "wrk -c 1000\n(keep-alive)"],
+    )
     ax.set_ylabel("requests/s (median, min–max)")
     ax.legend(fontsize=8)
     fig.suptitle(f"HTTP through each relay to nginx, {report['machine']}", fontsize=8)
@@ -751,6 +854,7 @@ def main() -> int:
         if r == "cython":
             try:
                 import tcptotcp
+
                 if tcptotcp.BACKEND != "cython":
                     skipped[r] = "the compiled core is not built here"
                     print(f"cython: skipped, {skipped[r]}", file=sys.stderr)
@@ -780,7 +884,7 @@ def main() -> int:
         for relay in running.values():
             relay.base_fds = open_fds(relay.pid) if relay.proc else 0
         for rnd in range(args.rounds):
-            order = relays[rnd % len(relays):] + relays[:rnd % len(relays)]
+            order = relays[rnd % len(relays) :] + relays[: rnd % len(relays)]
             for case in cases:
                 for name in order:
                     relay = running[name]
@@ -804,23 +908,32 @@ def main() -> int:
                     if r.get("listen_overflows"):
                         note += f"  listen overflows {r['listen_overflows']}"
                     if r.get("timeouts") or r.get("errors") or r.get("aborted"):
-                        note += f"  timeouts {r['timeouts']} errors {r['errors']} {r.get('error_detail')} " \
-                               f"{r.get('aborted', '')}"
-                        events.append(f"round {rnd + 1} {case} {name}: timeouts {r['timeouts']}, errors "
-                                      f"{r['errors']} {r.get('error_detail')} {r.get('aborted', '')}".rstrip())
+                        note += (
+                            f"  timeouts {r['timeouts']} errors {r['errors']} {r.get('error_detail')} "
+                            f"{r.get('aborted', '')}"
+                        )
+                        events.append(
+                            f"round {rnd + 1} {case} {name}: timeouts {r['timeouts']}, errors "
+                            f"{r['errors']} {r.get('error_detail')} {r.get('aborted', '')}".rstrip()
+                        )
                     if not r["alive_after"]:
                         events.append(f"round {rnd + 1} {case} {name}: relay process died during the case")
                         note += "  RELAY DIED"
                     if relay.proc and r.get("fds_after", 0) > relay.base_fds + 4:
-                        events.append(f"round {rnd + 1} {case} {name}: still {r['fds_after']} fds 5 s after "
-                                      f"the clients left (baseline {relay.base_fds})")
+                        events.append(
+                            f"round {rnd + 1} {case} {name}: still {r['fds_after']} fds 5 s after "
+                            f"the clients left (baseline {relay.base_fds})"
+                        )
                     p50, p99 = r.get("p50_ms"), r.get("p99_ms")
-                    print(f"round {rnd + 1}/{args.rounds} {case:9} {name:8} {r['rps']:9.0f} req/s  "
-                          f"p50 {p50 if p50 is None else round(p50, 3)} ms  p99 {p99 if p99 is None else round(p99, 3)} ms"
-                          + (f"  cpu {r.get('cpu_us_per_conn', r.get('cpu_us_per_req', 0)):.1f} µs"
-                             if relay.proc else "")
-                          + (f"  rss {r['rss_mib']:.1f} MiB fds {r.get('fds_mid')}" if r.get("rss_mib") else "")
-                          + note, file=sys.stderr)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} {case:9} {name:8} {r['rps']:9.0f} req/s  "
+                        f"p50 {p50 if p50 is None else round(p50, 3)} ms  "
+                        f"p99 {p99 if p99 is None else round(p99, 3)} ms"
+                        + (f"  cpu {r.get('cpu_us_per_conn', r.get('cpu_us_per_req', 0)):.1f} µs" if relay.proc else "")
+                        + (f"  rss {r['rss_mib']:.1f} MiB fds {r.get('fds_mid')}" if r.get("rss_mib") else "")
+                        + note,
+                        file=sys.stderr,
+                    )
                     time.sleep(0.5)
     finally:
         for name, relay in running.items():
@@ -829,9 +942,12 @@ def main() -> int:
                 text = relay.final_log
                 if name in TCPTOTCP:
                     summaries[name] = relay.summary
-                bad = [ln for ln in text.splitlines()
-                       if re.search(r"WARNING|ERROR|CRITICAL|Traceback|Exception|\] [EW] ", ln)
-                       and "listening on" not in ln]
+                bad = [
+                    ln
+                    for ln in text.splitlines()
+                    if re.search(r"WARNING|ERROR|CRITICAL|Traceback|Exception|\] [EW] ", ln)
+                    and "listening on" not in ln
+                ]
                 if bad:
                     events.append(f"{name} logged {len(bad)} warning/error line(s); last: {bad[-3:]}")
         if nginx is not None:
@@ -841,8 +957,9 @@ def main() -> int:
             nginx.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    report = build_report(runs, relays, skipped, events, summaries, args, args.nginx_workers,
-                          time.monotonic() - started)
+    report = build_report(
+        runs, relays, skipped, events, summaries, args, args.nginx_workers, time.monotonic() - started
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "http-" + dt.date.today().isoformat() + ("-quick" if args.quick else "")

@@ -45,8 +45,7 @@ from typing import Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 BACKENDS = ("cython", "pure", "baseline")
 # The issue's targets for the compiled core.
-TARGETS = {"start_per_s": 20_000, "stop_wait_per_s": 20_000, "rss_KiB_per_idle_bridge": 8.0,
-           "threads_per_bridge": 0.0}
+TARGETS = {"start_per_s": 20_000, "stop_wait_per_s": 20_000, "rss_KiB_per_idle_bridge": 8.0, "threads_per_bridge": 0.0}
 # fds a bridge holds besides the 4 sockets: the engine's private dups (all engines), and the
 # thread engines' wake socketpair.
 ENGINE_FDS_PER_BRIDGE = {"cython": 2, "pure": 4, "baseline": 4}
@@ -54,8 +53,10 @@ ENGINE_FDS_PER_BRIDGE = {"cython": 2, "pure": 4, "baseline": 4}
 
 # ---- the parent: one fresh process per backend ---------------------------------------------
 
-def run_child(backend: str, n: int, baseline: Optional[str] = None, timeout: float = 600,
-              extra: Optional[List[str]] = None) -> dict:
+
+def run_child(
+    backend: str, n: int, baseline: Optional[str] = None, timeout: float = 600, extra: Optional[List[str]] = None
+) -> dict:
     """Measure one backend in a process of its own; its JSON (with "errors", maybe non-empty)."""
     cmd = [sys.executable, str(HERE / "many.py"), "--child", backend, "-n", str(n), *(extra or [])]
     if backend == "baseline":
@@ -94,9 +95,10 @@ FIELDS = [
 
 def table(results: List[dict]) -> str:
     names = [r["backend"] for r in results]
-    lines = ["| many bridges (N = %s) | %s |" % (", ".join(sorted({str(r.get('n')) for r in results})),
-                                                 " | ".join(names)),
-             "|---|" + "---|" * len(names)]
+    lines = [
+        "| many bridges (N = %s) | %s |" % (", ".join(sorted({str(r.get("n")) for r in results})), " | ".join(names)),
+        "|---|" + "---|" * len(names),
+    ]
     for label, key, fmt in FIELDS:
         cells = [format(r[key], fmt) if r.get(key) is not None else "–" for r in results]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -119,12 +121,15 @@ def main_parent(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(table(results))
-        print("targets (issue): start >= 20,000/s, stop+wait >= 20,000/s, "
-              "<= 8 KiB RSS per idle bridge (aim 4), 0 threads per bridge")
+        print(
+            "targets (issue): start >= 20,000/s, stop+wait >= 20,000/s, "
+            "<= 8 KiB RSS per idle bridge (aim 4), 0 threads per bridge"
+        )
     return 1 if any(r.get("errors") for r in results) else 0
 
 
 # ---- the child: one backend, measured ------------------------------------------------------
+
 
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -218,7 +223,7 @@ def drive(ends: List[End], deadline: float, max_events: int, errors: List[str], 
                 if mask & selectors.EVENT_WRITE and e.sent < len(e.out):
                     try:
                         size = rng.choice((rng.randint(1, 1500), rng.randint(1, 65536), len(buf)))
-                        e.sent += e.sock.send(e.out[e.sent:e.sent + size])
+                        e.sent += e.sock.send(e.out[e.sent : e.sent + size])
                     except BlockingIOError:
                         pass
                 for _ in range(64):  # bounded: come back on the next select
@@ -325,7 +330,8 @@ def main_child(args: argparse.Namespace) -> int:
     if backend == "cython":
         try:
             from tcptotcp import _core as core  # engine stats (this checkout's new core)
-            core.stats
+
+            assert callable(core.stats)
         except (ImportError, AttributeError):
             core = None
 
@@ -341,12 +347,14 @@ def main_child(args: argparse.Namespace) -> int:
         # Payloads first (so they are not in the RSS delta): distinct random bytes each way,
         # sizes around --payload, and every --big-every'th bridge 1 MiB each way (bulk: splice).
         payloads = []
+
+        def size(i: int) -> int:
+            if args.big_every and i % args.big_every == 0:
+                return 1 << 20
+            return rng.randint(max(1, args.payload // 2), args.payload * 3 // 2)
+
         for i in range(n):
-            def size() -> int:
-                if args.big_every and i % args.big_every == 0:
-                    return 1 << 20
-                return rng.randint(max(1, args.payload // 2), args.payload * 3 // 2)
-            payloads.append((rng.randbytes(size()), rng.randbytes(size())))
+            payloads.append((rng.randbytes(size(i)), rng.randbytes(size(i))))
 
         gc.collect()
         threads0, rss0 = thread_count(), rss_bytes()
@@ -384,12 +392,16 @@ def main_child(args: argparse.Namespace) -> int:
             ends.append(End(c1, p12, p21, i))
             ends.append(End(c2, p21, p12, i))
         total = sum(len(p) + len(q) for p, q in payloads)
-        traffic = drive(ends, min(time_limit, time.monotonic() + args.traffic_seconds),
-                        max_events=50 * len(ends) + total // 256, errors=errors, rng=rng)
+        traffic = drive(
+            ends,
+            min(time_limit, time.monotonic() + args.traffic_seconds),
+            max_events=50 * len(ends) + total // 256,
+            errors=errors,
+            rng=rng,
+        )
         bad = [e.index for e in ends if e.got != e.expect_len or e.hash.digest() != e.expect_digest]
         if bad:
-            errors.append(f"traffic: {len(bad)} of {2 * n} directions wrong (length or SHA-256), "
-                          f"e.g. bridge {bad[0]}")
+            errors.append(f"traffic: {len(bad)} of {2 * n} directions wrong (length or SHA-256), e.g. bridge {bad[0]}")
         out["traffic_bytes"], out["traffic_seconds"] = total, traffic["seconds"]
         out["traffic_MBps"] = total / traffic["seconds"] / 1e6
         out["traffic_verified_directions"] = 2 * n - len(bad)
@@ -405,8 +417,9 @@ def main_child(args: argparse.Namespace) -> int:
         out["live_counts_checked"] = has_counts
         if wrong:
             i = wrong[0]
-            errors.append(f"counts: {len(wrong)} bridges report wrong counts, e.g. bridge {i}: "
-                          f"{bridges[i].counts} for {want[i]}")
+            errors.append(
+                f"counts: {len(wrong)} bridges report wrong counts, e.g. bridge {i}: {bridges[i].counts} for {want[i]}"
+            )
         running = sum(1 for b in bridges if b.running)
         if running != n:
             errors.append(f"only {running} of {n} bridges still running after the traffic")
@@ -442,13 +455,14 @@ def main_child(args: argparse.Namespace) -> int:
             errors.append(f"results: reasons {reasons}, expected only 'stopped'")
         if miscounted:
             i = miscounted[0]
-            errors.append(f"results: {len(miscounted)} wrong byte counts, e.g. bridge {i}: "
-                          f"{(results[i].bytes_1_to_2, results[i].bytes_2_to_1)} for {want[i]}")
+            errors.append(
+                f"results: {len(miscounted)} wrong byte counts, e.g. bridge {i}: "
+                f"{(results[i].bytes_1_to_2, results[i].bytes_2_to_1)} for {want[i]}"
+            )
         not_closed = sum(1 for _, s1, s2, _ in pairs for s in (s1, s2) if s.fileno() != -1)
         if not_closed:
             errors.append(f"{not_closed} bridged sockets still open after wait()")
-        out["client_ends"] = wait_eof([c for c1, _, _, c2 in pairs for c in (c1, c2)],
-                                      time.monotonic() + 10)
+        out["client_ends"] = wait_eof([c for c1, _, _, c2 in pairs for c in (c1, c2)], time.monotonic() + 10)
         if out["client_ends"]["eof"] != 2 * n:
             errors.append(f"client ends after stop: {out['client_ends']} (expected {2 * n} clean EOFs)")
         if core is not None:
@@ -488,8 +502,12 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=2000, help="bridges open at once (default 2000)")
     ap.add_argument("--baseline", metavar="PATH", help="a built tree of another version: its PATH/src is imported")
     ap.add_argument("--payload", type=int, default=16384, help="mean payload bytes each way a bridge (default 16 KiB)")
-    ap.add_argument("--big-every", type=int, default=100,
-                    help="every K'th bridge carries 1 MiB each way instead (bulk/splice path; 0: none)")
+    ap.add_argument(
+        "--big-every",
+        type=int,
+        default=100,
+        help="every K'th bridge carries 1 MiB each way instead (bulk/splice path; 0: none)",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON, not a table")
     ap.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=12345, help=argparse.SUPPRESS)

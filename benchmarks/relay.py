@@ -49,8 +49,14 @@ if "--spin" in flags:
     threading.Thread(target=spin, daemon=True).start()
 
 fwd = tcptotcp.Forwarder(
-    "127.0.0.1:0", f"127.0.0.1:{upstream_port}", bridge_class=bridge, half_close=True,
-    max_connections=4096, rate_check_seconds=60, idle_timeout_seconds=3600, backlog=4096,
+    "127.0.0.1:0",
+    f"127.0.0.1:{upstream_port}",
+    bridge_class=bridge,
+    half_close=True,
+    max_connections=4096,
+    rate_check_seconds=60,
+    idle_timeout_seconds=3600,
+    backlog=4096,
 )
 threading.Thread(target=fwd.serve_forever, daemon=True).start()
 print(fwd.address[1], flush=True)

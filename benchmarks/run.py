@@ -112,9 +112,13 @@ class Relay:
         elif name == "socat":
             self.port = free_port()
             self.proc = subprocess.Popen(
-                ["socat", "-b", "262144",
-                 f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
-                 f"TCP:127.0.0.1:{upstream_port}"],
+                [
+                    "socat",
+                    "-b",
+                    "262144",
+                    f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                    f"TCP:127.0.0.1:{upstream_port}",
+                ],
                 stdin=subprocess.DEVNULL,
             )
         elif name == "haproxy":
@@ -128,8 +132,9 @@ class Relay:
                 f"frontend f\n  bind 127.0.0.1:{self.port}\n  maxconn 4500\n  default_backend b\n"
                 f"backend b\n  server s 127.0.0.1:{upstream_port}\n"
             )
-            self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                ["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            )
         else:
             raise ValueError(name)
         if name in ("socat", "haproxy"):
@@ -140,7 +145,7 @@ class Relay:
                     break
                 except OSError:
                     if self.proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {self.proc.returncode} at start")
+                        raise RuntimeError(f"{name} exited with {self.proc.returncode} at start") from None
                     time.sleep(0.05)
 
     def spin_rate(self) -> float:
@@ -190,26 +195,39 @@ def check_baseline(path: str) -> dict:
     """Fail early unless PATH/src holds a tcptotcp whose compiled core loads; its description."""
     src = Path(path).resolve() / "src"
     probe = "import tcptotcp, json; print(json.dumps([tcptotcp.__file__, tcptotcp.BACKEND]))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                         env=baseline_env(path), cwd=tempfile.gettempdir())
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=baseline_env(path),
+        cwd=tempfile.gettempdir(),
+    )
     if out.returncode != 0:
         raise SystemExit(f"--baseline {path}: import tcptotcp failed: {out.stderr.strip()[-500:]}")
     module, backend = json.loads(out.stdout)
     if not Path(module).resolve().is_relative_to(src):
         raise SystemExit(f"--baseline {path}: imported {module}, not from {src}")
     if backend != "cython":
-        raise SystemExit(f"--baseline {path}: its compiled core did not load (BACKEND = {backend}); "
-                         f"build it: cd {path} && python setup.py build_ext --inplace")
+        raise SystemExit(
+            f"--baseline {path}: its compiled core did not load (BACKEND = {backend}); "
+            f"build it: cd {path} && python setup.py build_ext --inplace"
+        )
     return {"path": str(Path(path).resolve()), "commit": git_commit(Path(path)), "module": module}
 
 
 def git_commit(tree: Path) -> Optional[str]:
     """The tree's short commit, "+dirty" when it has uncommitted changes; None outside git."""
     try:
-        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (head + ("+dirty" if dirty else "")) if head else None
@@ -229,14 +247,25 @@ def spread(values: List[float]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller transfers, fewer rounds")
-    ap.add_argument("--relays", default="cython,pure,socat,haproxy",
-                    help="comma-separated, of cython, cython-copy, pure, socat, haproxy (direct always runs)")
-    ap.add_argument("--baseline", metavar="PATH",
-                    help="add the relay 'baseline': the compiled core of the tree at PATH, built in place "
-                         "(git worktree add /tmp/base <commit> && cd /tmp/base && "
-                         "python setup.py build_ext --inplace)")
-    ap.add_argument("--many", type=int, default=2000, metavar="N",
-                    help="bridges open at once in the many-bridges case (default 2000; 0 skips it)")
+    ap.add_argument(
+        "--relays",
+        default="cython,pure,socat,haproxy",
+        help="comma-separated, of cython, cython-copy, pure, socat, haproxy (direct always runs)",
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="add the relay 'baseline': the compiled core of the tree at PATH, built in place "
+        "(git worktree add /tmp/base <commit> && cd /tmp/base && "
+        "python setup.py build_ext --inplace)",
+    )
+    ap.add_argument(
+        "--many",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="bridges open at once in the many-bridges case (default 2000; 0 skips it)",
+    )
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the chart of a saved run")
     args = ap.parse_args()
@@ -296,8 +325,12 @@ def main() -> int:
             if relay.proc is None:
                 continue
             before = relay.rss()
-            holder = subprocess.Popen(PEERS + ["hold", "127.0.0.1", str(relay.port), "1000"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            holder = subprocess.Popen(
+                PEERS + ["hold", "127.0.0.1", str(relay.port), "1000"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             holder.stdout.readline()
             time.sleep(1.0)
             add(name, "rss_KiB_per_idle_bridge", (relay.rss() - before) / 1000 / 1024)
@@ -366,13 +399,23 @@ def build_report(samples, relays, skipped, args, bulk_n) -> dict:
             stats[r]["p50_us"]["added_us"] = stats[r]["p50_us"]["median"] - direct["p50_us"]
         if "busy_bulk_GBps" in stats[r]:
             stats[r]["busy_bulk_GBps"]["x_unloaded"] = (
-                stats[r]["busy_bulk_GBps"]["median"] / stats[r]["bulk_GBps"]["median"])
-    machine = f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, " \
-              f"{os.cpu_count()} cores, Python {platform.python_version()}"
-    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
-              "commit": git_commit(HERE.parent),
-              "quick": args.quick, "bulk_bytes": bulk_n, "many_bridges": args.many, "relays": relays,
-              "skipped": skipped, "stats": stats}
+                stats[r]["busy_bulk_GBps"]["median"] / stats[r]["bulk_GBps"]["median"]
+            )
+    machine = (
+        f"{platform.node()}: {platform.system()} {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    report = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine,
+        "commit": git_commit(HERE.parent),
+        "quick": args.quick,
+        "bulk_bytes": bulk_n,
+        "many_bridges": args.many,
+        "relays": relays,
+        "skipped": skipped,
+        "stats": stats,
+    }
     if "cython" in stats and "baseline" in stats:
         report["new_vs_baseline"] = {
             case: stats["cython"][case]["median"] / stats["baseline"][case]["median"]
@@ -403,8 +446,14 @@ ROWS = [
 # many.py's figures that become the cases many_<key>.
 MANY_KEYS = ("start_per_s", "stop_wait_per_s", "rss_KiB_per_idle_bridge", "threads_per_bridge")
 # Which way is better, for the new-core-vs-baseline table: the cases where lower wins.
-LOWER_IS_BETTER = {"cpu_s_per_GB", "p50_us", "p99_us", "rss_KiB_per_idle_bridge",
-                   "many_rss_KiB_per_idle_bridge", "many_threads_per_bridge"}
+LOWER_IS_BETTER = {
+    "cpu_s_per_GB",
+    "p50_us",
+    "p99_us",
+    "rss_KiB_per_idle_bridge",
+    "many_rss_KiB_per_idle_bridge",
+    "many_threads_per_bridge",
+}
 
 
 def num(x: float) -> str:
@@ -414,9 +463,14 @@ def num(x: float) -> str:
 
 def markdown(report: dict) -> str:
     relays, stats = report["relays"], report["stats"]
-    lines = [f"Measured {report['date']} on {report['machine']}" + (" (--quick)" if report["quick"] else "")
-             + (f", commit {report['commit']}" if report.get("commit") else ""),
-             "", "| case | " + " | ".join(relays) + " |", "|---|" + "---|" * len(relays)]
+    lines = [
+        f"Measured {report['date']} on {report['machine']}"
+        + (" (--quick)" if report["quick"] else "")
+        + (f", commit {report['commit']}" if report.get("commit") else ""),
+        "",
+        "| case | " + " | ".join(relays) + " |",
+        "|---|" + "---|" * len(relays),
+    ]
     for label, case, extra in ROWS:
         cells = []
         for r in relays:
@@ -426,28 +480,42 @@ def markdown(report: dict) -> str:
                 continue
             cell = f"{num(s['median'])} ({num(s['min'])}–{num(s['max'])})"
             if extra and extra in s:
-                cell += {"x_direct": f", {s[extra]:.2f}x direct", "added_us": f", {s[extra]:+.1f}",
-                         "x_unloaded": f", {s[extra]:.3f} of unloaded"}[extra]
+                cell += {
+                    "x_direct": f", {s[extra]:.2f}x direct",
+                    "added_us": f", {s[extra]:+.1f}",
+                    "x_unloaded": f", {s[extra]:.3f} of unloaded",
+                }[extra]
             cells.append(cell)
         if any(c != "–" for c in cells):
             lines.append(f"| {label.format(many=report.get('many_bridges'))} | " + " | ".join(cells) + " |")
     if "cython" in relays and "pure" in relays:
         c, p = stats["cython"], stats["pure"]
-        lines += ["", "compiled core vs pure twin: "
-                  f"bulk {c['bulk_GBps']['median'] / p['bulk_GBps']['median']:.2f}x, "
-                  f"both ways {c['duplex_GBps']['median'] / p['duplex_GBps']['median']:.2f}x, "
-                  f"CPU per GB {c['cpu_s_per_GB']['median'] / p['cpu_s_per_GB']['median']:.2f}x"]
+        lines += [
+            "",
+            "compiled core vs pure twin: "
+            f"bulk {c['bulk_GBps']['median'] / p['bulk_GBps']['median']:.2f}x, "
+            f"both ways {c['duplex_GBps']['median'] / p['duplex_GBps']['median']:.2f}x, "
+            f"CPU per GB {c['cpu_s_per_GB']['median'] / p['cpu_s_per_GB']['median']:.2f}x",
+        ]
     if report.get("new_vs_baseline"):
         base = report.get("baseline") or {}
-        lines += ["", "New core vs baseline (" + (f"commit {base['commit']}, " if base.get("commit") else "")
-                  + f"{base.get('path', '?')}), medians of the same run: ratio cython / baseline", "",
-                  "| case | cython | baseline | cython / baseline | better when |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "New core vs baseline ("
+            + (f"commit {base['commit']}, " if base.get("commit") else "")
+            + f"{base.get('path', '?')}), medians of the same run: ratio cython / baseline",
+            "",
+            "| case | cython | baseline | cython / baseline | better when |",
+            "|---|---|---|---|---|",
+        ]
         for label, case, _ in ROWS:
             if case in report["new_vs_baseline"]:
                 c, b = stats["cython"][case]["median"], stats["baseline"][case]["median"]
-                lines.append(f"| {label.format(many=report.get('many_bridges'))} | {num(c)} | {num(b)} | "
-                             f"{report['new_vs_baseline'][case]:.3g}x | "
-                             f"{'lower' if case in LOWER_IS_BETTER else 'higher'} |")
+                lines.append(
+                    f"| {label.format(many=report.get('many_bridges'))} | {num(c)} | {num(b)} | "
+                    f"{report['new_vs_baseline'][case]:.3g}x | "
+                    f"{'lower' if case in LOWER_IS_BETTER else 'higher'} |"
+                )
     if report["skipped"]:
         lines += ["", "not installed, skipped: " + ", ".join(report["skipped"])]
     if report.get("errors"):

@@ -13,14 +13,14 @@ import pytest
 import tcptotcp
 import tcptotcp.pure
 from tcptotcp import _bridge
+from tcptotcp._backend import env_flag
 
 
 def core_required() -> bool:
     """In CI (unless it deliberately tests the pure build) a missing core is a failure."""
-    if os.environ.get("TCPTOTCP_NO_EXTENSIONS", "") not in ("", "0"):
+    if env_flag("TCPTOTCP_NO_EXTENSIONS"):
         return False
-    flag = os.environ.get("TCPTOTCP_REQUIRE_CORE") or os.environ.get("CI")
-    return flag not in (None, "", "0", "false")
+    return env_flag("TCPTOTCP_REQUIRE_CORE") or env_flag("CI")
 
 
 def _core_backend(splice: bool) -> types.SimpleNamespace:
@@ -29,9 +29,7 @@ def _core_backend(splice: bool) -> types.SimpleNamespace:
             pytest.fail("the compiled core did not load (tcptotcp.BACKEND == 'pure')")
         pytest.skip("compiled core not built")
     if splice:
-        return types.SimpleNamespace(
-            name="cython", connect=tcptotcp.connect, Bridge=tcptotcp.Bridge, module=tcptotcp
-        )
+        return types.SimpleNamespace(name="cython", connect=tcptotcp.connect, Bridge=tcptotcp.Bridge, module=tcptotcp)
     from tcptotcp import _core
 
     class CopyBridge(_bridge.Bridge):

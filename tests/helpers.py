@@ -65,7 +65,7 @@ class Topology:
         for s in (self.peer_a, self.peer_b):
             s.close()
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         return self
 
     def __exit__(self, *exc: object) -> None:

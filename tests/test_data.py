@@ -182,7 +182,7 @@ def test_bulk_goes_through_splice_and_small_messages_do_not(engine):
         sender = Background(lambda: t.peer_b.sendall(bulk))
         assert recv_exactly(t.peer_a, len(bulk)) == bulk
         sender.result()
-        splices = engine.name == "cython" and getattr(engine.module, "_core").SPLICE_AVAILABLE
+        splices = engine.name == "cython" and engine.module._core.SPLICE_AVAILABLE
         assert getattr(bridge._relay, "used_splice", (False, False)) == (False, bool(splices))
         bridge.stop()
         result = bridge.wait(5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
-import socket
 import subprocess
 import sys
 import textwrap

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 import pytest
 
@@ -326,18 +326,25 @@ def test_bad_arguments_exit_2_with_one_line(args, backend):
 
 def test_version_and_help(backend):
     env = dict(os.environ, TCPTOTCP_NO_EXTENSIONS="1" if backend.name == "pure" else "")
-    out = subprocess.run([sys.executable, "-m", "tcptotcp", "--version"], capture_output=True, text=True,
-                         timeout=30, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tcptotcp", "--version"], capture_output=True, text=True, timeout=30, env=env, check=True
+    ).stdout
     assert out.strip() == f"tcptotcp {tcptotcp.__version__} ({'pure' if backend.name == 'pure' else 'cython'})"
-    helptext = subprocess.run([sys.executable, "-m", "tcptotcp", "--help"], capture_output=True, text=True,
-                              timeout=30, env=env, check=True).stdout
+    helptext = subprocess.run(
+        [sys.executable, "-m", "tcptotcp", "--help"], capture_output=True, text=True, timeout=30, env=env, check=True
+    ).stdout
     assert "examples:" in helptext and "tcptotcp demo" in helptext
 
 
 def test_demo_runs_and_checks_bytes(backend):
     env = dict(os.environ, TCPTOTCP_NO_EXTENSIONS="1" if backend.name == "pure" else "")
-    proc = subprocess.run([sys.executable, "-m", "tcptotcp", "demo", "--megabytes", "8"],
-                          capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tcptotcp", "demo", "--megabytes", "8"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"pure\s+8,388,608 bytes", proc.stdout)
     assert bool(re.search(r"cython\s+8,388,608 bytes", proc.stdout)) == (backend.name != "pure")
@@ -413,8 +420,18 @@ def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders
 
 @pytest.mark.slow
 def test_silent_clients_are_reaped_and_real_clients_served(forwarders, echo):
-    fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--max-connections", "20",
-                    "--rate-check", "1", "--idle-timeout", "2", "--log-level", "warning")
+    fp = forwarders(
+        "127.0.0.1:0",
+        f"127.0.0.1:{echo.address[1]}",
+        "--max-connections",
+        "20",
+        "--rate-check",
+        "1",
+        "--idle-timeout",
+        "2",
+        "--log-level",
+        "warning",
+    )
     silent = [fp.connect() for _ in range(60)]  # connect, send nothing
     try:
         started = time.monotonic()
@@ -440,7 +457,10 @@ def test_out_of_file_descriptors_backs_off_and_recovers(backend, echo):
     env = dict(os.environ, TCPTOTCP_NO_EXTENSIONS="1" if backend.name == "pure" else "")
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     fp = ForwarderProcess.__new__(ForwarderProcess)  # attach the helper to this process
     fp.proc, fp.lines = proc, []
@@ -451,7 +471,11 @@ def test_out_of_file_descriptors_backs_off_and_recovers(backend, echo):
         fp.address = fp._wait_for(ForwarderProcess.LISTENING, 15).group(1)
         for _ in range(40):  # far more than 48 fds can bridge
             clients.append(fp.connect())
-        fp.wait_log(r"(accept failed|upstream .* failed|bridge not started|not bridged).*(Too many open files|EMFILE|\[Errno 24\])", 15)
+        fp.wait_log(
+            r"(accept failed|upstream .* failed|bridge not started|not bridged)"
+            r".*(Too many open files|EMFILE|\[Errno 24\])",
+            15,
+        )
         time.sleep(1.0)
         cpu = sum(int(x) for x in open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
         time.sleep(1.0)

@@ -11,8 +11,8 @@ import time
 import pytest
 
 import tcptotcp
-from helpers import Background, Topology, link, no_leaks, recv_exactly
 from conftest import core_required
+from helpers import Topology, link, no_leaks, recv_exactly
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -197,7 +197,8 @@ def test_soak_two_gigabytes_each_way(engine):
             digest = hashlib.sha256()
             left = size
             while left:
-                block = rng.randbytes(min(left, 1 << 20)) if hasattr(rng, "randbytes") else os.urandom(min(left, 1 << 20))
+                n = min(left, 1 << 20)
+                block = rng.randbytes(n) if hasattr(rng, "randbytes") else os.urandom(n)
                 digest.update(block)
                 sock.sendall(block)
                 left -= len(block)
@@ -215,6 +216,7 @@ def test_soak_two_gigabytes_each_way(engine):
 
 
 # -- property: whatever the sizes, write patterns and close order, bytes in == bytes out ---------
+
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(

@@ -10,9 +10,17 @@ from . import pure
 from ._aio import take_socket
 from ._backend import BACKEND, Bridge, aconnect, connect
 from ._bridge import BridgeResult
+from ._version import __version__
 from .forwarder import Forwarder
 
 __all__ = [
-    "BACKEND", "Bridge", "BridgeResult", "Forwarder", "aconnect", "connect", "pure", "take_socket", "__version__"
+    "BACKEND",
+    "Bridge",
+    "BridgeResult",
+    "Forwarder",
+    "aconnect",
+    "connect",
+    "pure",
+    "take_socket",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """python -m tcptotcp: the port forwarder (see tcptotcp --help)."""
+
 import sys
 
 from .cli import main

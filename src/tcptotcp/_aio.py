@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Tuple
+from typing import Tuple, cast
 
 
 async def take_socket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Tuple[socket.socket, bytes]:
@@ -22,7 +22,7 @@ async def take_socket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     connection open, and the bridge closes it in the end. Plain TCP/Unix streams only: a TLS
     stream's bytes are not its socket's bytes.
     """
-    transport = writer.transport
+    transport = cast(asyncio.Transport, writer.transport)
     if transport.get_extra_info("sslcontext") is not None:
         raise TypeError("take_socket() needs a plain TCP or Unix stream, not TLS")
     buffer = getattr(reader, "_buffer", None)  # asyncio keeps what it read here

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Type
 
 from . import _bridge, pure
 
 
 def env_flag(name: str) -> bool:
-    """A ``TCPTOTCP_*`` switch: set to anything but empty or "0" means on."""
-    return os.environ.get(name, "") not in ("", "0")
+    """An on/off switch in the environment (``TCPTOTCP_*``, ``CI``): unset, empty, "0",
+    "false", "no" or "off" mean off; anything else means on."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _load_core() -> Optional[ModuleType]:
@@ -30,16 +31,20 @@ def _load_core() -> Optional[ModuleType]:
 
 core = _load_core()
 
+Bridge: Type[_bridge.Bridge]
 if core is None:
     BACKEND = "pure"
-    Bridge: type = pure.Bridge
+    Bridge = pure.Bridge
 else:
     BACKEND = "cython"
+    _core_start = core.start
 
-    class Bridge(_bridge.Bridge):  # type: ignore[no-redef]
+    class CoreBridge(_bridge.Bridge):
         __doc__ = _bridge.Bridge.__doc__
-        fd_engine = staticmethod(core.start)
+        fd_engine = staticmethod(_core_start)
         engine_name = "cython"
+
+    Bridge = CoreBridge
 
 
 connect = _bridge.connect_with(Bridge)

@@ -12,15 +12,19 @@ test suite pins both.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, ClassVar, List, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, ClassVar, List, Optional, Protocol, Tuple, Type, Union
 
 if TYPE_CHECKING:
     import asyncio
+    from typing import ParamSpec
+
+    _P = ParamSpec("_P")
 
 from . import _pump
 
@@ -52,8 +56,14 @@ class Relay(Protocol):
 
 
 OnEnd = Callable[[int, int, str, float], None]
-# Given sockets, an engine relays on private dups of them; given fds (ints), it adopts them.
-Engine = Callable[[Union[socket.socket, int], Union[socket.socket, int], Plan, OnEnd], Relay]
+
+
+class Engine(Protocol):
+    """Given sockets, an engine relays on private dups of them; given fds (ints), it adopts them."""
+
+    def __call__(
+        self, stream1: Union[socket.socket, int], stream2: Union[socket.socket, int], plan: Plan, on_end: OnEnd
+    ) -> Relay: ...
 
 
 @dataclass(frozen=True)
@@ -141,13 +151,13 @@ class Bridge:
         *,
         activity: str = "both",
         half_close: bool = False,
-    ) -> "Bridge":
+    ) -> Bridge:
         """A bridge that adopts two fds of connected stream sockets: it relays on them without
         duplicating them, and closes them when it ends. If ``start()``/``run()`` raises, they
         are still the caller's. The fds are not checked beyond being distinct integers: a
         bad one makes the bridge end with reason "error". What a forwarder that made the
         sockets itself uses, to save the checks, the dups and their closes."""
-        fds = tuple(_check_int(fd, name) for fd, name in ((fd1, "fd1"), (fd2, "fd2")))
+        fds = (_check_int(fd1, "fd1"), _check_int(fd2, "fd2"))
         if fds[0] < 0 or fds[1] < 0 or fds[0] == fds[1]:
             raise ValueError(f"two distinct open fds needed, not {fds[0]} and {fds[1]}")
         bridge = cls.__new__(cls)
@@ -203,7 +213,7 @@ class Bridge:
         assert result is not None
         return result
 
-    def start(self) -> "Bridge":
+    def start(self) -> Bridge:
         """Relay in the background; collect the result with ``wait()``."""
         self._launch()
         return self
@@ -254,7 +264,7 @@ class Bridge:
         relay = self._relay
         return relay.counts() if relay is not None else (0, 0)
 
-    def __enter__(self) -> "Bridge":
+    def __enter__(self) -> Bridge:
         if not self._launched:
             self.start()
         return self
@@ -278,7 +288,7 @@ class Bridge:
             if not self._launched:
                 raise RuntimeError("wait_async() needs a bridge started with start()")
         loop = asyncio.get_running_loop()
-        ended: "asyncio.Future[BridgeResult]" = loop.create_future()
+        ended: asyncio.Future[BridgeResult] = loop.create_future()
 
         def deliver(result: BridgeResult) -> None:  # from the engine's thread, or right here
             try:
@@ -289,7 +299,7 @@ class Bridge:
         self.add_done_callback(deliver)
         return await ended
 
-    async def __aenter__(self) -> "Bridge":
+    async def __aenter__(self) -> Bridge:
         return self.__enter__()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -307,7 +317,12 @@ class Bridge:
         s1, s2 = self._streams
         # TLS (or another wrapper): the bytes are not the fd's, so the pure pumps relay
         # through the objects themselves. Adopted fds are fd bytes.
-        fd_bytes = isinstance(s1, int) or (_pump.speaks_fd_bytes(s1) and _pump.speaks_fd_bytes(s2))
+        fd_bytes = isinstance(s1, int) or (
+            isinstance(s1, socket.socket)
+            and isinstance(s2, socket.socket)
+            and _pump.speaks_fd_bytes(s1)
+            and _pump.speaks_fd_bytes(s2)
+        )
         engine = self.fd_engine if fd_bytes else _pump.start
         try:
             relay = engine(s1, s2, self._plan, self._on_end)
@@ -371,7 +386,7 @@ def report_unraisable(exc: BaseException, message: str, obj: object = None) -> N
     sys.unraisablehook(_Unraisable(exc, message, obj))  # type: ignore[arg-type]
 
 
-def _settle(future: "asyncio.Future[BridgeResult]", result: BridgeResult) -> None:
+def _settle(future: asyncio.Future[BridgeResult], result: BridgeResult) -> None:
     if not future.done():  # a cancelled waiter
         future.set_result(result)
 
@@ -394,31 +409,37 @@ async def _await_end(bridge: Bridge) -> BridgeResult:
     return result
 
 
-def aconnect_with(bridge_cls: type) -> Callable[..., Awaitable[BridgeResult]]:
+def _signed(fn: Callable[..., object], bridge_cls: Type[Bridge], returns: object) -> None:
+    """Give fn the signature of ``Bridge(...)`` (written once, in ``Bridge.__init__``)."""
+    fn.__signature__ = inspect.signature(bridge_cls).replace(return_annotation=returns)  # type: ignore[attr-defined]
+
+
+def connect_with(bridge_cls: Callable[_P, Bridge]) -> Callable[_P, BridgeResult]:
+    """Build the module-level ``connect`` for a Bridge class bound to one engine."""
+
+    def connect(*args: _P.args, **kwargs: _P.kwargs) -> BridgeResult:
+        """Relay bytes both ways between two connected stream sockets until the bridge ends.
+
+        ``connect(stream1, stream2, rate_check_seconds, keep_alive_delay_time_seconds, *,
+        activity="both", half_close=False)``: blocks; returns a :class:`BridgeResult`. Both
+        sockets are shut down and closed on return. It is ``Bridge(...).run()``.
+        """
+        return bridge_cls(*args, **kwargs).run()
+
+    _signed(connect, bridge_cls, BridgeResult)  # type: ignore[arg-type]
+    return connect
+
+
+def aconnect_with(bridge_cls: Callable[_P, Bridge]) -> Callable[_P, Awaitable[BridgeResult]]:
     """Build the module-level ``aconnect`` for a Bridge class bound to one engine."""
 
-    async def aconnect(
-        stream1: socket.socket,
-        stream2: socket.socket,
-        rate_check_seconds: int,
-        keep_alive_delay_time_seconds: int,
-        *,
-        activity: str = "both",
-        half_close: bool = False,
-    ) -> BridgeResult:
+    async def aconnect(*args: _P.args, **kwargs: _P.kwargs) -> BridgeResult:
         """``connect()`` for asyncio: relay until the bridge ends, without blocking the event loop.
 
-        Cancelling the awaiting task stops the bridge (reason "stopped"), waits for both sockets
-        to be closed, and raises ``CancelledError``.
+        Same arguments as ``connect()``. Cancelling the awaiting task stops the bridge (reason
+        "stopped"), waits for both sockets to be closed, and raises ``CancelledError``.
         """
-        bridge = bridge_cls(
-            stream1,
-            stream2,
-            rate_check_seconds,
-            keep_alive_delay_time_seconds,
-            activity=activity,
-            half_close=half_close,
-        ).start()
+        bridge = bridge_cls(*args, **kwargs).start()
         try:
             return await bridge.wait_async()
         except BaseException:
@@ -426,32 +447,5 @@ def aconnect_with(bridge_cls: type) -> Callable[..., Awaitable[BridgeResult]]:
             await _await_end(bridge)
             raise
 
+    _signed(aconnect, bridge_cls, BridgeResult)  # type: ignore[arg-type]
     return aconnect
-
-
-def connect_with(bridge_cls: type) -> Callable[..., BridgeResult]:
-    """Build the module-level ``connect`` for a Bridge class bound to one engine."""
-
-    def connect(
-        stream1: socket.socket,
-        stream2: socket.socket,
-        rate_check_seconds: int,
-        keep_alive_delay_time_seconds: int,
-        *,
-        activity: str = "both",
-        half_close: bool = False,
-    ) -> BridgeResult:
-        """Relay bytes both ways between two connected stream sockets until the bridge ends.
-
-        Blocks; returns a :class:`BridgeResult`. Both sockets are shut down and closed on return.
-        """
-        return bridge_cls(
-            stream1,
-            stream2,
-            rate_check_seconds,
-            keep_alive_delay_time_seconds,
-            activity=activity,
-            half_close=half_close,
-        ).run()
-
-    return connect

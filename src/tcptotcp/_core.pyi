@@ -6,9 +6,7 @@ from typing import Callable, Dict, List, Tuple, Union
 from ._bridge import Plan
 
 BUFFER_SIZE: int
-PIPE_SIZE: int
 SPLICE_AVAILABLE: bool
-POOLED_PIPES_PER_LOOP: int
 
 class Relay:
     """One bridge in a loop."""
@@ -26,6 +24,5 @@ def start(
     *,
     splice: bool = ...,
 ) -> Relay: ...
-def default_loop_threads() -> int: ...
 def loop_threads() -> int: ...
 def stats() -> Dict[str, Union[int, List[int]]]: ...

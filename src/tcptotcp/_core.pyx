@@ -14,23 +14,17 @@ Same seam as the pure engine (``_pump.start``).
 import os
 import threading
 
-from ._bridge import report_unraisable
+from ._bridge import REASONS, report_unraisable
 
-from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint64_t
 
 cdef extern from "_loop.h" nogil:
     ctypedef struct t2t_dir:
-        unsigned char spliced, active, ended, bulk
-        size_t pending_off, pending_len, in_pipe
-    ctypedef struct t2t_side:
-        int fd
-        unsigned char readable, writable, fin_sent, drained
+        unsigned char spliced
     ctypedef struct t2t_bridge:
         t2t_dir dir[2]
-        t2t_side side[2]
-        unsigned char state, queued_again
         int64_t started_ns
         int64_t ended_ns
         unsigned char reason
@@ -39,8 +33,6 @@ cdef extern from "_loop.h" nogil:
         void *owner
     const int HAVE_SPLICE "T2T_HAVE_SPLICE"
     const int BUFFER_BYTES "T2T_BUFFER_BYTES"
-    const int PIPE_BYTES "T2T_PIPE_BYTES"
-    const int POOLED_PIPES "T2T_POOLED_PIPES"
     const int MAX_LOOPS "T2T_MAX_LOOPS"
     int t2t_engine_start(int nloops)
     int t2t_loop_count()
@@ -57,19 +49,16 @@ cdef extern from "_loop.h" nogil:
     int t2t_engine_fds()
 
 BUFFER_SIZE = BUFFER_BYTES
-PIPE_SIZE = PIPE_BYTES
 SPLICE_AVAILABLE = bool(HAVE_SPLICE)
-#: Idle pipes a loop keeps for splice (two fds each; they belong to the loop, not to a bridge).
-POOLED_PIPES_PER_LOOP = POOLED_PIPES
 
-# Index = t2t_reason.
-_REASONS = ("running", "closed", "idle", "error", "stopped")
+# Index = t2t_reason: T2T_RUNNING, then the reasons in _bridge.REASONS' order.
+_REASONS = ("running",) + REASONS
 # Longer than anyone waits (~31 years): keeps the check interval finite in ns for r of any size.
 cdef int64_t LONGEST_INTERVAL_NS = 10**18
 cdef uint64_t MOST_CHECKS = 2**63
 
 
-def default_loop_threads():
+def _default_loop_threads():
     """One loop per CPU this process may use, at most 4: on loopback a loop moves ~2 GB/s
     alone, and more loops than cores only add wake-ups."""
     try:
@@ -82,7 +71,7 @@ def default_loop_threads():
 def _configured_loop_threads():
     text = os.environ.get("TCPTOTCP_LOOP_THREADS", "").strip()
     if not text:
-        return default_loop_threads()
+        return _default_loop_threads()
     try:
         count = int(text, 10)
     except ValueError:
@@ -111,12 +100,6 @@ cdef class Relay:
     def used_splice(self):
         """Per direction, whether bytes went through the zero-copy splice path."""
         return (bool(self._b.dir[0].spliced), bool(self._b.dir[1].spliced))
-
-    def _debug(self):
-        cdef t2t_bridge *b = self._b
-        return dict(state=b.state, again=b.queued_again,
-                    sides=[(b.side[i].fd, b.side[i].readable, b.side[i].writable, b.side[i].fin_sent) for i in range(2)],
-                    dirs=[(b.dir[i].ended, b.dir[i].bulk, b.dir[i].pending_len - b.dir[i].pending_off, b.dir[i].in_pipe) for i in range(2)])
 
     cdef _finish(self, t2t_bridge *b):
         on_end, self._on_end = self._on_end, None

@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 if TYPE_CHECKING:
     from ._bridge import Plan
@@ -64,7 +64,7 @@ class _Waiter:
     def __init__(self, wake: socket.socket) -> None:
         self._wake = wake
         self._wake_fd = wake.fileno()
-        self._pollers: dict = {}  # (fd, for_write) -> poll object, built once
+        self._pollers: Dict[Tuple[int, bool], Any] = {}  # (fd, for_write) -> poll object, built once
 
     def ready(self, sock: socket.socket, for_write: bool) -> bool:
         """True when `sock` is ready; False when the bridge asked the pump to stop."""
@@ -238,14 +238,19 @@ def _discard_unread(sock: socket.socket) -> None:
 
 
 # Bridges between launch and teardown: what a forked child must finish (see _after_fork_in_child).
-_live: "weakref.WeakSet[ThreadRelay]" = weakref.WeakSet()
+_live: weakref.WeakSet[ThreadRelay] = weakref.WeakSet()
 
 
 class ThreadRelay:
     """One bridge of the pure engine. Built and started by ``start()``."""
 
     def __init__(
-        self, stream1: socket.socket, stream2: socket.socket, plan: "Plan", on_end: OnEnd, pump_cls: Callable[..., PumpProtocol]
+        self,
+        stream1: socket.socket,
+        stream2: socket.socket,
+        plan: Plan,
+        on_end: OnEnd,
+        pump_cls: Callable[..., PumpProtocol],
     ) -> None:
         self._plan = plan
         self._on_end = on_end
@@ -453,7 +458,7 @@ if hasattr(os, "register_at_fork"):
 def start(
     stream1: Union[socket.socket, int],
     stream2: Union[socket.socket, int],
-    plan: "Plan",
+    plan: Plan,
     on_end: OnEnd,
     *,
     pump: Callable[..., PumpProtocol] = Pump,
@@ -462,15 +467,18 @@ def start(
 
     Given two fds (ints) instead of sockets, the bridge adopts them: no dups; they are its
     to close (unless start raises)."""
-    adopt = isinstance(stream1, int) and isinstance(stream2, int)
-    if adopt:
-        stream1 = socket.socket(fileno=stream1)
+    if isinstance(stream1, int) and isinstance(stream2, int):
+        adopt = True
+        sock1 = socket.socket(fileno=stream1)
         try:
-            stream2 = socket.socket(fileno=stream2)
+            sock2 = socket.socket(fileno=stream2)
         except BaseException:
-            stream1.detach()
+            sock1.detach()
             raise
-    assert isinstance(stream1, socket.socket) and isinstance(stream2, socket.socket)
-    relay = ThreadRelay(stream1, stream2, plan, on_end, pump)
+    elif isinstance(stream1, socket.socket) and isinstance(stream2, socket.socket):
+        adopt, sock1, sock2 = False, stream1, stream2
+    else:
+        raise TypeError("two sockets or two fds")
+    relay = ThreadRelay(sock1, sock2, plan, on_end, pump)
     relay.launch(adopt)
     return relay

@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import sys
-import threading
-import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-import tcptotcp
-
-from .forwarder import Address, Forwarder, raise_fd_limit
+from . import pure
+from ._address import Address
+from ._backend import BACKEND
+from ._backend import Bridge as DefaultBridge
+from ._bridge import Bridge
+from ._version import __version__
+from .forwarder import Forwarder, raise_fd_limit
 
 EXAMPLES = """\
 examples:
@@ -28,17 +29,17 @@ examples:
 """
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # type: ignore[name-defined]  # noqa: F821
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _backend_bridge(name: str) -> type:
+def _backend_bridge(name: str) -> type[Bridge]:
     if name == "pure":
-        return tcptotcp.pure.Bridge
-    if name == "cython" and tcptotcp.BACKEND != "cython":
+        return pure.Bridge
+    if name == "cython" and BACKEND != "cython":
         raise SystemExit("tcptotcp: error: the compiled core is not available here (try --backend pure)")
-    return tcptotcp.Bridge
+    return DefaultBridge
 
 
 def _address(text: str, passive: bool) -> Address:
@@ -56,39 +57,88 @@ def _nonnegative(text: str) -> int:
 
 
 def forward_parser() -> argparse.ArgumentParser:
-    p = _OneLineErrors(
+    p = OneLineErrors(
         prog="tcptotcp",
         description="Forward every client of LISTEN to UPSTREAM through a tcptotcp bridge.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("listen", metavar="LISTEN", type=lambda t: _address(t, True),
-                   help="where to accept clients: host:port, [v6addr]:port or unix:/path")
-    p.add_argument("upstream", metavar="UPSTREAM", type=lambda t: _address(t, False),
-                   help="where to connect each client: host:port, [v6addr]:port or unix:/path")
-    p.add_argument("--rate-check", type=_nonnegative, default=5, metavar="N",
-                   help="seconds between idle checks (default 5; 0 means 1)")
-    p.add_argument("--idle-timeout", type=_nonnegative, default=7200, metavar="N",
-                   help="keep-alive seconds; a bridge ends after (N // rate + 1) * rate idle "
-                        "seconds (default 7200; below 2 means 2)")
-    p.add_argument("--activity", choices=("both", "any"), default="both",
-                   help="traffic that keeps a bridge alive: both directions (default) or any")
-    p.add_argument("--half-close", action="store_true",
-                   help="forward a FIN and keep the other direction open")
-    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
-                   help="bridges at once; further clients wait in the backlog (default 1024)")
-    p.add_argument("--backlog", type=int, default=4096, metavar="N",
-                   help="listen backlog: clients the kernel queues before they are accepted (default 4096, "
-                        "capped by net.core.somaxconn)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up on the upstream after this long (default 10)")
-    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM let open bridges finish for this long (default 0)")
-    p.add_argument("--backend", choices=("auto", "cython", "pure"), default="auto",
-                   help="engine: the compiled core where available (auto), or force one")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="default info: a line per connection opened and closed")
-    p.add_argument("--version", action="version", version=f"tcptotcp {tcptotcp.__version__} ({tcptotcp.BACKEND})")
+    p.add_argument(
+        "listen",
+        metavar="LISTEN",
+        type=lambda t: _address(t, True),
+        help="where to accept clients: host:port, [v6addr]:port or unix:/path",
+    )
+    p.add_argument(
+        "upstream",
+        metavar="UPSTREAM",
+        type=lambda t: _address(t, False),
+        help="where to connect each client: host:port, [v6addr]:port or unix:/path",
+    )
+    p.add_argument(
+        "--rate-check",
+        type=_nonnegative,
+        default=5,
+        metavar="N",
+        help="seconds between idle checks (default 5; 0 means 1)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_nonnegative,
+        default=7200,
+        metavar="N",
+        help="keep-alive seconds; a bridge ends after (N // rate + 1) * rate idle "
+        "seconds (default 7200; below 2 means 2)",
+    )
+    p.add_argument(
+        "--activity",
+        choices=("both", "any"),
+        default="both",
+        help="traffic that keeps a bridge alive: both directions (default) or any",
+    )
+    p.add_argument("--half-close", action="store_true", help="forward a FIN and keep the other direction open")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="bridges at once; further clients wait in the backlog (default 1024)",
+    )
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="listen backlog: clients the kernel queues before they are accepted (default 4096, "
+        "capped by net.core.somaxconn)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on the upstream after this long (default 10)",
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM let open bridges finish for this long (default 0)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "cython", "pure"),
+        default="auto",
+        help="engine: the compiled core where available (auto), or force one",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="default info: a line per connection opened and closed",
+    )
+    p.add_argument("--version", action="version", version=f"tcptotcp {__version__} ({BACKEND})")
     return p
 
 
@@ -128,13 +178,20 @@ def serve(args: argparse.Namespace) -> int:
     shortfall = forwarder.fd_shortfall()
     if shortfall:
         needed, available = shortfall
-        log.warning("--max-connections %d may need up to %d file descriptors, but this process can open "
-                    "only %d more (ulimit -n): clients beyond that are refused until others end",
-                    args.max_connections, needed, available)
+        log.warning(
+            "--max-connections %d may need up to %d file descriptors, but this process can open "
+            "only %d more (ulimit -n): clients beyond that are refused until others end",
+            args.max_connections,
+            needed,
+            available,
+        )
     # Start and summary lines go out whatever the log level: scripts wait for the first.
     backend = getattr(forwarder.bridge_class, "engine_name", "custom")
-    print(f"tcptotcp: listening on {forwarder.address_text}, forwarding to {args.upstream.text} "
-          f"(backend {backend})", file=sys.stderr, flush=True)
+    print(
+        f"tcptotcp: listening on {forwarder.address_text}, forwarding to {args.upstream.text} (backend {backend})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         forwarder.serve_forever()
     finally:
@@ -144,79 +201,11 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- demo ---------------------------------------------------------------------------------
-
-
-def _sink_upstream() -> "tuple[socket.socket, threading.Thread, list]":
-    """A loopback upstream that counts what it receives and echoes a short reply at EOF."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    received: List[int] = []
-
-    def serve_one() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            total = 0
-            buf = bytearray(1 << 20)
-            while True:
-                n = conn.recv_into(buf)
-                if not n:
-                    break
-                total += n
-            conn.sendall(b"%d" % total)
-        received.append(total)
-
-    thread = threading.Thread(target=serve_one, daemon=True)
-    thread.start()
-    return listener, thread, received
-
-
-def _measure(bridge_class: type, megabytes: int) -> "tuple[float, int]":
-    listener, upstream_thread, received = _sink_upstream()
-    with listener, Forwarder("127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}",
-                             bridge_class=bridge_class, half_close=True) as fwd:
-        server = threading.Thread(target=fwd.serve_forever, daemon=True)
-        server.start()
-        chunk = bytes(1 << 20)
-        with socket.create_connection(fwd.address[:2]) as client:
-            started = time.perf_counter()
-            for _ in range(megabytes):
-                client.sendall(chunk)
-            client.shutdown(socket.SHUT_WR)
-            reply = client.recv(64)
-            elapsed = time.perf_counter() - started
-        upstream_thread.join(10)
-    if not received or received[0] != megabytes << 20 or int(reply) != megabytes << 20:
-        raise SystemExit(f"demo: bytes went missing ({received}, reply {reply!r})")
-    return elapsed, received[0]
-
-
-def demo(argv: Sequence[str]) -> int:
-    p = _OneLineErrors(prog="tcptotcp demo", description="Push data through a real bridge with each backend.")
-    p.add_argument("--megabytes", type=int, default=512, help="how much to push per backend (default 512)")
-    args = p.parse_args(argv)
-    if args.megabytes < 1:
-        p.error("--megabytes must be at least 1")
-    backends = [("pure", tcptotcp.pure.Bridge)]
-    if tcptotcp.BACKEND == "cython":
-        backends.insert(0, ("cython", tcptotcp.Bridge))
-    else:
-        print("compiled core not available here; showing the pure backend only")
-    print(f"tcptotcp {tcptotcp.__version__}: client -> forwarder -> upstream on 127.0.0.1, "
-          f"{args.megabytes} MiB each, every byte counted")
-    speeds = {}
-    for name, bridge_class in backends:
-        seconds, total = _measure(bridge_class, args.megabytes)
-        speeds[name] = total / seconds / 1e6
-        print(f"  {name:7s} {total:>12,d} bytes in {seconds:6.3f} s = {speeds[name]:8.1f} MB/s")
-    if len(speeds) == 2:
-        print(f"  compiled core / pure twin: {speeds['cython'] / speeds['pure']:.2f}x "
-              "(the load generator here is Python too; see benchmarks/ for the full story)")
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["demo"]:
+        from .demo import demo  # only the demo needs it
+
         return demo(args_list[1:])
     return serve(forward_parser().parse_args(args_list))
 

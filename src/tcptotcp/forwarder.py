@@ -22,62 +22,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
+from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge, BridgeResult, check_activity
 
 log = logging.getLogger("tcptotcp")
 
-SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int], str]
 # Accept errors that mean "out of a resource right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_SECONDS = 0.1
-
-
-@dataclass(frozen=True)
-class Address:
-    """A parsed ``host:port``, ``[v6addr]:port`` or ``unix:/path``."""
-
-    family: int
-    sockaddr: SockAddr
-    text: str
-
-    @classmethod
-    def parse(cls, text: str, *, passive: bool = False) -> "Address":
-        if text.startswith("unix:"):
-            path = text[len("unix:") :]
-            if not path:
-                raise ValueError(f"{text!r}: unix: needs a path")
-            return cls(socket.AF_UNIX, path, text)
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{text!r}: expected host:port, [v6addr]:port or unix:/path")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
-        try:
-            port = int(port_text, 10)
-        except ValueError:
-            raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
-        if not 0 <= port <= 65535:
-            raise ValueError(f"{text!r}: port {port} is out of range")
-        try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if passive else 0
-            )[0]
-        except socket.gaierror as exc:
-            raise ValueError(f"{text!r}: cannot resolve {host!r} ({exc.strerror})") from None
-        return cls(family, sockaddr, text)
-
-
-def format_sockaddr(family: int, sockaddr: Any) -> str:
-    if family == socket.AF_UNIX:
-        return f"unix:{sockaddr}" if sockaddr else "unix:(unnamed)"
-    if family == socket.AF_INET6:
-        return f"[{sockaddr[0]}]:{sockaddr[1]}"
-    return f"{sockaddr[0]}:{sockaddr[1]}"
 
 
 def _no_delay(sock: socket.socket) -> None:
@@ -156,14 +111,14 @@ class Forwarder:
         half_close: bool = False,
         max_connections: int = 1024,
         connect_timeout: float = 10.0,
-        bridge_class: Optional[type] = None,
+        bridge_class: Optional[Type[Bridge]] = None,
         backlog: int = 4096,
     ) -> None:
         self.listen = listen if isinstance(listen, Address) else Address.parse(listen, passive=True)
         self.upstream = upstream if isinstance(upstream, Address) else Address.parse(upstream)
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        self._bridge_args = dict(
+        self._bridge_args: Dict[str, Any] = dict(
             rate_check_seconds=rate_check_seconds,
             keep_alive_delay_time_seconds=idle_timeout_seconds,
             activity=activity,
@@ -172,7 +127,7 @@ class Forwarder:
         check_activity(activity)  # fail now, not once per client
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
-        self.bridge_class: type = DefaultBridge if bridge_class is None else bridge_class
+        self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
         self.stats = ForwarderStats()
 
         self._lock = threading.Lock()
@@ -454,7 +409,7 @@ class Forwarder:
         self._wake_r.close()
         self._wake_w.close()
 
-    def __enter__(self) -> "Forwarder":
+    def __enter__(self) -> Forwarder:
         return self
 
     def __exit__(self, *exc: object) -> None:
