@@ -96,6 +96,7 @@ typedef struct t2t_side {
     int fd;
     unsigned char readable, writable; /* last known readiness (edge-triggered) */
     unsigned char hup;                /* the peer's FIN (or an error) is queued: read to the end */
+    unsigned char input_masked;       /* not watched for input while its direction waits to write */
     unsigned char fin_sent;           /* we shut it down for writing */
     unsigned char drained, dropped;   /* teardown: done reading it; it had unread bytes */
 } t2t_side;
@@ -227,6 +228,23 @@ static int t2t_poller_add(t2t_loop *L, int fd, void *tag) {
     EV_SET(&ev[0], fd, EVFILT_READ, EV_ADD | EV_CLEAR, 0, 0, tag);
     EV_SET(&ev[1], fd, EVFILT_WRITE, EV_ADD | EV_CLEAR, 0, 0, tag);
     return kevent(L->poller, ev, 2, NULL, 0, NULL);
+#endif
+}
+
+/* Watch fd for input or stop: a direction that holds bytes its destination cannot take yet
+   reads nothing, so its source's input would only wake the loop for nothing (one wake-up per
+   arriving segment in a bulk stream). Output stays watched. Turning input back on reports it at
+   once if the fd is readable, so no edge is lost. */
+static int t2t_poller_watch_input(t2t_loop *L, int fd, void *tag, int on) {
+#if T2T_EPOLL
+    struct epoll_event ev;
+    ev.events = (on ? EPOLLIN | EPOLLRDHUP : 0) | EPOLLOUT | EPOLLET;
+    ev.data.ptr = tag;
+    return epoll_ctl(L->poller, EPOLL_CTL_MOD, fd, &ev);
+#else
+    struct kevent ev;
+    EV_SET(&ev, fd, EVFILT_READ, on ? EV_ENABLE : EV_DISABLE, 0, 0, tag);
+    return kevent(L->poller, &ev, 1, NULL, 0, NULL);
 #endif
 }
 
@@ -395,8 +413,23 @@ static void t2t_drain(t2t_bridge *b);
 
 static void t2t_fail(t2t_bridge *b, int error) { t2t_end(b, T2T_ERROR, error); }
 
-/* Deliver what direction i still holds; 1 once it holds nothing, 0 to wait (or if it failed). */
+static void t2t_watch_input(t2t_bridge *b, int s, int on) {
+    t2t_side *side = &b->side[s];
+    if (side->input_masked == !on) return;
+    if (t2t_poller_watch_input(b->loop, side->fd, side, on) == 0) side->input_masked = (unsigned char)!on;
+}
+
+static int t2t_flush_held(t2t_bridge *b, int i);
+
+/* Deliver what direction i still holds; 1 once it holds nothing, 0 to wait (or if it failed).
+   While it waits, its source is not watched for input. */
 static int t2t_flush(t2t_bridge *b, int i) {
+    int flushed = t2t_flush_held(b, i);
+    if (b->state == T2T_RELAYING) t2t_watch_input(b, i, flushed);
+    return flushed;
+}
+
+static int t2t_flush_held(t2t_bridge *b, int i) {
     t2t_dir *d = &b->dir[i];
     t2t_side *dst = &b->side[1 - i];
     while (d->pending_off < d->pending_len) {
@@ -581,6 +614,7 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
     b->reason = (unsigned char)reason;
     b->error = error;
     t2t_drop_held(b);
+    for (int s = 0; s < 2; s++) t2t_watch_input(b, s, 1); /* the drain reads both */
     for (int s = 0; s < 2; s++) shutdown(b->side[s].fd, SHUT_WR);
     b->drain_limit_ns = t2t_add(b->loop->now, T2T_DRAIN_LIMIT_NS);
     b->drain_quiet_ns = T2T_NEVER;
