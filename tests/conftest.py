@@ -66,3 +66,11 @@ def socket_dir():
     path = tempfile.mkdtemp(prefix="t2t", dir="/tmp" if os.path.isdir("/tmp") else None)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Mark every test of a compiled engine `core`: platforms without it deselect them."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend", params.get("engine")) in ("cython", "cython-copy"):
+            item.add_marker(pytest.mark.core)

@@ -223,6 +223,7 @@ def _raise_fd_limit() -> int:
     return hard
 
 
+@pytest.mark.unix
 def test_a_thousand_bridges_awaited_on_one_loop_while_a_ticker_keeps_time(backend):
     count = 1000
     if _raise_fd_limit() < count * 10 + 200:
@@ -280,6 +281,8 @@ def test_a_thousand_bridges_awaited_on_one_loop_while_a_ticker_keeps_time(backen
         assert threading.active_count() <= threads_before + 1  # no thread per bridge
 
 
+@pytest.mark.unix
+@pytest.mark.proc
 @pytest.mark.skipif(not HAS_PROC, reason="counts threads in /proc")
 def test_the_compiled_backend_starts_no_thread_per_awaited_bridge(backend):
     async def main():

@@ -119,6 +119,7 @@ FAMILY_PAIRS = [
 ]
 
 
+@pytest.mark.unix
 @pytest.mark.parametrize("kind1,kind2", FAMILY_PAIRS)
 def test_address_families_and_mixed_pairs(engine, kind1, kind2, socket_dir):
     if "tcp6" in (kind1, kind2) and not IPV6_OK:

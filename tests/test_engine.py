@@ -43,6 +43,8 @@ def _warm_up(backend) -> None:
     time.sleep(0.1)  # the pure engine's threads end just after the result
 
 
+@pytest.mark.unix
+@pytest.mark.proc
 @pytest.mark.skipif(not HAS_PROC, reason="counts threads in /proc")
 def test_many_bridges_start_no_thread_of_their_own(backend):
     """Compiled: 2,000 bridges leave the process's thread count as it was once the engine
@@ -142,6 +144,7 @@ def test_a_slow_peer_never_holds_up_the_others_on_its_loop(backend):
     assert float(elapsed) < 30, elapsed  # 1,000 round trips; blocked bridges would take forever
 
 
+@pytest.mark.unix
 def test_stop_from_other_threads_and_idle_ends_across_all_loops(backend):
     """Bridges spread over every loop: half end idle on the contract's schedule, half are
     stopped from other threads; every one ends once, with its reason and exact counts."""
@@ -181,6 +184,7 @@ def test_stop_from_other_threads_and_idle_ends_across_all_loops(backend):
             t.__exit__()
 
 
+@pytest.mark.fork
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_forked_child_gets_fresh_engine_and_leaves_the_parents_bridges_alone(backend):
     """The child: each inherited bridge reports "stopped" at once and its fds are closed in

@@ -171,6 +171,8 @@ def _echo_roundtrip(fp: ForwarderProcess, payload: bytes) -> None:
         sender.result()
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_echo_through_forwarder_and_logs(forwarders, echo, backend):
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--rate-check", "1")
     expected_backend = "pure" if backend.name == "pure" else "cython"
@@ -184,6 +186,8 @@ def test_echo_through_forwarder_and_logs(forwarders, echo, backend):
     assert any(f"served 1 connections (0 upstream failures), {len(payload)} bytes up" in l for l in fp.lines)
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_several_clients_at_once(forwarders, echo):
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}")
     payloads = [os.urandom(300_000 + i) for i in range(8)]
@@ -194,6 +198,7 @@ def test_several_clients_at_once(forwarders, echo):
     assert any("served 8 connections" in l for l in fp.lines)
 
 
+@pytest.mark.unix
 def test_ipv6_listen_form(forwarders, echo):
     if not IPV6_OK:
         pytest.skip("no ::1 on this machine")
@@ -202,6 +207,8 @@ def test_ipv6_listen_form(forwarders, echo):
     _echo_roundtrip(fp, b"over six" * 1000)
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_unix_socket_upstream_and_listener(forwarders, socket_dir):
     upstream_path = os.path.join(socket_dir, "up.sock")
     server = EchoServer(socket.AF_UNIX, upstream_path)
@@ -216,6 +223,8 @@ def test_unix_socket_upstream_and_listener(forwarders, socket_dir):
         server.close()
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_refused_upstream_then_recovery(forwarders):
     with socket.socket() as probe:  # a port with nothing listening (for now)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -236,6 +245,7 @@ def test_refused_upstream_then_recovery(forwarders):
         server.close()
 
 
+@pytest.mark.unix
 def test_idle_timeout_through_cli_flags(forwarders, echo):
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--rate-check", "1", "--idle-timeout", "2")
     with fp.connect() as c:
@@ -247,6 +257,8 @@ def test_idle_timeout_through_cli_flags(forwarders, echo):
     fp.wait_log(r"#1 close .* idle after")
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_sigterm_with_open_bridges_exits_zero_quickly(forwarders, echo):
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}")
     clients = [fp.connect() for _ in range(5)]
@@ -265,6 +277,8 @@ def test_sigterm_with_open_bridges_exits_zero_quickly(forwarders, echo):
             c.close()
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_sigint_with_drain_lets_a_transfer_finish(forwarders, echo):
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--drain", "5", "--half-close")
     with fp.connect() as c:
@@ -280,6 +294,7 @@ def test_sigint_with_drain_lets_a_transfer_finish(forwarders, echo):
     assert fp.proc.returncode == 0
 
 
+@pytest.mark.unix
 def test_max_connections_holds_extra_clients_in_backlog(forwarders, echo):
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--max-connections", "1")
     first = fp.connect()
@@ -380,6 +395,9 @@ class BlackholeUpstream(EchoServer):
         pass  # hold the connection open, read nothing
 
 
+@pytest.mark.unix
+@pytest.mark.signals
+@pytest.mark.proc
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="reads the forwarder's memory from /proc")
 def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders, backend):
@@ -418,6 +436,7 @@ def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders
         hole.close()
 
 
+@pytest.mark.unix
 @pytest.mark.slow
 def test_silent_clients_are_reaped_and_real_clients_served(forwarders, echo):
     fp = forwarders(
@@ -446,6 +465,8 @@ def test_silent_clients_are_reaped_and_real_clients_served(forwarders, echo):
             s.close()
 
 
+@pytest.mark.signals
+@pytest.mark.proc
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="reads the forwarder's CPU time from /proc")
 def test_out_of_file_descriptors_backs_off_and_recovers(backend, echo):

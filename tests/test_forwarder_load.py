@@ -137,6 +137,8 @@ def _threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_two_thousand_short_connections_in_a_row(forwarders, upstream):  # noqa: F811
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{upstream.address[1]}", "--log-level", "warning")
     address = _host_port(fp)
@@ -161,6 +163,9 @@ def _open_clients(address: Tuple[str, int], count: int) -> List[socket.socket]:
     return clients
 
 
+@pytest.mark.unix
+@pytest.mark.signals
+@pytest.mark.proc
 def test_a_thousand_clients_at_once_all_served(forwarders, upstream, backend):  # noqa: F811
     fp = forwarders(
         "127.0.0.1:0", f"127.0.0.1:{upstream.address[1]}", "--max-connections", "2000", "--log-level", "warning"
@@ -198,6 +203,8 @@ def test_a_thousand_clients_at_once_all_served(forwarders, upstream, backend):  
     assert any("served 1000 connections (0 upstream failures)" in line for line in fp.lines), fp.lines[-3:]
 
 
+@pytest.mark.unix
+@pytest.mark.proc
 @pytest.mark.skipif(not HAS_PROC, reason="counts threads in /proc")
 def test_forwarder_threads_do_not_grow_with_clients(forwarders, upstream, backend):  # noqa: F811
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{upstream.address[1]}", "--log-level", "warning")
@@ -237,6 +244,8 @@ def _unanswered_upstream() -> Tuple[socket.socket, List[socket.socket], int]:
     return listener, fillers, port
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_upstream_connect_timeout_is_reported_per_client(forwarders):  # noqa: F811
     listener, fillers, port = _unanswered_upstream()
     try:
@@ -261,6 +270,8 @@ def test_upstream_connect_timeout_is_reported_per_client(forwarders):  # noqa: F
         listener.close()
 
 
+@pytest.mark.unix
+@pytest.mark.signals
 def test_sigterm_with_many_open_bridges_exits_promptly(forwarders, upstream):  # noqa: F811
     fp = forwarders("127.0.0.1:0", f"127.0.0.1:{upstream.address[1]}", "--log-level", "warning")
     clients = _open_clients(_host_port(fp), 300)

@@ -64,6 +64,7 @@ KEYBOARD_INTERRUPT_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.signals
 def test_keyboard_interrupt_propagates_and_cleans_up(backend):
     proc = subprocess.Popen(
         [sys.executable, "-c", KEYBOARD_INTERRUPT_CHILD, backend.name],
@@ -120,6 +121,7 @@ def test_results_are_the_same_type_across_backends(backend):
     assert result.seconds >= 0
 
 
+@pytest.mark.unix
 def test_thread_start_failure_leaks_nothing(backend, monkeypatch):
     """Pure engine, out of threads ("can't start new thread") on the second pump: the first
     one is stopped and every fd the bridge opened is closed before the error propagates.
@@ -153,6 +155,8 @@ def test_thread_start_failure_leaks_nothing(backend, monkeypatch):
     assert started == (["tcptotcp-pump 1->2"] if backend.name == "pure" else [])
 
 
+@pytest.mark.unix
+@pytest.mark.proc
 @pytest.mark.skipif(not hasattr(os, "sysconf") or not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_out_of_fds_at_start_leaks_nothing_and_leaves_the_sockets(backend):
     """One fd left: the first private dup succeeds, the second fails (EMFILE). start() raises

@@ -25,6 +25,7 @@ def _rss_kib() -> int:
     return 0
 
 
+@pytest.mark.proc
 @pytest.mark.skipif(not HAS_PROC, reason="reads resident memory from /proc")
 def test_backpressure_blocks_sender_and_memory_stays_bounded(engine):
     """A peer that stops reading: the sender blocks; the relay does not buffer the bytes."""
@@ -107,6 +108,7 @@ def test_stop_racing_other_endings(backend, race):
             assert t.stream1.fileno() == -1 and t.stream2.fileno() == -1
 
 
+@pytest.mark.unix
 def test_teardown_never_touches_strangers_fds(engine):
     """While bridges end, other threads open sockets that reuse freed fd numbers: none is harmed."""
     stop = threading.Event()
@@ -174,6 +176,7 @@ def test_thousand_bridges_at_once_checksummed(backend):
                 t.__exit__()
 
 
+@pytest.mark.unix
 @pytest.mark.slow
 def test_five_thousand_sequential_bridges(backend):
     with no_leaks(settle=5):
