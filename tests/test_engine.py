@@ -194,6 +194,9 @@ def test_a_forked_child_gets_fresh_engine_and_leaves_the_parents_bridges_alone(b
         bridge = backend.Bridge(t.stream1, t.stream2, 60, 600).start()
         t.peer_a.sendall(b"before")
         assert recv_exactly(t.peer_b, 6) == b"before"
+        deadline = time.monotonic() + 5  # the count follows the send() that delivered the bytes
+        while bridge.counts != (6, 0) and time.monotonic() < deadline:
+            time.sleep(0.001)
         read_end, write_end = os.pipe()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
