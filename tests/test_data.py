@@ -188,3 +188,17 @@ def test_bulk_goes_through_splice_and_small_messages_do_not(engine):
         bridge.stop()
         result = bridge.wait(5)
     assert result is not None and (result.bytes_1_to_2, result.bytes_2_to_1) == (200, len(bulk))
+
+
+def test_urgent_data_never_stalls_what_is_queued_behind_it(engine):
+    """recv stops at TCP's urgent mark: a short read is no proof that the queue is empty, so
+    the bytes queued behind the mark are relayed without waiting for another segment."""
+    with Topology() as t:
+        t.peer_a.send(b"abc", socket.MSG_OOB)  # "c" is the urgent byte, out of band
+        t.peer_a.sendall(b"def")
+        time.sleep(0.1)  # all of it queued before the bridge's first read
+        bridge = engine.Bridge(t.stream1, t.stream2, 60, 600).start()
+        assert recv_exactly(t.peer_b, 5, timeout=5) == b"abdef"
+        bridge.stop()
+        result = bridge.wait(5)
+    assert result is not None and result.bytes_1_to_2 == 5

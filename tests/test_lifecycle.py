@@ -208,3 +208,40 @@ def link_pair():
     a.close()
     d.close()
     return b, c
+
+
+@pytest.mark.proc
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_adopted_fds_stay_the_callers_when_start_fails(backend):
+    """No fd free: the compiled engine adopts without opening any and relays; the pure one
+    needs a wake pair, raises, and hands both fds back open (never closed behind the caller)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with Topology() as t:
+        warm_up(backend)
+        fd1, fd2 = t.stream1.detach(), t.stream2.detach()
+        fillers = []
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+        try:
+            while True:
+                try:
+                    fillers.append(os.dup(0))
+                except OSError:
+                    break
+            try:
+                bridge = backend.Bridge.from_fds(fd1, fd2, 1, 30).start()
+            except OSError:
+                bridge = None
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if bridge is None:
+            os.fstat(fd1), os.fstat(fd2)  # still open: raises if they were closed
+            bridge = backend.Bridge.from_fds(fd1, fd2, 1, 30).start()
+        t.peer_a.sendall(b"adopted")
+        assert recv_exactly(t.peer_b, 7) == b"adopted"
+        bridge.stop()
+        assert bridge.wait(5) is not None

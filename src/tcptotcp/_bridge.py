@@ -324,15 +324,19 @@ class Bridge:
             and _pump.speaks_fd_bytes(s2)
         )
         engine = self.fd_engine if fd_bytes else _pump.start
+        relay: Optional[Relay] = None
         try:
             relay = engine(s1, s2, self._plan, self._on_end)
-        except BaseException:
             with self._lock:
-                self._launched = False  # nothing started: the sockets are as they were
+                self._relay = relay
+                stop = self._stop_asked
+        except BaseException:
+            if relay is None:
+                with self._lock:
+                    self._launched = False  # nothing started: the sockets are as they were
+            else:  # interrupted just after the start: the bridge must still end
+                relay.stop()
             raise
-        with self._lock:
-            self._relay = relay
-            stop = self._stop_asked
         if stop:
             relay.stop()
 

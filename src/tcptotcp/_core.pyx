@@ -122,7 +122,10 @@ cdef _finish_all(t2t_bridge *batch):
         try:
             relay._finish(b)
         except BaseException as exc:  # never let one bridge stop the results thread
-            report_unraisable(exc, "Exception while finishing a tcptotcp bridge", relay)
+            try:
+                report_unraisable(exc, "Exception while finishing a tcptotcp bridge", relay)
+            except BaseException:
+                pass  # a hook that raises: there is nowhere left to report to
         t2t_release(b)
 
 

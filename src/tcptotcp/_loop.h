@@ -95,7 +95,6 @@ typedef struct t2t_side {
     struct t2t_bridge *bridge;
     int fd;
     unsigned char readable, writable; /* last known readiness (edge-triggered) */
-    unsigned char hup;                /* the peer's FIN (or an error) is queued: read to the end */
     unsigned char input_masked;       /* not watched for input while its direction waits to write */
     unsigned char fin_sent;           /* we shut it down for writing */
     unsigned char drained, dropped;   /* teardown: done reading it; it had unread bytes */
@@ -410,6 +409,7 @@ static void t2t_heap_remove(t2t_loop *L, t2t_bridge *b) {
 
 static void t2t_end(t2t_bridge *b, int reason, int error);
 static void t2t_drain(t2t_bridge *b);
+static void t2t_release(t2t_bridge *b);
 
 static void t2t_fail(t2t_bridge *b, int error) { t2t_end(b, T2T_ERROR, error); }
 
@@ -524,6 +524,7 @@ static void t2t_eof(t2t_bridge *b, int i) {
 static void t2t_again(t2t_bridge *b) {
     if (b->queued_again) return;
     b->queued_again = 1;
+    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED); /* it may close, and be reaped, before its turn */
     b->again_next = b->loop->again;
     b->loop->again = b;
 }
@@ -539,15 +540,13 @@ static void t2t_pump(t2t_bridge *b, int i) {
             return;
         }
         ssize_t n;
-        size_t asked;
 #if T2T_HAVE_SPLICE
         if (d->bulk) {
             if (!d->pipe && !(d->pipe = t2t_pipe_take(L))) {
                 d->bulk = 0; /* out of fds for a pipe: recv/send still works */
                 continue;
             }
-            asked = (size_t)d->pipe->capacity;
-            n = t2t_splice(src->fd, d->pipe->w, asked);
+            n = t2t_splice(src->fd, d->pipe->w, (size_t)d->pipe->capacity);
             if (n < 0 && !d->spliced && (errno == EINVAL || errno == ENOSYS)) {
                 d->bulk = 0; /* this pair cannot splice */
                 b->may_splice = 0;
@@ -556,8 +555,7 @@ static void t2t_pump(t2t_bridge *b, int i) {
         } else
 #endif
         {
-            asked = T2T_BUFFER_BYTES;
-            n = recv(src->fd, L->buffer, asked, MSG_DONTWAIT);
+            n = recv(src->fd, L->buffer, T2T_BUFFER_BYTES, MSG_DONTWAIT);
         }
         if (n == 0) {
             t2t_eof(b, i);
@@ -569,10 +567,9 @@ static void t2t_pump(t2t_bridge *b, int i) {
             else t2t_fail(b, errno);
             return;
         }
-        /* A short recv took all there was: the next edge says when there is more. Not so a
-           short splice, which also stops when the pipe runs out of slots for small segments,
-           nor a read that stopped before a FIN whose edge has already come. */
-        if (!d->bulk && !src->hup && (size_t)n < asked) src->readable = 0;
+        /* Only EAGAIN proves the source empty. A short read does not: recv stops at TCP's
+           urgent mark and at a Unix message with ancillary data, and a short splice when the
+           pipe runs out of slots; no new edge would come for what is already queued. */
         b->side[1 - i].writable = 1; /* try the write once; EAGAIN says otherwise */
         if (d->bulk) {
             d->spliced = 1;
@@ -802,7 +799,6 @@ static void *t2t_loop_main(void *arg) {
                 continue;
             }
             if (got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->readable = 1;
-            if (got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->hup = 1;
             if (got & (EPOLLOUT | EPOLLHUP | EPOLLERR)) side->writable = 1;
 #else
             t2t_side *side = (t2t_side *)events[e].udata;
@@ -812,7 +808,7 @@ static void *t2t_loop_main(void *arg) {
             }
             if (events[e].filter == EVFILT_READ) side->readable = 1;
             else side->writable = 1;
-            if (events[e].flags & (EV_EOF | EV_ERROR)) side->readable = side->writable = side->hup = 1;
+            if (events[e].flags & (EV_EOF | EV_ERROR)) side->readable = side->writable = 1;
 #endif
             t2t_service(side->bridge); /* a closed bridge ignores late events of this batch */
         }
@@ -823,7 +819,8 @@ static void *t2t_loop_main(void *arg) {
             t2t_bridge *b = again;
             again = b->again_next;
             b->queued_again = 0;
-            t2t_service(b);
+            t2t_service(b); /* nothing for a bridge that closed meanwhile */
+            t2t_release(b);
         }
         t2t_run_timers(L);
         t2t_publish_done(L);
@@ -979,6 +976,7 @@ static t2t_bridge *t2t_done_take(void) {
     while (!E->done_head) pthread_cond_wait(&E->done_cond, &E->lock);
     t2t_bridge *list = E->done_head;
     E->done_head = E->done_tail = NULL;
+    for (t2t_bridge *b = list; b; b = b->done_next) b->reported = 1; /* see t2t_forget */
     pthread_mutex_unlock(&E->lock);
     return list;
 }

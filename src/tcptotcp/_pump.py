@@ -320,11 +320,8 @@ class ThreadRelay:
             self._wake_pair[1].send(b"!")
             for thread in self._pump_threads:
                 thread.join()
-            for sock in (*self._owned, *self._wake_pair):
-                if adopt and sock in self._owned:
-                    sock.detach()  # a failed start leaves adopted fds to the caller
-                else:
-                    sock.close()
+            for sock in self._wake_pair if adopt else (*self._owned, *self._wake_pair):
+                sock.close()  # (adopted fds stay open: start() hands them back)
             raise
         _live.add(self)
         with self._lock:
@@ -480,5 +477,11 @@ def start(
     else:
         raise TypeError("two sockets or two fds")
     relay = ThreadRelay(sock1, sock2, plan, on_end, pump)
-    relay.launch(adopt)
+    try:
+        relay.launch(adopt)
+    except BaseException:
+        if adopt:  # nothing started: the fds stay the caller's, never closed behind its back
+            sock1.detach()
+            sock2.detach()
+        raise
     return relay

@@ -337,11 +337,11 @@ class Forwarder:
 
     def _bridge(self, conn_id: int, client: int, peer: _Peer, upstream: socket.socket) -> None:
         # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
-        bridge = self.bridge_class.from_fds(client, upstream.fileno(), **self._bridge_args)
-        log.info("#%d open %s -> %s", conn_id, peer, self.upstream.text)
         try:
+            bridge = self.bridge_class.from_fds(client, upstream.fileno(), **self._bridge_args)
+            log.info("#%d open %s -> %s", conn_id, peer, self.upstream.text)
             bridge.start()
-        except (OSError, RuntimeError) as exc:  # out of fds or threads: nothing started
+        except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             log.error("#%d %s: bridge not started: %s", conn_id, peer, exc)
             os.close(client)
             upstream.close()
