@@ -57,7 +57,7 @@ def tree_pids(pid: int) -> List[int]:
                 continue
             children.setdefault(ppid, []).append(int(entry))
     out, todo = [], [pid]
-    while todo:
+    while todo and len(out) < 100_000:
         p = todo.pop()
         out.append(p)
         todo.extend(children.get(p, []))

@@ -1,5 +1,6 @@
 """No thread and no fd outlives a bridge; Ctrl-C propagates; backend selection."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -161,34 +162,41 @@ def test_thread_start_failure_leaks_nothing(backend, monkeypatch):
 def test_out_of_fds_at_start_leaks_nothing_and_leaves_the_sockets(backend):
     """One fd left: the first private dup succeeds, the second fails (EMFILE). start() raises
     OSError, closes the dup it made, and the caller's sockets are as they were."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with Topology() as t:
         warm_up(backend)
-        with no_leaks():
-            fillers = []
-            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
-            try:
-                while True:
-                    try:
-                        fillers.append(os.dup(0))
-                    except OSError:
-                        break
-                os.close(fillers.pop())  # exactly one fd free
-                with pytest.raises(OSError):
-                    backend.Bridge(t.stream1, t.stream2, 1, 30).start()
-            finally:
-                for fd in fillers:
-                    os.close(fd)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with no_leaks(), fds_exhausted(leave_free=1):
+            with pytest.raises(OSError):
+                backend.Bridge(t.stream1, t.stream2, 1, 30).start()
         assert t.stream1.fileno() >= 0 and t.stream2.fileno() >= 0
         bridge = backend.Bridge(t.stream1, t.stream2, 1, 30).start()  # still usable
         t.peer_a.sendall(b"after")
         assert recv_exactly(t.peer_b, 5) == b"after"
         bridge.stop()
         assert bridge.wait(5) is not None
+
+
+@contextlib.contextmanager
+def fds_exhausted(leave_free: int):
+    """Lower the fd limit just above what is open and fill it, leaving `leave_free` fds."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+    try:
+        for _ in range(10_000):
+            try:
+                fillers.append(os.dup(0))
+            except OSError:
+                break
+        for _ in range(leave_free):
+            os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def warm_up(backend):
@@ -215,29 +223,14 @@ def link_pair():
 def test_adopted_fds_stay_the_callers_when_start_fails(backend):
     """No fd free: the compiled engine adopts without opening any and relays; the pure one
     needs a wake pair, raises, and hands both fds back open (never closed behind the caller)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with Topology() as t:
         warm_up(backend)
         fd1, fd2 = t.stream1.detach(), t.stream2.detach()
-        fillers = []
-        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
-        try:
-            while True:
-                try:
-                    fillers.append(os.dup(0))
-                except OSError:
-                    break
+        with fds_exhausted(leave_free=0):
             try:
                 bridge = backend.Bridge.from_fds(fd1, fd2, 1, 30).start()
             except OSError:
                 bridge = None
-        finally:
-            for fd in fillers:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         if bridge is None:
             os.fstat(fd1), os.fstat(fd2)  # still open: raises if they were closed
             bridge = backend.Bridge.from_fds(fd1, fd2, 1, 30).start()

@@ -1,6 +1,6 @@
 """HTTP through the relays, measured with clients nobody here wrote: ApacheBench and wrk.
 
-    python benchmarks/http.py [--quick] [--rounds N] [--relays cython,pure,haproxy,socat]
+    python benchmarks/http_clients.py [--quick] [--rounds N] [--relays cython,pure,haproxy,socat]
 
 A private nginx (loopback, 1 worker process by default, access log off, a 100-byte file) is the
 upstream. Each relay is its own process between the load generator and nginx:
@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from run import cpu_seconds, free_port, tree_pids  # one copy of the /proc helpers
+
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = 100  # bytes in the served file
@@ -65,42 +67,6 @@ CASE_TITLE = {
 
 
 # -- /proc -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree_pids(pid: int) -> List[int]:
-    """pid and all its descendants (socat forks a child per connection, nginx has workers)."""
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo and len(out) < 100000:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of the process and its live descendants, plus its reaped children."""
-    total = 0.0
-    for p in tree_pids(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15]) / TICK  # utime stime cutime cstime
-    return total
 
 
 def memory(pid: int) -> dict:
