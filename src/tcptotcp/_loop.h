@@ -12,8 +12,9 @@
  * cleared only by the EAGAIN that proves it stale. Interest is registered once; only a source
  * whose direction waits to write is unwatched for input until it can be read again.
  * Everything a bridge does after it starts (idle checks, ending, the bounded drain of unread
- * input, closing its fds) is an event or a timer of its loop; a loop never waits on one bridge. Python learns of ended bridges from the done queue (t2t_done_take),
- * which one Python thread of _core.pyx empties.
+ * input, closing its fds) is an event or a timer of its loop; a loop never waits on one bridge.
+ * Python learns of ended bridges from the done queue (t2t_done_take), which one Python thread
+ * of _core.pyx empties.
  *
  * Threads: Python threads call t2t_start / t2t_stop / t2t_bytes; they touch a loop only through
  * its locked inbox. Everything else about a bridge belongs to its loop's thread.
