@@ -43,6 +43,9 @@ cdef extern from "_loop.h" nogil:
     void t2t_release(t2t_bridge *b)
     unsigned long long t2t_bytes(t2t_bridge *b, int i)
     t2t_bridge *t2t_done_take()
+    t2t_bridge *t2t_done_take_now()
+    int t2t_done_claim()
+    void t2t_done_unclaim()
     t2t_bridge *t2t_forget_after_fork()
     int t2t_pooled_pipes()
     int t2t_bridges_open()
@@ -135,6 +138,29 @@ def _deliver_results_forever():
         with nogil:
             batch = t2t_done_take()
         _finish_all(batch)
+
+
+def claim_results():
+    """Let the calling thread finish ended bridges itself, sparing the hand-off to the results
+    thread (and the GIL's between the two): returns an fd that turns readable when
+    `deliver_results()` has work, or None while another thread holds the claim. Undo with
+    `release_results()`, from the same thread."""
+    _ensure_engine()
+    cdef int fd = t2t_done_claim()
+    return None if fd < 0 else fd
+
+
+def deliver_results():
+    """The claimer's turn: call `on_end` for every bridge that ended so far; never blocks."""
+    cdef t2t_bridge *batch
+    with nogil:
+        batch = t2t_done_take_now()
+    _finish_all(batch)
+
+
+def release_results():
+    """The results thread finishes ended bridges again, those already waiting included."""
+    t2t_done_unclaim()
 
 
 _engine_lock = threading.Lock()

@@ -146,14 +146,18 @@ typedef struct t2t_loop {
 } t2t_loop;
 
 typedef struct t2t_engine {
-    pthread_mutex_t lock;    /* guards starting the loops and the done queue */
+    pthread_mutex_t lock;    /* guards starting the loops, the done queue and the claim */
     pthread_cond_t done_cond;
     t2t_bridge *done_head, *done_tail;
     t2t_loop *loops;
     int nloops;
+    /* A thread that claimed the done queue (t2t_done_claim) is told of ended bridges through
+       claim_r instead of done_cond, and takes them itself: the results thread waits meanwhile. */
+    int claimed, claim_told, claim_r, claim_w;
 } t2t_engine;
 
-static t2t_engine t2t_the_engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, NULL, 0};
+static t2t_engine t2t_the_engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, NULL, 0,
+                                    0, 0, -1, -1};
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
@@ -260,14 +264,11 @@ static void t2t_poller_del(t2t_loop *L, int fd) {
 #endif
 }
 
-static int t2t_wake_new(t2t_loop *L) {
+/* A non-blocking eventfd (one fd in both) or, off Linux, a pipe; 0, or -1 with errno. */
+static int t2t_signal_new(int *r, int *w) {
 #if T2T_EPOLL
-    L->wake_r = L->wake_w = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (L->wake_r < 0) return -1;
-    struct epoll_event ev;
-    ev.events = EPOLLIN;
-    ev.data.ptr = NULL;
-    return epoll_ctl(L->poller, EPOLL_CTL_ADD, L->wake_r, &ev);
+    *r = *w = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return *r < 0 ? -1 : 0;
 #else
     int fds[2];
     if (pipe(fds) != 0) return -1;
@@ -275,30 +276,46 @@ static int t2t_wake_new(t2t_loop *L) {
         fcntl(fds[i], F_SETFD, FD_CLOEXEC);
         fcntl(fds[i], F_SETFL, fcntl(fds[i], F_GETFL) | O_NONBLOCK);
     }
-    L->wake_r = fds[0];
-    L->wake_w = fds[1];
+    *r = fds[0];
+    *w = fds[1];
+    return 0;
+#endif
+}
+
+static void t2t_signal_fd(int fd) {
+#if T2T_EPOLL
+    uint64_t one = 1;
+    ssize_t unused = write(fd, &one, sizeof(one));
+#else
+    char one = 1;
+    ssize_t unused = write(fd, &one, 1);
+#endif
+    (void)unused; /* a full counter or pipe wakes its reader just as well */
+}
+
+static void t2t_drain_fd(int fd) {
+    char scratch[64];
+    while (read(fd, scratch, sizeof(scratch)) > 0) {
+    }
+}
+
+static int t2t_wake_new(t2t_loop *L) {
+    if (t2t_signal_new(&L->wake_r, &L->wake_w) != 0) return -1;
+#if T2T_EPOLL
+    struct epoll_event ev;
+    ev.events = EPOLLIN;
+    ev.data.ptr = NULL;
+    return epoll_ctl(L->poller, EPOLL_CTL_ADD, L->wake_r, &ev);
+#else
     struct kevent ev;
     EV_SET(&ev, L->wake_r, EVFILT_READ, EV_ADD, 0, 0, NULL);
     return kevent(L->poller, &ev, 1, NULL, 0, NULL);
 #endif
 }
 
-static void t2t_wake(t2t_loop *L) {
-#if T2T_EPOLL
-    uint64_t one = 1;
-    ssize_t unused = write(L->wake_w, &one, sizeof(one));
-#else
-    char one = 1;
-    ssize_t unused = write(L->wake_w, &one, 1);
-#endif
-    (void)unused; /* a full counter or pipe wakes the loop just as well */
-}
+static void t2t_wake(t2t_loop *L) { t2t_signal_fd(L->wake_w); }
 
-static void t2t_unwake(t2t_loop *L) {
-    char scratch[64];
-    while (read(L->wake_r, scratch, sizeof(scratch)) > 0) {
-    }
-}
+static void t2t_unwake(t2t_loop *L) { t2t_drain_fd(L->wake_r); }
 
 /* ---- pipes for splice ---------------------------------------------------------------------- */
 
@@ -750,6 +767,17 @@ static int t2t_timeout_ms(t2t_loop *L) {
     return ms > 3600000 ? 3600000 : (int)ms;
 }
 
+/* Someone has ended bridges to take: the claimer (once per take), else the results thread.
+   The caller holds E->lock. */
+static void t2t_done_tell(t2t_engine *E) {
+    if (!E->claimed) {
+        pthread_cond_signal(&E->done_cond);
+    } else if (!E->claim_told) {
+        E->claim_told = 1;
+        t2t_signal_fd(E->claim_w);
+    }
+}
+
 static void t2t_publish_done(t2t_loop *L) {
     if (!L->done_head) return;
     t2t_engine *E = &t2t_the_engine;
@@ -757,7 +785,7 @@ static void t2t_publish_done(t2t_loop *L) {
     if (E->done_tail) E->done_tail->done_next = L->done_head;
     else E->done_head = L->done_head;
     E->done_tail = L->done_tail;
-    pthread_cond_signal(&E->done_cond);
+    t2t_done_tell(E);
     pthread_mutex_unlock(&E->lock);
     L->done_head = L->done_tail = NULL;
 }
@@ -970,16 +998,68 @@ static unsigned long long t2t_bytes(t2t_bridge *b, int i) {
     return __atomic_load_n(&b->dir[i].bytes, __ATOMIC_RELAXED);
 }
 
-/* Wait for ended bridges (their fds closed) and take them all; blocks without the GIL. */
-static t2t_bridge *t2t_done_take(void) {
-    t2t_engine *E = &t2t_the_engine;
-    pthread_mutex_lock(&E->lock);
-    while (!E->done_head) pthread_cond_wait(&E->done_cond, &E->lock);
+/* Take the whole done queue; the caller holds E->lock. */
+static t2t_bridge *t2t_done_list(t2t_engine *E) {
     t2t_bridge *list = E->done_head;
     E->done_head = E->done_tail = NULL;
     for (t2t_bridge *b = list; b; b = b->done_next) b->reported = 1; /* see t2t_forget */
+    return list;
+}
+
+/* Wait for ended bridges (their fds closed) and take them all; blocks without the GIL.
+   While a thread holds the claim, it takes them instead. */
+static t2t_bridge *t2t_done_take(void) {
+    t2t_engine *E = &t2t_the_engine;
+    pthread_mutex_lock(&E->lock);
+    while (!E->done_head || E->claimed) pthread_cond_wait(&E->done_cond, &E->lock);
+    t2t_bridge *list = t2t_done_list(E);
     pthread_mutex_unlock(&E->lock);
     return list;
+}
+
+/* The claimer's take: what ended so far (NULL if nothing), without waiting. */
+static t2t_bridge *t2t_done_take_now(void) {
+    t2t_engine *E = &t2t_the_engine;
+    pthread_mutex_lock(&E->lock);
+    if (E->claimed && E->claim_told) {
+        t2t_drain_fd(E->claim_r);
+        E->claim_told = 0;
+    }
+    t2t_bridge *list = t2t_done_list(E);
+    pthread_mutex_unlock(&E->lock);
+    return list;
+}
+
+/* From now on the calling thread takes ended bridges (t2t_done_take_now) when the returned fd
+   is readable, sparing a hand-off to the results thread; -1 with errno EBUSY if another
+   thread holds the claim. The fd stays the engine's. */
+static int t2t_done_claim(void) {
+    t2t_engine *E = &t2t_the_engine;
+    int fd = -1;
+    pthread_mutex_lock(&E->lock);
+    if (E->claimed) {
+        errno = EBUSY;
+    } else if (E->claim_r >= 0 || t2t_signal_new(&E->claim_r, &E->claim_w) == 0) {
+        E->claimed = 1;
+        E->claim_told = 0;
+        if (E->done_head) t2t_done_tell(E);
+        fd = E->claim_r;
+    }
+    pthread_mutex_unlock(&E->lock);
+    return fd;
+}
+
+/* Give the done queue back to the results thread, with whatever is on it. */
+static void t2t_done_unclaim(void) {
+    t2t_engine *E = &t2t_the_engine;
+    pthread_mutex_lock(&E->lock);
+    if (E->claimed) {
+        E->claimed = 0;
+        E->claim_told = 0;
+        t2t_drain_fd(E->claim_r);
+        pthread_cond_signal(&E->done_cond);
+    }
+    pthread_mutex_unlock(&E->lock);
 }
 
 static int t2t_pooled_pipes(void) {
@@ -992,6 +1072,8 @@ static int t2t_pooled_pipes(void) {
 /* The fds the engine itself holds: each loop's poller and wake fds, and its idle pipes. */
 static int t2t_engine_fds(void) {
     int total = 2 * t2t_pooled_pipes();
+    t2t_engine *E = &t2t_the_engine;
+    if (E->claim_r >= 0) total += E->claim_w == E->claim_r ? 1 : 2;
     for (int i = 0; i < t2t_the_engine.nloops; i++) {
         t2t_loop *L = &t2t_the_engine.loops[i];
         total += 1 + (L->wake_w == L->wake_r ? 1 : 2);
@@ -1035,6 +1117,7 @@ static t2t_bridge *t2t_forget_after_fork(void) {
     t2t_engine *E = &t2t_the_engine;
     pthread_mutex_init(&E->lock, NULL);
     pthread_cond_init(&E->done_cond, NULL);
+    E->claimed = E->claim_told = 0; /* the claiming thread is the parent's; the fd is kept */
     t2t_bridge *out = NULL, *b, *next;
     int64_t now = t2t_now();
     for (b = E->done_head; b; b = next) {

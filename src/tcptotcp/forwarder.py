@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
+from ._backend import core
 from ._bridge import Bridge, BridgeResult, check_activity
 
 log = logging.getLogger("tcptotcp")
@@ -188,6 +189,9 @@ class Forwarder:
         """Accept and bridge clients until ``close()`` (or ``request_stop()``) is called."""
         with self._serving, selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
+            results = self._claim_results()
+            if results is not None:
+                selector.register(results, selectors.EVENT_READ)
             listening = False
             try:
                 while not self._closing.is_set():
@@ -203,12 +207,23 @@ class Forwarder:
                             self._accept_some(selector)
                         elif key.fileobj is self._wake_r:
                             self._drain_wake()
+                        elif key.fileobj is results:
+                            core.deliver_results()  # type: ignore[union-attr]
                         else:
                             self._upstream_ready(selector, key.data)
                     self._expire_connects(selector)
             finally:
                 for client in list(self._connecting.values()):
                     self._drop_client(selector, client)
+                if results is not None:
+                    core.release_results()  # type: ignore[union-attr]
+
+    def _claim_results(self) -> Optional[int]:
+        """On the compiled engine, this thread finishes ended bridges itself (an fd to watch):
+        no hand-off to the results thread per client, and no GIL traffic between the two."""
+        if core is None or getattr(self.bridge_class, "engine_name", "") != "cython":
+            return None
+        return core.claim_results()  # None while another forwarder holds it
 
     def _may_accept(self) -> bool:
         # At the connection limit, leave clients in the backlog rather than accepting and
