@@ -179,11 +179,11 @@ def test_echo_through_forwarder_and_logs(forwarders, echo, backend):
     assert f"backend {expected_backend}" in fp.lines[0]
     payload = os.urandom(2 * 1024 * 1024)
     _echo_roundtrip(fp, payload)
-    m = fp.wait_log(r"#1 close 127\.0\.0\.1:\d+: (\d+) bytes up, (\d+) down, (\w+) after")
+    m = fp.wait_log(r"#1 close 127\.0\.0\.1:\d+ -> \S+: (\d+) bytes up, (\d+) down, (\w+) after")
     assert m.group(1) == m.group(2) == str(len(payload))
     assert fp.terminate() < 3
     assert fp.proc.returncode == 0
-    assert any(f"served 1 connections (0 upstream failures), {len(payload)} bytes up" in l for l in fp.lines)
+    assert any(f"served 1 connections (0 upstream failures, 0 refused), {len(payload)} bytes up" in l for l in fp.lines)
 
 
 @pytest.mark.unix
@@ -240,7 +240,7 @@ def test_refused_upstream_then_recovery(forwarders):
         _echo_roundtrip(fp, b"recovered")
         fp.terminate()
         assert fp.proc.returncode == 0
-        assert any("(1 upstream failures)" in l for l in fp.lines)
+        assert any("(1 upstream failures, 0 refused)" in l for l in fp.lines)
     finally:
         server.close()
 

@@ -148,7 +148,7 @@ def test_two_thousand_short_connections_in_a_row(forwarders, upstream):  # noqa:
         assert _roundtrip(address, payload) == hashlib.sha256(payload).hexdigest(), f"connection {i}"
         assert time.monotonic() < deadline, f"only {i} connections in 120 s"
     fp.terminate()
-    assert any("served 2000 connections (0 upstream failures)" in line for line in fp.lines), fp.lines[-3:]
+    assert any("served 2000 connections (0 upstream failures, 0 refused)" in line for line in fp.lines), fp.lines[-3:]
 
 
 def _open_clients(address: Tuple[str, int], count: int) -> List[socket.socket]:
@@ -200,7 +200,7 @@ def test_a_thousand_clients_at_once_all_served(forwarders, upstream, backend):  
         for c in clients:
             c.close()
     assert fp.terminate() < 5
-    assert any("served 1000 connections (0 upstream failures)" in line for line in fp.lines), fp.lines[-3:]
+    assert any("served 1000 connections (0 upstream failures, 0 refused)" in line for line in fp.lines), fp.lines[-3:]
 
 
 @pytest.mark.unix
@@ -263,7 +263,7 @@ def test_upstream_connect_timeout_is_reported_per_client(forwarders):  # noqa: F
             for c in clients:
                 c.close()
         fp.terminate()
-        assert any("served 3 connections (3 upstream failures)" in line for line in fp.lines), fp.lines[-3:]
+        assert any("served 3 connections (3 upstream failures, 0 refused)" in line for line in fp.lines), fp.lines[-3:]
     finally:
         for s in fillers:
             s.close()

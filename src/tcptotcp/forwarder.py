@@ -3,11 +3,12 @@
 The original crate's headline example, as a library class the CLI wires to signals:
 ``Forwarder(listen, upstream).serve_forever()`` in one thread, ``close()`` from another.
 
-One thread does all of the forwarder's own work: a selector loop that accepts clients,
-connects to the upstream without blocking (``connect_timeout`` as a timer), and hands each
-connected pair to a ``Bridge`` started in the background. No thread is started per client;
-on the compiled backend the bridges run on the engine's loop threads, and each one's end is
-logged and counted from its done callback.
+One thread does all of the forwarder's own work: a selector loop that accepts clients, checks
+them (``allow``/``deny``, a PROXY protocol header with ``accept_proxy``), connects to an upstream
+without blocking (failing over between several, ``connect_timeout`` as a timer), sends a PROXY
+header with ``send_proxy``, and hands each connected pair to a ``Bridge`` started in the
+background. No thread is started per client; on the compiled backend the bridges run on the
+engine's loop threads, and this thread also finishes them (logs, counts) as they end.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
+from . import _proxy
+from ._access import AccessList
 from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
 from ._backend import core
@@ -34,22 +37,51 @@ log = logging.getLogger("tcptotcp")
 # Accept errors that mean "out of a resource right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_SECONDS = 0.1
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket born non-blocking: no ioctl (not Windows)
+_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # macOS: TCP_KEEPALIVE
 
 
 def _no_delay(sock: socket.socket) -> None:
     """Forward each read at once: the sending peer already made its own Nagle choice, and a
     relay that delays a message's tail behind a delayed ACK adds 40 ms to request/response."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+    if sock.family in _IP_FAMILIES:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _event(name: str, **fields: Any) -> Dict[str, Any]:
+    """`extra` for a log record: the JSON log format writes the event and its fields."""
+    return {"event": name, "fields": fields}
 
 
 @dataclass
 class ForwarderStats:
     accepted: int = 0
-    upstream_failures: int = 0
+    refused: int = 0
+    upstream_failures: int = 0  # failed connect attempts (a client may fail over several)
     bytes_up: int = 0
     bytes_down: int = 0
-    active: int = 0
+    active: int = 0  # clients accepted and not yet gone: checking, connecting or bridged
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """What decides how a new client is served; ``Forwarder.reconfigure`` swaps it whole."""
+
+    upstreams: Tuple[Address, ...]
+    bridge_args: Dict[str, Any] = field(hash=False)
+    max_connections: int = 1024
+    connect_timeout: float = 10.0
+    access: AccessList = field(default_factory=AccessList)
+    balance: str = "first"
+    upstream_backoff: float = 10.0
+    send_proxy: Optional[str] = None
+    accept_proxy: bool = False
+    proxy_timeout: float = 5.0
+    keepalive: Optional[int] = None
+    keepalive_interval: Optional[int] = None
+    keepalive_count: Optional[int] = None
+    user_timeout: Optional[float] = None
 
 
 class _Peer:
@@ -66,16 +98,47 @@ class _Peer:
 
 
 class _Client:
-    """A client between accept and its bridge: waiting for the upstream connect."""
+    """A client between accept and its bridge: reading its PROXY header, or connecting."""
 
-    __slots__ = ("conn_id", "fd", "peer", "upstream", "deadline")
+    __slots__ = (
+        "conn_id",
+        "fd",
+        "peer",
+        "options",
+        "destination",
+        "header",
+        "tries",
+        "upstream",
+        "upstream_sock",
+        "to_send",
+        "deadline",
+    )
 
-    def __init__(self, conn_id: int, fd: int, peer: _Peer, upstream: socket.socket, deadline: float):
+    def __init__(self, conn_id: int, fd: int, peer: _Peer, options: ForwardOptions) -> None:
         self.conn_id = conn_id
         self.fd = fd  # the accepted client, as a bare fd until its bridge adopts it
+        self.peer = peer  # its address: the PROXY header's source once one was read
+        self.options = options  # as they were when it arrived
+        self.destination: Optional[Any] = None  # the address it connected to (PROXY header's)
+        self.header = b""  # PROXY header bytes read so far
+        self.tries: List[Address] = []  # upstreams still to try
+        self.upstream: Optional[Address] = None
+        self.upstream_sock: Optional[socket.socket] = None
+        self.to_send = b""  # our PROXY header, not yet all sent upstream
+        self.deadline = 0.0
+
+
+class _Open:
+    """A running bridge, as SIGUSR1's listing shows it."""
+
+    __slots__ = ("conn_id", "peer", "upstream", "started", "bridge")
+
+    def __init__(self, conn_id: int, peer: _Peer, upstream: Address, bridge: Bridge) -> None:
+        self.conn_id = conn_id
         self.peer = peer
         self.upstream = upstream
-        self.deadline = deadline
+        self.started = time.monotonic()
+        self.bridge = bridge
 
 
 def raise_fd_limit() -> Tuple[int, int]:
@@ -94,8 +157,29 @@ def raise_fd_limit() -> Tuple[int, int]:
     return soft, hard
 
 
+def _as_address(value: Union[str, Address], passive: bool = False) -> Address:
+    return value if isinstance(value, Address) else Address.parse(value, passive=passive)
+
+
+def _upstream_list(upstream: Union[str, Address, Sequence[Union[str, Address]]]) -> Tuple[Address, ...]:
+    items = [upstream] if isinstance(upstream, (str, Address)) else list(upstream)
+    if not items:
+        raise ValueError("at least one upstream is needed")
+    return tuple(_as_address(item) for item in items)
+
+
 class Forwarder:
-    """Accepts clients on `listen` and bridges each to `upstream` with one ``Bridge``."""
+    """Accepts clients on `listen` and bridges each to one of `upstream` with one ``Bridge``.
+
+    `upstream` is an address or a list of them: ``balance="first"`` tries them in order (failover),
+    ``"roundrobin"`` starts each client at the next. One that failed is skipped for
+    `upstream_backoff` seconds unless all are. `allow`/`deny` are networks (CIDR or one address);
+    `send_proxy` ("v1"/"v2") sends the upstream a PROXY protocol header first; `accept_proxy`
+    requires one from every client, within `proxy_timeout` seconds. `keepalive` (idle seconds,
+    with `keepalive_interval` and `keepalive_count`) and `user_timeout` (seconds) find peers
+    that vanished. `listen_socket` serves an inherited listening socket instead of binding
+    `listen`. `metrics` is a ``_metrics.Metrics`` to count into.
+    """
 
     #: fds one client costs: its socket and the upstream's, adopted by the bridge; the pure
     #: engine adds its wake pair.
@@ -104,7 +188,7 @@ class Forwarder:
     def __init__(
         self,
         listen: Union[str, Address],
-        upstream: Union[str, Address],
+        upstream: Union[str, Address, Sequence[Union[str, Address]]],
         *,
         rate_check_seconds: int = 5,
         idle_timeout_seconds: int = 7200,
@@ -114,27 +198,57 @@ class Forwarder:
         connect_timeout: float = 10.0,
         bridge_class: Optional[Type[Bridge]] = None,
         backlog: int = 4096,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        balance: str = "first",
+        upstream_backoff: float = 10.0,
+        send_proxy: Optional[str] = None,
+        accept_proxy: bool = False,
+        proxy_timeout: float = 5.0,
+        keepalive: Optional[int] = None,
+        keepalive_interval: Optional[int] = None,
+        keepalive_count: Optional[int] = None,
+        user_timeout: Optional[float] = None,
+        reuse_port: bool = False,
+        listen_socket: Optional[socket.socket] = None,
+        metrics: Optional[Any] = None,
     ) -> None:
-        self.listen = listen if isinstance(listen, Address) else Address.parse(listen, passive=True)
-        self.upstream = upstream if isinstance(upstream, Address) else Address.parse(upstream)
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        self._bridge_args: Dict[str, Any] = dict(
+        self._inherited = listen_socket is not None
+        if listen_socket is not None:
+            family, sockaddr = listen_socket.family, listen_socket.getsockname()
+            text = listen if isinstance(listen, str) else listen.text
+            self.listen = Address(family, sockaddr, text)
+        else:
+            self.listen = _as_address(listen, passive=True)
+        self.options = self._options(
+            upstream,
             rate_check_seconds=rate_check_seconds,
-            keep_alive_delay_time_seconds=idle_timeout_seconds,
+            idle_timeout_seconds=idle_timeout_seconds,
             activity=activity,
             half_close=half_close,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+            allow=allow,
+            deny=deny,
+            balance=balance,
+            upstream_backoff=upstream_backoff,
+            send_proxy=send_proxy,
+            accept_proxy=accept_proxy,
+            proxy_timeout=proxy_timeout,
+            keepalive=keepalive,
+            keepalive_interval=keepalive_interval,
+            keepalive_count=keepalive_count,
+            user_timeout=user_timeout,
         )
-        check_activity(activity)  # fail now, not once per client
-        self.max_connections = max_connections
-        self.connect_timeout = connect_timeout
         self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
         self.stats = ForwarderStats()
 
         self._lock = threading.Lock()
-        self._bridges: Set[Bridge] = set()
-        self._connecting: Dict[int, _Client] = {}  # by upstream fd
-        self._timers: List[Tuple[float, int, int]] = []  # (deadline, conn_id, upstream fd)
+        self._bridges: Dict[Bridge, _Open] = {}
+        self._pending: Dict[int, Tuple[_Client, str]] = {}  # fd watched -> (client, what for)
+        self._timers: List[Tuple[float, int, _Client]] = []  # (deadline, conn_id, client)
+        self._backoff: Dict[str, float] = {}  # upstream text -> monotonic time it may be tried again
+        self._next_upstream = 0  # round robin's turn
         self._closing = threading.Event()
         self._draining = False  # close(drain_seconds > 0) in progress: let bridges run
         self._serving = threading.Lock()  # held while serve_forever() runs
@@ -143,20 +257,102 @@ class Forwarder:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._listener = self._bind(backlog)
+        if listen_socket is not None:
+            self._listener = listen_socket
+            self._listener.setblocking(False)
+        else:
+            self._listener = self._bind(backlog, reuse_port)
+        try:
+            self._apply_listener_options(self.options)
+        except BaseException:
+            self._close_sockets()
+            raise
         self.address = self._listener.getsockname()
+        self._metrics = None if metrics is None else metrics.forward(self.address_text)
+
+    # -- options ------------------------------------------------------------------------
+
+    def _options(self, upstream: Union[str, Address, Sequence[Union[str, Address]]], **kw: Any) -> ForwardOptions:
+        if kw["max_connections"] < 1:
+            raise ValueError("max_connections must be at least 1")
+        check_activity(kw["activity"])  # fail now, not once per client
+        if kw["balance"] not in ("first", "roundrobin"):
+            raise ValueError(f"balance must be 'first' or 'roundrobin', not {kw['balance']!r}")
+        if kw["send_proxy"] not in (None, "v1", "v2"):
+            raise ValueError(f"send_proxy must be 'v1' or 'v2', not {kw['send_proxy']!r}")
+        if kw["connect_timeout"] <= 0 or kw["proxy_timeout"] <= 0 or kw["upstream_backoff"] < 0:
+            raise ValueError("connect_timeout and proxy_timeout must be positive, upstream_backoff not negative")
+        if kw["user_timeout"] is not None and not hasattr(socket, "TCP_USER_TIMEOUT"):
+            raise ValueError("user_timeout needs TCP_USER_TIMEOUT, which this platform lacks")
+        access = AccessList(kw["allow"], kw["deny"])
+        if access and self.listen.family not in _IP_FAMILIES:
+            raise ValueError(f"allow/deny need an IP listener: clients of {self.listen.text} have no address")
+        return ForwardOptions(
+            upstreams=_upstream_list(upstream),
+            bridge_args=dict(
+                rate_check_seconds=kw["rate_check_seconds"],
+                keep_alive_delay_time_seconds=kw["idle_timeout_seconds"],
+                activity=kw["activity"],
+                half_close=kw["half_close"],
+            ),
+            max_connections=kw["max_connections"],
+            connect_timeout=kw["connect_timeout"],
+            access=access,
+            balance=kw["balance"],
+            upstream_backoff=kw["upstream_backoff"],
+            send_proxy=kw["send_proxy"],
+            accept_proxy=kw["accept_proxy"],
+            proxy_timeout=kw["proxy_timeout"],
+            keepalive=kw["keepalive"],
+            keepalive_interval=kw["keepalive_interval"],
+            keepalive_count=kw["keepalive_count"],
+            user_timeout=kw["user_timeout"],
+        )
+
+    def reconfigure(self, upstream: Union[str, Address, Sequence[Union[str, Address]]], **options: Any) -> None:
+        """New options (the constructor's, less the listener's own) for clients from now on;
+        clients already connecting or bridged keep theirs."""
+        current = self.options
+        kw: Dict[str, Any] = dict(
+            rate_check_seconds=current.bridge_args["rate_check_seconds"],
+            idle_timeout_seconds=current.bridge_args["keep_alive_delay_time_seconds"],
+            activity=current.bridge_args["activity"],
+            half_close=current.bridge_args["half_close"],
+            max_connections=current.max_connections,
+            connect_timeout=current.connect_timeout,
+            allow=[str(n) for n in current.access.allow],
+            deny=[str(n) for n in current.access.deny],
+            balance=current.balance,
+            upstream_backoff=current.upstream_backoff,
+            send_proxy=current.send_proxy,
+            accept_proxy=current.accept_proxy,
+            proxy_timeout=current.proxy_timeout,
+            keepalive=current.keepalive,
+            keepalive_interval=current.keepalive_interval,
+            keepalive_count=current.keepalive_count,
+            user_timeout=current.user_timeout,
+        )
+        unknown = set(options) - set(kw)
+        if unknown:
+            raise TypeError(f"reconfigure() got unexpected options: {', '.join(sorted(unknown))}")
+        kw.update(options)
+        new = self._options(upstream, **kw)
+        self._apply_listener_options(new)
+        self.options = new  # one assignment: the serve thread sees the old or the new, whole
+        self._wake()
 
     # -- listening ----------------------------------------------------------------------
 
-    def _bind(self, backlog: int) -> socket.socket:
+    def _bind(self, backlog: int, reuse_port: bool) -> socket.socket:
         sock = socket.socket(self.listen.family, socket.SOCK_STREAM)
         try:
             if self.listen.family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                # Several processes on one port: the kernel spreads new clients over them.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.listen.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # nothing wider
-            # Accepted sockets inherit it: each read is forwarded at once (see _no_delay).
-            _no_delay(sock)
             sock.bind(self.listen.sockaddr)
             sock.listen(backlog)
             sock.setblocking(False)
@@ -167,8 +363,32 @@ class Forwarder:
             raise
         return sock
 
+    def _apply_listener_options(self, options: ForwardOptions) -> None:
+        """Accepted sockets inherit these from the listener: no syscalls per client."""
+        _no_delay(self._listener)  # each read forwarded at once (see _no_delay)
+        self._dead_peer_options(self._listener, options)
+
+    @staticmethod
+    def _dead_peer_options(sock: socket.socket, options: ForwardOptions) -> None:
+        if sock.family not in _IP_FAMILIES:
+            return
+        if options.keepalive is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if _KEEPIDLE is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, _KEEPIDLE, options.keepalive)
+            if options.keepalive_interval is not None and hasattr(socket, "TCP_KEEPINTVL"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, options.keepalive_interval)
+            if options.keepalive_count is not None and hasattr(socket, "TCP_KEEPCNT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, options.keepalive_count)
+        if options.user_timeout is not None:
+            # Unacknowledged data older than this ends the connection (ETIMEDOUT): a peer that
+            # vanished without FIN or RST is noticed even while bytes are in flight.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.user_timeout * 1000))
+
     @property
     def address_text(self) -> str:
+        if self.listen.family == socket.AF_UNIX and self._inherited:
+            return self.listen.text
         return format_sockaddr(self.listen.family, self.address)
 
     def fd_shortfall(self) -> Optional[Tuple[int, int]]:
@@ -182,7 +402,8 @@ class Forwarder:
         if soft == resource.RLIM_INFINITY:
             return None
         in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 16
-        needed = self.max_connections * self.FDS_PER_CLIENT.get(getattr(self.bridge_class, "engine_name", ""), 4)
+        per_client = self.FDS_PER_CLIENT.get(getattr(self.bridge_class, "engine_name", ""), 4)
+        needed = self.options.max_connections * per_client
         return (needed, soft - in_use) if needed > soft - in_use else None
 
     def serve_forever(self) -> None:
@@ -210,10 +431,10 @@ class Forwarder:
                         elif key.fileobj is results:
                             core.deliver_results()  # type: ignore[union-attr]
                         else:
-                            self._upstream_ready(selector, key.data)
-                    self._expire_connects(selector)
+                            self._ready(selector, key.fd)
+                    self._expire(selector)
             finally:
-                for client in list(self._connecting.values()):
+                for client, _ in list(self._pending.values()):
                     self._drop_client(selector, client)
                 if results is not None:
                     core.release_results()  # type: ignore[union-attr]
@@ -223,12 +444,13 @@ class Forwarder:
         no hand-off to the results thread per client, and no GIL traffic between the two."""
         if core is None or getattr(self.bridge_class, "engine_name", "") != "cython":
             return None
-        return core.claim_results()  # None while another forwarder holds it
+        fd: Optional[int] = core.claim_results()  # None while another forwarder holds it
+        return fd
 
     def _may_accept(self) -> bool:
         # At the connection limit, leave clients in the backlog rather than accepting and
         # dropping them; after EMFILE, wait a moment instead of spinning.
-        return self.stats.active < self.max_connections and time.monotonic() >= self._accept_paused_until
+        return self.stats.active < self.options.max_connections and time.monotonic() >= self._accept_paused_until
 
     def _select_timeout(self) -> float:
         timeout = 1.0
@@ -251,7 +473,7 @@ class Forwarder:
         except OSError:
             pass  # full (a wake-up is pending anyway) or closed
 
-    # -- one client ---------------------------------------------------------------------
+    # -- one client: accept, check, connect, hand over ------------------------------------
 
     def _accept_some(self, selector: selectors.BaseSelector) -> None:
         for _ in range(64):  # then let the other events of this turn run
@@ -259,7 +481,7 @@ class Forwarder:
                 return
             try:
                 # The bare fd: no socket object, no blocking-mode syscall; its bridge adopts it.
-                client, peer = self._listener._accept()  # type: ignore[attr-defined]
+                fd, sockaddr = self._listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -269,147 +491,408 @@ class Forwarder:
                     return
                 raise
             self._accept_paused_until = 0.0
-            conn_id = next(self._ids)
+            client = _Client(next(self._ids), fd, _Peer(self.listen.family, sockaddr), self.options)
             with self._lock:
                 self.stats.accepted += 1
                 self.stats.active += 1
-            self._connect_upstream(selector, conn_id, client, _Peer(self.listen.family, peer))
+            if self._metrics is not None:
+                self._metrics.accepted()
+            if client.options.accept_proxy:
+                self._watch(selector, client, fd, selectors.EVENT_READ, "header")
+                self._set_timer(client, client.options.proxy_timeout)
+            else:
+                self._admit(selector, client)
 
-    def _connect_upstream(self, selector: selectors.BaseSelector, conn_id: int, client: int, peer: _Peer) -> None:
-        try:
-            upstream = socket.socket(self.upstream.family, socket.SOCK_STREAM)
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRNOS:
-                self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
-            self._upstream_failed(conn_id, client, peer, exc)
+    def _admit(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        access = client.options.access
+        if access and not access.permits(client.peer.sockaddr[0]):
+            self._refuse(client, "not allowed by --allow/--deny")
             return
-        upstream.setblocking(False)
-        _no_delay(upstream)
-        err = upstream.connect_ex(self.upstream.sockaddr)
-        if err == errno.EINPROGRESS:
-            # On a local upstream the handshake has usually completed inside connect() already;
-            # asking again (0 once connected) saves a trip through the selector.
-            err = upstream.connect_ex(self.upstream.sockaddr)
-            if err in (errno.EALREADY, errno.EINPROGRESS):
-                err = errno.EINPROGRESS
-            elif err == errno.EISCONN:
-                err = 0
-        if err == 0:
-            self._bridge(conn_id, client, peer, upstream)
-        elif err == errno.EINPROGRESS or (err == errno.EAGAIN and upstream.family != socket.AF_UNIX):
-            # (A Unix socket's EAGAIN is a full backlog: that connect never completes.)
-            pending = _Client(conn_id, client, peer, upstream, time.monotonic() + self.connect_timeout)
-            self._connecting[upstream.fileno()] = pending
-            heapq.heappush(self._timers, (pending.deadline, conn_id, upstream.fileno()))
-            selector.register(upstream, selectors.EVENT_WRITE, pending)
-        else:
-            upstream.close()
-            self._upstream_failed(conn_id, client, peer, OSError(err, os.strerror(err)))
+        client.tries = self._upstream_order(client.options)
+        self._try_next_upstream(selector, client)
 
-    def _upstream_ready(self, selector: selectors.BaseSelector, pending: _Client) -> None:
-        selector.unregister(pending.upstream)
-        del self._connecting[pending.upstream.fileno()]
-        err = pending.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            pending.upstream.close()
-            self._upstream_failed(pending.conn_id, pending.fd, pending.peer, OSError(err, os.strerror(err)))
-        else:
-            self._bridge(pending.conn_id, pending.fd, pending.peer, pending.upstream)
+    def _upstream_order(self, options: ForwardOptions) -> List[Address]:
+        ups = list(options.upstreams)
+        if options.balance == "roundrobin" and len(ups) > 1:
+            start = self._next_upstream % len(ups)
+            self._next_upstream = start + 1
+            ups = ups[start:] + ups[:start]
+        if self._backoff:
+            now = time.monotonic()
+            ready = [u for u in ups if self._backoff.get(u.text, 0.0) <= now]
+            if ready:  # when every upstream is in back-off, all are tried
+                ups = ready
+        return ups
 
-    def _expire_connects(self, selector: selectors.BaseSelector) -> None:
+    def _try_next_upstream(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        while client.tries:
+            upstream = client.tries.pop(0)
+            client.upstream = upstream
+            try:
+                sock = socket.socket(upstream.family, socket.SOCK_STREAM | _NONBLOCK)
+                if not _NONBLOCK:
+                    sock.setblocking(False)
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+                self._upstream_failed(client, exc)
+                continue
+            try:
+                _no_delay(sock)
+                self._dead_peer_options(sock, client.options)
+                err = sock.connect_ex(upstream.sockaddr)
+                if err == errno.EINPROGRESS:
+                    # On a local upstream the handshake has usually completed inside connect()
+                    # already; asking again (0 once connected) saves a trip through the selector.
+                    err = sock.connect_ex(upstream.sockaddr)
+                    if err in (errno.EALREADY, errno.EINPROGRESS):
+                        err = errno.EINPROGRESS
+                    elif err == errno.EISCONN:
+                        err = 0
+            except OSError as exc:
+                sock.close()
+                self._upstream_failed(client, exc)
+                continue
+            client.upstream_sock = sock
+            if err == 0:
+                self._connected(selector, client)
+                return
+            if err == errno.EINPROGRESS or (err == errno.EAGAIN and upstream.family != socket.AF_UNIX):
+                # (A Unix socket's EAGAIN is a full backlog: that connect never completes.)
+                self._watch(selector, client, sock.fileno(), selectors.EVENT_WRITE, "connect")
+                self._set_timer(client, client.options.connect_timeout)
+                return
+            client.upstream_sock = None
+            sock.close()
+            self._upstream_failed(client, OSError(err, os.strerror(err)))
+        # Every upstream failed.
+        if len(client.options.upstreams) > 1:
+            log.error(
+                "#%d %s: every upstream failed",
+                client.conn_id,
+                client.peer,
+                extra=_event("unserved", id=client.conn_id, client=str(client.peer)),
+            )
+        os.close(client.fd)
+        self._client_gone()
+
+    def _connected(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        sock = client.upstream_sock
+        assert sock is not None and client.upstream is not None
+        self._backoff.pop(client.upstream.text, None)
+        if client.options.send_proxy:
+            client.to_send = self._proxy_header(client)
+            try:
+                sent = sock.send(client.to_send)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                client.upstream_sock = None
+                sock.close()
+                self._upstream_failed(client, exc)
+                self._try_next_upstream(selector, client)
+                return
+            client.to_send = client.to_send[sent:]
+            if client.to_send:  # the upstream's buffer is full already: wait for room
+                self._watch(selector, client, sock.fileno(), selectors.EVENT_WRITE, "send")
+                self._set_timer(client, client.options.connect_timeout)
+                return
+        self._bridge(client)
+
+    def _proxy_header(self, client: _Client) -> bytes:
+        family = client.peer.family
+        source = client.peer.sockaddr if family in _IP_FAMILIES else None
+        destination = client.destination
+        if destination is None and source is not None:
+            with socket.socket(family, socket.SOCK_STREAM, 0, client.fd) as view:
+                try:
+                    destination = view.getsockname()
+                finally:
+                    view.detach()  # the fd stays the client's
+        encode = _proxy.encode_v1 if client.options.send_proxy == "v1" else _proxy.encode_v2
+        return encode(family, source, destination)
+
+    def _read_header(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """Read the client's PROXY header: every byte of it and none after it, so what the
+        client sent next stays in the socket for the bridge."""
+        with socket.socket(self.listen.family, socket.SOCK_STREAM, 0, client.fd) as view:
+            try:
+                try:
+                    seen = view.recv(_proxy.MAX_HEADER_BYTES - len(client.header), socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    self._unwatch(selector, client.fd)
+                    self._refuse(client, f"PROXY header not read: {exc.strerror or exc}")
+                    return
+                if not seen:
+                    self._unwatch(selector, client.fd)
+                    self._refuse(client, "closed before its PROXY header ended")
+                    return
+                try:
+                    header = _proxy.parse(client.header + seen)
+                except _proxy.ProxyHeaderError as exc:
+                    self._unwatch(selector, client.fd)
+                    self._refuse(client, f"bad PROXY header: {exc}")
+                    return
+                # A prefix of a header is all header: take it. A whole one: take just its bytes.
+                take = len(seen) if header is None else header.length - len(client.header)
+                client.header += view.recv(take)
+            finally:
+                view.detach()
+        if header is None:
+            if len(client.header) >= _proxy.MAX_HEADER_BYTES:
+                self._unwatch(selector, client.fd)
+                self._refuse(client, "PROXY header too long")
+            return
+        self._unwatch(selector, client.fd)
+        client.deadline = 0.0  # its timer is void
+        if header.source is not None and header.family in _IP_FAMILIES:
+            client.peer = _Peer(header.family, header.source)
+            client.destination = header.destination
+        self._admit(selector, client)
+
+    def _ready(self, selector: selectors.BaseSelector, fd: int) -> None:
+        client, what = self._pending[fd]
+        if what == "header":
+            self._read_header(selector, client)
+            return
+        sock = client.upstream_sock
+        assert sock is not None
+        if what == "connect":
+            self._unwatch(selector, fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                client.upstream_sock = None
+                sock.close()
+                self._upstream_failed(client, OSError(err, os.strerror(err)))
+                self._try_next_upstream(selector, client)
+            else:
+                self._connected(selector, client)
+            return
+        try:  # "send": the rest of our PROXY header
+            sent = sock.send(client.to_send)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._unwatch(selector, fd)
+            client.upstream_sock = None
+            sock.close()
+            self._upstream_failed(client, exc)
+            self._try_next_upstream(selector, client)
+            return
+        client.to_send = client.to_send[sent:]
+        if not client.to_send:
+            self._unwatch(selector, fd)
+            self._bridge(client)
+
+    def _watch(self, selector: selectors.BaseSelector, client: _Client, fd: int, events: int, what: str) -> None:
+        self._pending[fd] = (client, what)
+        selector.register(fd, events)
+
+    def _unwatch(self, selector: selectors.BaseSelector, fd: int) -> None:
+        del self._pending[fd]
+        selector.unregister(fd)
+
+    def _set_timer(self, client: _Client, seconds: float) -> None:
+        client.deadline = time.monotonic() + seconds
+        heapq.heappush(self._timers, (client.deadline, client.conn_id, client))
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, conn_id, fd = heapq.heappop(self._timers)
-            pending = self._connecting.get(fd)
-            if pending is None or pending.conn_id != conn_id:
-                continue  # connected or failed already
-            selector.unregister(pending.upstream)
-            del self._connecting[fd]
-            pending.upstream.close()
-            self._upstream_failed(conn_id, pending.fd, pending.peer, socket.timeout("timed out"))
+            deadline, _, client = heapq.heappop(self._timers)
+            if client.deadline != deadline:
+                continue  # moved on (or gone) since this timer was set
+            client.deadline = 0.0
+            if client.upstream_sock is None:  # still on its PROXY header
+                self._unwatch(selector, client.fd)
+                self._refuse(client, "no complete PROXY header in time")
+                continue
+            sock = client.upstream_sock
+            self._unwatch(selector, sock.fileno())
+            client.upstream_sock = None
+            sock.close()
+            self._upstream_failed(client, socket.timeout("timed out"))
+            self._try_next_upstream(selector, client)
 
-    def _drop_client(self, selector: selectors.BaseSelector, pending: _Client) -> None:
-        """Closing with a connect still pending: give up on it without a log line per client."""
-        selector.unregister(pending.upstream)
-        del self._connecting[pending.upstream.fileno()]
-        pending.upstream.close()
-        os.close(pending.fd)
+    def _drop_client(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """Closing with a client still pending: give up on it without a log line per client."""
+        for fd in [fd for fd, (c, _) in self._pending.items() if c is client]:
+            self._unwatch(selector, fd)
+        if client.upstream_sock is not None:
+            client.upstream_sock.close()
+        client.deadline = 0.0
+        os.close(client.fd)
         self._client_gone()
 
-    def _upstream_failed(self, conn_id: int, client: int, peer: _Peer, exc: OSError) -> None:
+    def _refuse(self, client: _Client, why: str) -> None:
+        with self._lock:
+            self.stats.refused += 1
+        if self._metrics is not None:
+            self._metrics.refused()
+        log.warning(
+            "#%d %s: refused: %s",
+            client.conn_id,
+            client.peer,
+            why,
+            extra=_event("refused", id=client.conn_id, client=str(client.peer), why=why),
+        )
+        client.deadline = 0.0
+        os.close(client.fd)
+        self._client_gone()
+
+    def _upstream_failed(self, client: _Client, exc: OSError) -> None:
+        upstream = client.upstream
+        assert upstream is not None
         with self._lock:
             self.stats.upstream_failures += 1
-        log.error("#%d %s: upstream %s failed: %s", conn_id, peer, self.upstream.text, exc)
-        os.close(client)
-        self._client_gone()
+        if self._metrics is not None:
+            self._metrics.upstream_failed(upstream.text)
+        if client.options.upstream_backoff > 0:
+            self._backoff[upstream.text] = time.monotonic() + client.options.upstream_backoff
+        log.error(
+            "#%d %s: upstream %s failed: %s",
+            client.conn_id,
+            client.peer,
+            upstream.text,
+            exc,
+            extra=_event(
+                "upstream_failed", id=client.conn_id, client=str(client.peer), upstream=upstream.text, error=str(exc)
+            ),
+        )
 
     def _client_gone(self) -> None:
         with self._lock:
             self.stats.active -= 1
-            slot_opened = self.stats.active == self.max_connections - 1
+            slot_opened = self.stats.active == self.options.max_connections - 1
         if slot_opened:
             self._wake()  # the serve loop may take the listener back
 
-    def _bridge(self, conn_id: int, client: int, peer: _Peer, upstream: socket.socket) -> None:
+    def _bridge(self, client: _Client) -> None:
+        upstream, sock = client.upstream, client.upstream_sock
+        assert upstream is not None and sock is not None
+        client.deadline = 0.0
+        conn_id, peer = client.conn_id, client.peer
         # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
         try:
-            bridge = self.bridge_class.from_fds(client, upstream.fileno(), **self._bridge_args)
-            log.info("#%d open %s -> %s", conn_id, peer, self.upstream.text)
+            bridge = self.bridge_class.from_fds(client.fd, sock.fileno(), **client.options.bridge_args)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "#%d open %s -> %s",
+                    conn_id,
+                    peer,
+                    upstream.text,
+                    extra=_event("open", id=conn_id, client=str(peer), upstream=upstream.text),
+                )
             bridge.start()
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             log.error("#%d %s: bridge not started: %s", conn_id, peer, exc)
-            os.close(client)
-            upstream.close()
+            os.close(client.fd)
+            sock.close()
             if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+            with self._lock:
+                self.stats.refused += 1
+            if self._metrics is not None:
+                self._metrics.refused()
             self._client_gone()
             return
-        upstream.detach()  # the bridge closes it
+        sock.detach()  # the bridge closes it
+        if self._metrics is not None:
+            self._metrics.opened()
+        opened = _Open(conn_id, peer, upstream, bridge)
         # close() stops what is in _bridges only once serve_forever() returned: none is missed.
         with self._lock:
-            self._bridges.add(bridge)
-        bridge.add_done_callback(lambda result: self._bridge_ended(conn_id, peer, bridge, result))
+            self._bridges[bridge] = opened
+        bridge.add_done_callback(lambda result: self._bridge_ended(opened, result))
 
-    def _bridge_ended(self, conn_id: int, peer: _Peer, bridge: Bridge, result: BridgeResult) -> None:
-        """From the engine's thread, once per bridge."""
+    def _bridge_ended(self, opened: _Open, result: BridgeResult) -> None:
+        """From the thread that finishes bridges, once per bridge."""
         with self._lock:
-            self._bridges.discard(bridge)
+            self._bridges.pop(opened.bridge, None)
             self.stats.bytes_up += result.bytes_1_to_2
             self.stats.bytes_down += result.bytes_2_to_1
-        log.info(
-            "#%d close %s: %d bytes up, %d down, %s after %.3f s",
-            conn_id,
-            peer,
-            result.bytes_1_to_2,
-            result.bytes_2_to_1,
-            result.reason,
-            result.seconds,
-        )
+        if self._metrics is not None:
+            self._metrics.ended(result.reason, result.bytes_1_to_2, result.bytes_2_to_1, result.seconds)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "#%d close %s -> %s: %d bytes up, %d down, %s after %.3f s",
+                opened.conn_id,
+                opened.peer,
+                opened.upstream.text,
+                result.bytes_1_to_2,
+                result.bytes_2_to_1,
+                result.reason,
+                result.seconds,
+                extra=_event(
+                    "close",
+                    id=opened.conn_id,
+                    client=str(opened.peer),
+                    upstream=opened.upstream.text,
+                    bytes_up=result.bytes_1_to_2,
+                    bytes_down=result.bytes_2_to_1,
+                    reason=result.reason,
+                    seconds=round(result.seconds, 6),
+                ),
+            )
         self._client_gone()
 
-    # -- stopping -----------------------------------------------------------------------
+    # -- seeing and stopping ------------------------------------------------------------
+
+    def open_bridges(self) -> List[Dict[str, Any]]:
+        """Every running bridge: id, client, upstream, age in seconds, bytes each way so far."""
+        with self._lock:
+            items = list(self._bridges.values())
+        now = time.monotonic()
+        listing = []
+        for item in sorted(items, key=lambda o: o.conn_id):
+            up, down = item.bridge.counts
+            listing.append(
+                dict(
+                    id=item.conn_id,
+                    client=str(item.peer),
+                    upstream=item.upstream.text,
+                    seconds=round(now - item.started, 3),
+                    bytes_up=up,
+                    bytes_down=down,
+                )
+            )
+        return listing
 
     def request_stop(self) -> None:
         """Make ``serve_forever()`` return soon; safe from a signal handler or any thread."""
         self._closing.set()
         self._wake()
 
-    def close(self, drain_seconds: float = 0.0) -> None:
-        """Stop accepting; let open bridges finish for up to `drain_seconds`, then stop them."""
-        with self._lock:
-            self._draining = drain_seconds > 0
+    def stop_accepting(self) -> None:
+        """Stop accepting and close the listener; open bridges run on to their own end."""
         self.request_stop()
-        # serve_forever() gives up on pending upstream connects as it returns.
         if not self._serving.acquire(timeout=5.0):
             log.error("serve_forever() did not return in time")
         else:
             self._serving.release()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
         self._listener.close()
-        if self.listen.family == socket.AF_UNIX and isinstance(self.listen.sockaddr, str):
+        if self.listen.family == socket.AF_UNIX and isinstance(self.listen.sockaddr, str) and not self._inherited:
             try:
                 os.unlink(self.listen.sockaddr)
             except OSError:
                 pass
+
+    def _close_sockets(self) -> None:
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def close(self, drain_seconds: float = 0.0) -> None:
+        """Stop accepting; let open bridges finish for up to `drain_seconds`, then stop them."""
+        with self._lock:
+            self._draining = drain_seconds > 0
+        # serve_forever() gives up on pending clients as it returns.
+        self.stop_accepting()
         deadline = time.monotonic() + max(0.0, drain_seconds)
         while self._draining and time.monotonic() < deadline and self.stats.active:
             time.sleep(0.05)
@@ -433,6 +916,6 @@ class Forwarder:
     def summary(self) -> str:
         s = self.stats
         return (
-            f"served {s.accepted} connections ({s.upstream_failures} upstream failures), "
+            f"served {s.accepted} connections ({s.upstream_failures} upstream failures, {s.refused} refused), "
             f"{s.bytes_up} bytes up, {s.bytes_down} bytes down"
         )

@@ -1,0 +1,521 @@
+"""``tcptotcp --config FILE``: several forwards from one TOML file.
+
+Top-level option keys are defaults for every ``[[forward]]``; a forward's own keys override
+them. Process-wide keys (``backend``, ``log_level``, ``log_format``, ``metrics``) live only at
+the top level. Everything is checked before anything listens, and a mistake is reported on
+one line naming the file, the forward and the key, so a bad edit fails at start-up, not at
+the first client.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import importlib
+import math
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+
+from ._access import AccessList
+from ._address import Address
+
+# Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT; TCP_USER_TIMEOUT is an int of
+# milliseconds. Out-of-range values would otherwise fail in setsockopt() for every client.
+_MAX_KEEPALIVE_SECONDS = 32767
+_MAX_KEEPALIVE_COUNT = 127
+_MAX_USER_TIMEOUT = (2**31 - 1) // 1000
+_MAX_INT = 2**31 - 1  # a C int: listen()'s backlog
+
+PROCESS_KEYS = ("backend", "log_level", "log_format", "metrics")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """One ``[[forward]]``: a listen address, its upstreams and its options (defaults as the CLI's)."""
+
+    listen: str
+    upstreams: Tuple[str, ...]
+    rate_check: int = 5
+    idle_timeout: int = 7200
+    activity: str = "both"
+    half_close: bool = False
+    max_connections: int = 1024
+    connect_timeout: float = 10.0
+    allow: Tuple[str, ...] = ()
+    deny: Tuple[str, ...] = ()
+    balance: str = "first"
+    upstream_backoff: float = 10.0
+    send_proxy: Optional[str] = None
+    accept_proxy: bool = False
+    proxy_timeout: float = 5.0
+    backlog: int = 4096
+    keepalive: Optional[int] = None
+    keepalive_interval: Optional[int] = None
+    keepalive_count: Optional[int] = None
+    user_timeout: Optional[float] = None
+    reuse_port: bool = False
+    # The addresses as load_config() parsed (and resolved) them while validating: passing these
+    # to the Forwarder instead of the text avoids resolving every name a second time.
+    # listen_address is None for fd:N and systemd:NAME listeners.
+    listen_address: Optional[Address] = field(default=None, compare=False, repr=False)
+    upstream_addresses: Tuple[Address, ...] = field(default=(), compare=False, repr=False)
+
+    def forwarder_kwargs(self) -> Dict[str, Any]:
+        """The options as ``Forwarder`` keyword arguments (listen and upstreams are positional)."""
+        return {
+            "rate_check_seconds": self.rate_check,
+            "idle_timeout_seconds": self.idle_timeout,
+            "activity": self.activity,
+            "half_close": self.half_close,
+            "max_connections": self.max_connections,
+            "connect_timeout": self.connect_timeout,
+            "allow": self.allow,
+            "deny": self.deny,
+            "balance": self.balance,
+            "upstream_backoff": self.upstream_backoff,
+            "send_proxy": self.send_proxy,
+            "accept_proxy": self.accept_proxy,
+            "proxy_timeout": self.proxy_timeout,
+            "backlog": self.backlog,
+            "keepalive": self.keepalive,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_count": self.keepalive_count,
+            "user_timeout": self.user_timeout,
+            "reuse_port": self.reuse_port,
+        }
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded file: its forwards and the process-wide settings it made (None: not set)."""
+
+    forwards: Tuple[ForwardSpec, ...]
+    backend: Optional[str]
+    log_level: Optional[str]
+    log_format: Optional[str]
+    metrics: Optional[str]
+    path: str
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``str()`` is one line for the CLI's error message:
+    ``FILE: forward 2 (listen 127.0.0.1:8080): key 'idle_timeout': expected ..., got 'ten'``."""
+
+    def __init__(
+        self,
+        path: str,
+        problem: str,
+        *,
+        forward: Optional[int] = None,
+        listen: Optional[str] = None,
+        key: Optional[str] = None,
+        line: Optional[int] = None,
+        column: Optional[int] = None,
+    ) -> None:
+        self.path = path
+        self.problem = problem
+        self.forward = forward  # 1-based index of the [[forward]] table
+        self.listen = listen
+        self.key = key
+        self.line = line
+        self.column = column
+        parts = [path]
+        if line is not None:
+            parts.append(f"line {line}" + (f", column {column}" if column is not None else ""))
+        if forward is not None:
+            where = f"forward {forward}"
+            if listen is not None:
+                where += f" (listen {listen if listen.isprintable() else repr(listen)})"
+            parts.append(where)
+        if key is not None:
+            parts.append(f"key {key!r}")
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+
+class _Bad(Exception):
+    """A value's problem, raised by a check; load_config() adds where it was."""
+
+
+def _show(value: object) -> str:
+    """A value as the message quotes it: TOML's true/false, short, on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expected(what: str, value: object) -> _Bad:
+    return _Bad(f"expected {what}, got {_show(value)}")
+
+
+_Check = Callable[[object], object]
+
+
+def _int(minimum: int, maximum: Optional[int] = None) -> _Check:
+    what = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+
+    def check(value: object) -> object:
+        # TOML's true is a Python int: a bool is never taken for a number.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _expected(what, value)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise _expected(what, value)
+        return value
+
+    return check
+
+
+def _number(minimum: float, *, inclusive: bool, maximum: Optional[float] = None) -> _Check:
+    what = f"a number {'>=' if inclusive else '>'} {minimum:g}"
+    if maximum is not None:
+        what += f" and <= {maximum:g}"
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _expected(what, value)
+        number = float(value)
+        # TOML allows inf and nan; neither is a usable timeout.
+        if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+            raise _expected(what, value)
+        if maximum is not None and number > maximum:
+            raise _expected(what, value)
+        return number
+
+    return check
+
+
+def _optional(check: _Check, what: str) -> _Check:
+    """TOML has no null: ``false`` switches an optional setting off (e.g. a top-level default)."""
+
+    def optional(value: object) -> object:
+        if value is False:
+            return None
+        try:
+            return check(value)
+        except _Bad:
+            raise _expected(f"{what}, or false for none", value) from None
+
+    return optional
+
+
+def _bool(value: object) -> object:
+    if not isinstance(value, bool):
+        raise _expected("true or false", value)
+    return value
+
+
+def _choice(*options: str) -> _Check:
+    what = " or ".join(repr(option) for option in options)
+
+    def check(value: object) -> object:
+        if value not in options or not isinstance(value, str):
+            raise _expected(what, value)
+        return value
+
+    return check
+
+
+def _strings(value: object, *, empty: bool) -> Tuple[str, ...]:
+    """A string or a list of strings, as a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value) and (value or empty):
+        return tuple(value)
+    raise _expected("a string or a list of strings" if empty else "a string or a non-empty list of strings", value)
+
+
+def _networks(value: object) -> object:
+    entries = _strings(value, empty=True)
+    try:
+        AccessList(entries)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    return entries
+
+
+def _string(value: object) -> object:
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    return value
+
+
+# Per-forward options: the ForwardSpec field each sets, and its check.
+OPTIONS: Dict[str, _Check] = {
+    "rate_check": _int(0),
+    "idle_timeout": _int(0),
+    "activity": _choice("both", "any"),
+    "half_close": _bool,
+    "max_connections": _int(1),
+    "connect_timeout": _number(0, inclusive=False),
+    "allow": _networks,
+    "deny": _networks,
+    "balance": _choice("first", "roundrobin"),
+    "upstream_backoff": _number(0, inclusive=True),
+    "send_proxy": _optional(_choice("v1", "v2"), "'v1' or 'v2'"),
+    "accept_proxy": _bool,
+    "proxy_timeout": _number(0, inclusive=False),
+    "backlog": _int(1, _MAX_INT),
+    "keepalive": _optional(_int(1, _MAX_KEEPALIVE_SECONDS), f"an integer from 1 to {_MAX_KEEPALIVE_SECONDS}"),
+    "keepalive_interval": _optional(_int(1, _MAX_KEEPALIVE_SECONDS), f"an integer from 1 to {_MAX_KEEPALIVE_SECONDS}"),
+    "keepalive_count": _optional(_int(1, _MAX_KEEPALIVE_COUNT), f"an integer from 1 to {_MAX_KEEPALIVE_COUNT}"),
+    "user_timeout": _optional(
+        _number(0, inclusive=False, maximum=_MAX_USER_TIMEOUT), f"a number > 0 and <= {_MAX_USER_TIMEOUT}"
+    ),
+    "reuse_port": _bool,
+}
+
+_PROCESS_CHECKS: Dict[str, _Check] = {
+    "backend": _choice("auto", "cython", "pure"),
+    "log_level": _choice(*LOG_LEVELS),
+    "log_format": _choice("text", "json"),
+    "metrics": _string,  # an address: checked with the forwards' addresses
+}
+
+_FD = re.compile(r"fd:([0-9]+)\Z")
+# systemd's rule for socket names (FileDescriptorName=): printable ASCII without ':'.
+_SYSTEMD_NAME = re.compile(r"systemd:([\x20-\x39\x3b-\x7e]{1,255})\Z")
+
+
+def _unknown(key: str, known: Tuple[str, ...]) -> str:
+    guess = difflib.get_close_matches(key.replace("-", "_"), known, n=1, cutoff=0.7)
+    return "unknown option" + (f" (did you mean {guess[0]!r}?)" if guess else "")
+
+
+def _toml_parser(path: str) -> Tuple[Callable[[str], Dict[str, Any]], Type[Exception]]:
+    """tomllib from 3.11, tomli before: imported only when a config file is used."""
+    name = "tomllib" if sys.version_info >= (3, 11) else "tomli"
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(
+            path, f"reading TOML on Python {sys.version_info[0]}.{sys.version_info[1]} needs tomli (pip install tomli)"
+        ) from None
+    return module.loads, module.TOMLDecodeError
+
+
+def _read(path: str) -> Dict[str, Any]:
+    loads, decode_error = _toml_parser(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "not UTF-8 text", line=data.count(b"\n", 0, exc.start) + 1) from None
+    try:
+        return loads(text.lstrip("\ufeff"))  # (an editor's byte-order mark is not content)
+    except decode_error as exc:
+        raise _syntax_error(path, exc, text) from None
+
+
+def _syntax_error(path: str, exc: Exception, text: str) -> ConfigError:
+    # Python 3.14's tomllib (and recent tomli) carry msg/lineno/colno; older ones only the text.
+    message, line, column = getattr(exc, "msg", None), getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    if isinstance(message, str) and isinstance(line, int):
+        return ConfigError(path, message, line=line, column=column if isinstance(column, int) else None)
+    at = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(exc), re.DOTALL)
+    if at:
+        return ConfigError(path, at.group(1), line=int(at.group(2)), column=int(at.group(3)))
+    message = str(exc).replace("\n", " ")
+    if message.endswith(" (at end of document)"):
+        last_line = text.count("\n") + (0 if text.endswith("\n") else 1)
+        return ConfigError(path, message[: -len(" (at end of document)")] + " at the end of the file", line=last_line)
+    return ConfigError(path, message)
+
+
+@dataclass
+class _Table:
+    """One [[forward]] while it is checked."""
+
+    index: int
+    listen: Optional[str]  # for messages, once known to be a string
+    options: Dict[str, Any]  # checked values by key, top-level defaults included
+
+
+class _Loader:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._resolved: Dict[Tuple[str, bool], Address] = {}
+
+    def error(self, problem: str, table: Optional[_Table] = None, key: Optional[str] = None) -> ConfigError:
+        if table is None:
+            return ConfigError(self.path, problem, key=key)
+        return ConfigError(self.path, problem, forward=table.index, listen=table.listen, key=key)
+
+    def check(self, key: str, value: object, check: _Check, table: Optional[_Table] = None) -> object:
+        try:
+            return check(value)
+        except _Bad as exc:
+            raise self.error(str(exc), table, key) from None
+
+    def load(self) -> Config:
+        document = _read(self.path)
+        defaults: Dict[str, object] = {}
+        process: Dict[str, Optional[str]] = dict.fromkeys(PROCESS_KEYS)
+        raw_forwards: object = None
+        for key, value in document.items():
+            if key == "forward":
+                raw_forwards = value
+            elif key in OPTIONS:
+                defaults[key] = self.check(key, value, OPTIONS[key])
+            elif key in _PROCESS_CHECKS:
+                process[key] = str(self.check(key, value, _PROCESS_CHECKS[key]))
+            elif key in ("listen", "upstream"):
+                raise self.error("belongs in a [[forward]] table", key=key)
+            else:
+                raise self.error(_unknown(key, (*OPTIONS, *PROCESS_KEYS, "forward")), key=key)
+        # Every value's type first, then addresses: a typo is reported before any name lookup.
+        tables = [self.forward_table(index, raw, defaults) for index, raw in enumerate(self.forward_list(raw_forwards))]
+        forwards = self.resolve(tables)
+        if process["metrics"] is not None:
+            self.check_metrics(process["metrics"], tables, forwards)
+        return Config(
+            forwards=tuple(forwards),
+            backend=process["backend"],
+            log_level=process["log_level"],
+            log_format=process["log_format"],
+            metrics=process["metrics"],
+            path=self.path,
+        )
+
+    def forward_list(self, raw: object) -> List[Dict[str, Any]]:
+        if raw is None or raw == []:
+            raise self.error("no [[forward]] table: nothing to forward")
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            raise self.error(f"expected [[forward]] tables (double brackets), got {_show(raw)}", key="forward")
+        return raw
+
+    def forward_table(self, index: int, raw: Dict[str, Any], defaults: Dict[str, object]) -> _Table:
+        listen = raw.get("listen")
+        table = _Table(index + 1, listen if isinstance(listen, str) else None, dict(defaults))
+        for key, value in raw.items():
+            if key == "listen":
+                table.options[key] = self.check(key, value, _string, table)
+            elif key == "upstream":
+                table.options[key] = self.check(key, value, lambda v: _strings(v, empty=False), table)
+            elif key in OPTIONS:
+                table.options[key] = self.check(key, value, OPTIONS[key], table)
+            elif key in PROCESS_KEYS:
+                raise self.error("not allowed in a forward (it is process-wide: set it at the top level)", table, key)
+            else:
+                raise self.error(_unknown(key, (*OPTIONS, "listen", "upstream")), table, key)
+        for key in ("listen", "upstream"):
+            if key not in raw:
+                raise self.error("missing (every [[forward]] needs listen and upstream)", table, key)
+        return table
+
+    def address(self, text: str, passive: bool) -> Address:
+        """Address.parse, once per text: it resolves host names (as the CLI does), and a name
+        shared by several forwards is looked up once."""
+        address = self._resolved.get((text, passive))
+        if address is None:
+            address = self._resolved[text, passive] = Address.parse(text, passive=passive)
+        return address
+
+    def resolve(self, tables: List[_Table]) -> List[ForwardSpec]:
+        forwards: List[ForwardSpec] = []
+        seen: Dict[object, _Table] = {}
+        for table in tables:
+            options = dict(table.options)
+            listen: str = options.pop("listen")
+            upstreams: Tuple[str, ...] = options.pop("upstream")
+            listen_address, identity = self.listen_identity(listen, table)
+            if identity is not None:
+                if identity in seen:
+                    first = seen[identity]
+                    raise self.error(
+                        f"same address as forward {first.index}{_as(first.listen, listen)}", table, "listen"
+                    )
+                seen[identity] = table
+            addresses = tuple(self.upstream_address(text, table) for text in upstreams)
+            forwards.append(
+                ForwardSpec(
+                    listen=listen,
+                    upstreams=upstreams,
+                    listen_address=listen_address,
+                    upstream_addresses=addresses,
+                    **options,
+                )
+            )
+        return forwards
+
+    def listen_identity(self, listen: str, table: _Table) -> Tuple[Optional[Address], object]:
+        """The parsed address and what makes two listeners the same socket (None: never clashes)."""
+        if listen.startswith("fd:"):
+            fd = _FD.match(listen)
+            if not fd or int(fd.group(1)) > _MAX_INT:
+                raise self.error(
+                    f"{listen!r}: expected fd:N with N an inherited file descriptor number", table, "listen"
+                )
+            return None, ("fd", int(fd.group(1)))
+        if listen.startswith("systemd:"):
+            if not _SYSTEMD_NAME.match(listen):
+                raise self.error(
+                    f"{listen!r}: expected systemd:NAME, NAME a socket's FileDescriptorName (printable ASCII, no ':')",
+                    table,
+                    "listen",
+                )
+            return None, ("systemd", listen[len("systemd:") :])
+        try:
+            address = self.address(listen, passive=True)
+        except ValueError as exc:
+            raise self.error(str(exc), table, "listen") from None
+        return address, _identity(address)
+
+    def upstream_address(self, text: str, table: _Table) -> Address:
+        if text.startswith(("fd:", "systemd:")):
+            raise self.error(
+                f"{text!r}: fd: and systemd: name listening sockets; an upstream is host:port, [v6addr]:port "
+                "or unix:/path",
+                table,
+                "upstream",
+            )
+        try:
+            return self.address(text, passive=False)
+        except ValueError as exc:
+            raise self.error(str(exc), table, "upstream") from None
+
+    def check_metrics(self, text: str, tables: List[_Table], forwards: List[ForwardSpec]) -> None:
+        if text.startswith(("unix:", "fd:", "systemd:")):
+            raise self.error(f"expected HOST:PORT, got {text!r}", key="metrics")
+        try:
+            identity = _identity(self.address(text, passive=True))
+        except ValueError as exc:
+            raise self.error(str(exc), key="metrics") from None
+        for table, forward in zip(tables, forwards):
+            if identity is not None and forward.listen_address and _identity(forward.listen_address) == identity:
+                raise self.error(
+                    f"same address as forward {table.index}'s listen{_as(table.listen, text)}", key="metrics"
+                )
+
+
+def _as(text: Optional[str], other: str) -> str:
+    """How the clashing address was written, when not as `other` (``localhost`` vs ``127.0.0.1``)."""
+    return "" if text is None or text == other else f" ({text})"
+
+
+def _identity(address: Address) -> object:
+    """What two listeners on the same socket share; None for port 0 (each gets its own port)."""
+    if address.family == socket.AF_UNIX:
+        path = str(address.sockaddr)
+        return ("unix", path if path.startswith("\0") else os.path.abspath(path))
+    if isinstance(address.sockaddr, tuple) and address.sockaddr[1] == 0:
+        return None
+    return (address.family, address.sockaddr)
+
+
+def load_config(path: str) -> Config:
+    """Read and check the TOML file at `path`; raises ConfigError naming what is wrong and where."""
+    return _Loader(path).load()

@@ -1,0 +1,358 @@
+"""Prometheus metrics for the forwarder, served over HTTP at ``/metrics``.
+
+``prometheus_client`` is an optional extra (``tcptotcp[metrics]``): it is imported only when a
+``Metrics`` is made, so the rest of the package, and this module, import without it.
+
+Accounting, per forward (label ``listen``), for the forwarder to call once per event:
+
+* ``accepted()`` for each client accepted; every accepted client then ends in exactly one of
+  ``upstream_failed()`` (its upstream connect failed or timed out), ``refused()`` (closed by
+  the forwarder without a bridge for any other reason: no bridge could be started, or the
+  forwarder closed while its upstream connect was pending) or ``opened()`` (its bridge started).
+* ``ended()`` once per opened bridge, from its done callback.
+
+``tcptotcp_connections_active`` is therefore exactly the bridges running (``opened`` minus
+``ended``), and ``accepted = upstream failures + refused + opened + connects in flight``, with
+``opened = active + sum(bridges_ended)``. Clients waiting for their upstream are not in the
+gauge: that wait is bounded by the connect timeout, and a gauge moved from four call sites
+would drift as soon as one was missed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Type
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["DURATION_BUCKETS", "REASONS", "ForwardMetrics", "Metrics", "MetricsUnavailable", "parse_hostport"]
+
+#: Bridge lifetimes run from a client that hangs up at once (ms) to long sessions (an hour and more).
+DURATION_BUCKETS: Tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
+
+#: A bridge's end reasons (``BridgeResult.reason``): created up front so each series exists at 0,
+#: which ``rate()`` and absence alerts need.
+REASONS: Tuple[str, ...] = ("closed", "idle", "error", "stopped")
+
+log = logging.getLogger("tcptotcp")
+
+_MISSING = "--metrics needs the prometheus_client package: pip install 'tcptotcp[metrics]'"
+
+
+class MetricsUnavailable(RuntimeError):
+    """``prometheus_client`` is not installed; the message says how to install it."""
+
+
+def parse_hostport(text: str) -> Tuple[str, int]:
+    """``HOST:PORT`` or ``[v6addr]:PORT`` for the metrics listener, unresolved.
+
+    An empty host (``:9464``, the exporters' convention) means every IPv4 interface.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"{text!r}: expected host:port or [v6addr]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(f"{text!r}: empty IPv6 address in brackets")
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9464")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return host, port
+
+
+class ForwardMetrics:
+    """One forward's metric children, their labels resolved once so each event is one call.
+
+    Thread-safe: the forwarder's loop and the engine threads (``ended``) call it concurrently.
+    """
+
+    __slots__ = (
+        "listen",
+        "upstream",
+        "_accepted",
+        "_refused",
+        "_active",
+        "_bytes_up",
+        "_bytes_down",
+        "_duration",
+        "_failures_family",
+        "_ended_family",
+        "_failures",
+        "_ended",
+    )
+
+    def __init__(self, owner: Metrics, listen: str, upstream: Optional[str]) -> None:
+        self.listen = listen
+        self.upstream = upstream
+        self._accepted: Counter = owner._accepted.labels(listen)
+        self._refused: Counter = owner._refused.labels(listen)
+        self._active: Gauge = owner._active.labels(listen)
+        self._bytes_up: Counter = owner._bytes_up.labels(listen)
+        self._bytes_down: Counter = owner._bytes_down.labels(listen)
+        self._duration: Histogram = owner._duration.labels(listen)
+        self._failures_family: Counter = owner._upstream_failures
+        self._ended_family: Counter = owner._ended
+        self._failures: Dict[str, Counter] = {}
+        self._ended: Dict[str, Counter] = {reason: owner._ended.labels(listen, reason) for reason in REASONS}
+        if upstream is not None:
+            self._failures[upstream] = owner._upstream_failures.labels(listen, upstream)
+
+    def accepted(self) -> None:
+        """A client was accepted."""
+        self._accepted.inc()
+
+    def refused(self) -> None:
+        """An accepted client was closed without a bridge, not for an upstream failure."""
+        self._refused.inc()
+
+    def upstream_failed(self, upstream: Optional[str] = None) -> None:
+        """An accepted client's upstream connect failed or timed out (the client was closed).
+
+        `upstream` defaults to the one given to ``Metrics.forward()``.
+        """
+        name = self.upstream if upstream is None else upstream
+        if name is None:
+            raise ValueError(f"{self.listen}: upstream_failed() needs the upstream (none given to forward())")
+        child = self._failures.get(name)
+        if child is None:
+            child = self._failures[name] = self._failures_family.labels(self.listen, name)
+        child.inc()
+
+    def opened(self) -> None:
+        """A client's bridge started: it counts as active until its ``ended()``."""
+        self._active.inc()
+
+    def ended(self, reason: str, bytes_up: int, bytes_down: int, seconds: float) -> None:
+        """An opened bridge ended (its ``BridgeResult``): bytes client->upstream, back, lifetime."""
+        self._active.dec()
+        self._bytes_up.inc(bytes_up)
+        self._bytes_down.inc(bytes_down)
+        self._duration.observe(seconds)
+        child = self._ended.get(reason)
+        if child is None:
+            child = self._ended[reason] = self._ended_family.labels(self.listen, reason)
+        child.inc()
+
+
+class Metrics:
+    """The forwarder's metrics in a registry of their own.
+
+    Not the global registry: several instances (tests, several forwards in one process) would
+    clash on names there, and library users' own metrics stay out of ours.
+    """
+
+    def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError:
+            raise MetricsUnavailable(_MISSING) from None
+
+        self.registry: CollectorRegistry = CollectorRegistry()
+        reg = self.registry
+        listen = ("listen",)
+        self._accepted = Counter("tcptotcp_connections_accepted", "Clients accepted.", listen, registry=reg)
+        self._refused = Counter(
+            "tcptotcp_connections_refused",
+            "Accepted clients closed without a bridge, other than for an upstream failure.",
+            listen,
+            registry=reg,
+        )
+        self._active = Gauge("tcptotcp_connections_active", "Bridges running now.", listen, registry=reg)
+        self._upstream_failures = Counter(
+            "tcptotcp_upstream_connect_failures",
+            "Upstream connects that failed or timed out (the client was closed).",
+            ("listen", "upstream"),
+            registry=reg,
+        )
+        self._bytes_up = Counter(
+            "tcptotcp_bytes_up", "Bytes forwarded client to upstream, by ended bridges.", listen, registry=reg
+        )
+        self._bytes_down = Counter(
+            "tcptotcp_bytes_down", "Bytes forwarded upstream to client, by ended bridges.", listen, registry=reg
+        )
+        self._ended = Counter("tcptotcp_bridges_ended", "Bridges ended, by reason.", ("listen", "reason"), registry=reg)
+        self._duration = Histogram(
+            "tcptotcp_bridge_duration_seconds", "Bridge lifetimes.", listen, registry=reg, buckets=tuple(buckets)
+        )
+        self._forwards: Dict[str, ForwardMetrics] = {}
+        self._lock = threading.Lock()
+        self._server: Optional[_MetricsServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # -- recording ----------------------------------------------------------------------
+
+    def forward(self, listen: str, upstream: Optional[str] = None) -> ForwardMetrics:
+        """The children for one forward, made on first use (its series then export as 0).
+
+        The same object for the same `listen`; `upstream`, if given, is the default for
+        ``upstream_failed()`` and its failure series is created at once.
+        """
+        with self._lock:
+            fm = self._forwards.get(listen)
+            if fm is None:
+                fm = self._forwards[listen] = ForwardMetrics(self, listen, upstream)
+            return fm
+
+    def accepted(self, listen: str) -> None:
+        self.forward(listen).accepted()
+
+    def refused(self, listen: str) -> None:
+        self.forward(listen).refused()
+
+    def upstream_failed(self, listen: str, upstream: str) -> None:
+        self.forward(listen).upstream_failed(upstream)
+
+    def opened(self, listen: str) -> None:
+        self.forward(listen).opened()
+
+    def ended(self, listen: str, reason: str, bytes_up: int, bytes_down: int, seconds: float) -> None:
+        self.forward(listen).ended(reason, bytes_up, bytes_down, seconds)
+
+    def exposition(self, accept: str = "") -> Tuple[bytes, str]:
+        """(body, content type) for a scrape with this ``Accept`` header (text format by default)."""
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    # -- serving ------------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> Tuple[str, int]:
+        """Serve ``/metrics`` from a daemon thread; returns the bound (host, port).
+
+        Our own server rather than ``start_http_server``: its return value differs across
+        prometheus_client versions, and the bound port is needed when `port` is 0.
+        """
+        if self._server is not None:
+            raise RuntimeError("metrics are already being served")
+        server = _server_for(host, port, self)
+        thread = threading.Thread(target=server.run, name="tcptotcp-metrics", daemon=True)
+        thread.start()
+        self._server, self._thread = server, thread
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])
+
+    @property
+    def address(self) -> Optional[Tuple[str, int]]:
+        """The bound (host, port) while serving, else None."""
+        if self._server is None:
+            return None
+        bound = self._server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def close(self) -> None:
+        """Stop serving and free the port; safe to call more than once."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.wake()
+        if thread is not None:
+            thread.join(timeout=5.0)
+        if server is not None:
+            server.server_close()
+
+
+class _MetricsServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    timeout = 1.0  # handle_request()'s wait, should a ready client vanish before accept
+    metrics: Metrics
+
+    def __init__(self, address: Tuple[Any, ...], handler: Type[http.server.BaseHTTPRequestHandler]) -> None:
+        # Before binding: a failed bind calls server_close(), which closes these.
+        self._wake_r, self._wake_w = socket.socketpair()
+        super().__init__(address, handler)
+
+    def run(self) -> None:
+        """``serve_forever()`` without its 0.5 s poll: ``wake()`` ends it at once."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self.handle_request()
+
+    def wake(self) -> None:
+        self._wake_w.send(b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that hung up mid-response: a debug line, not a traceback on stderr."""
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind() calls getfqdn(), a reverse DNS lookup that can stall startup.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _MetricsServer
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path != "/metrics":
+            self.send_error(404, "only /metrics is served here")
+            return
+        body, content_type = self.server.metrics.exposition(self.headers.get("Accept", ""))
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silent: a line per scrape on stderr would interleave with (JSON) logs."""
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+def _server_for(host: str, port: int, metrics: Metrics) -> _MetricsServer:
+    """A server bound to `host`:`port`, in the family the host resolves to (IPv4 for "")."""
+    server_class = _MetricsServer
+    address: Tuple[Any, ...] = (host, port)
+    if host:
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except socket.gaierror as exc:
+            raise OSError(f"cannot resolve {host!r} ({exc.strerror})") from None
+        if info[0] == socket.AF_INET6:
+            server_class = _MetricsServer6
+        address = tuple(info[4])
+    server = server_class(address, _Handler)
+    server.metrics = metrics
+    return server

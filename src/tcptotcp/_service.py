@@ -1,0 +1,231 @@
+"""Several forwards in one process, as the CLI runs them: start, reload, list, stop.
+
+Each forward is a ``Forwarder`` serving on its own thread. A reload (SIGHUP with ``--config``)
+compares the new forwards with the running ones by listen address: new ones start listening,
+removed ones stop accepting and are kept until their open bridges have ended on their own, and
+changed ones take their new options for clients from then on. Nothing is dropped by a reload,
+and a reload that cannot be carried out whole changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Type
+
+from ._activation import is_inherited_address, listener_socket, resolve_listen
+from ._bridge import Bridge
+from ._config import ForwardSpec
+from ._jsonlog import JsonFormatter
+from .forwarder import Forwarder
+
+log = logging.getLogger("tcptotcp")
+
+# Options a running listener cannot change: they are the socket's own.
+_LISTENER_OPTIONS = ("backlog", "reuse_port")
+_JSON = JsonFormatter()
+
+
+class Service:
+    """The forwards of one process; `announce` writes the lines that go out at any log level."""
+
+    def __init__(
+        self,
+        bridge_class: Type[Bridge],
+        *,
+        inherited: Optional[Mapping[int, str]] = None,
+        metrics: Optional[Any] = None,
+        json_lines: bool = False,
+        stream: TextIO = sys.stderr,
+        wake: Optional[threading.Event] = None,
+    ) -> None:
+        self.bridge_class = bridge_class
+        self.inherited: Mapping[int, str] = inherited or {}
+        self.metrics = metrics
+        self.json_lines = json_lines
+        self.stream = stream
+        self.forwards: Dict[str, Forwarder] = {}  # by listen text, as the config writes it
+        self.specs: Dict[str, ForwardSpec] = {}
+        self.retired: List[Forwarder] = []  # removed by a reload, bridges still running
+        self._threads: Dict[Forwarder, threading.Thread] = {}
+        self.crashed = False  # a serve thread died of an exception: the process should exit
+        self._wake = wake
+
+    # -- lines for people and machines ----------------------------------------------------
+
+    def announce(self, event: str, text: str, **fields: Any) -> None:
+        """A line that goes out whatever the log level (scripts wait for "listening")."""
+        if self.json_lines:
+            record = logging.LogRecord("tcptotcp", logging.INFO, __file__, 0, text, None, None)
+            record.event = event
+            record.fields = fields
+            line = _JSON.format(record)
+        else:
+            line = f"tcptotcp: {text}"
+        print(line, file=self.stream, flush=True)
+
+    # -- forwards -------------------------------------------------------------------------
+
+    def _make(self, spec: ForwardSpec) -> Forwarder:
+        listen_socket: Optional[socket.socket] = None
+        if is_inherited_address(spec.listen):
+            listen_socket = listener_socket(resolve_listen(spec.listen, self.inherited))
+        kwargs = spec.forwarder_kwargs()
+        return Forwarder(
+            spec.listen_address or spec.listen,
+            spec.upstream_addresses or spec.upstreams,
+            bridge_class=self.bridge_class,
+            listen_socket=listen_socket,
+            metrics=self.metrics,
+            **kwargs,
+        )
+
+    def _serve(self, spec: ForwardSpec, forwarder: Forwarder) -> None:
+        self.forwards[spec.listen] = forwarder
+        self.specs[spec.listen] = spec
+        thread = threading.Thread(
+            target=self._run, args=(forwarder,), name=f"tcptotcp-serve {forwarder.address_text}", daemon=True
+        )
+        self._threads[forwarder] = thread
+        thread.start()
+        backend = getattr(self.bridge_class, "engine_name", "custom")
+        upstreams = ", ".join(u.text for u in forwarder.options.upstreams)
+        balance = f", balance {forwarder.options.balance}" if len(forwarder.options.upstreams) > 1 else ""
+        self.announce(
+            "listening",
+            f"listening on {forwarder.address_text}, forwarding to {upstreams}{balance} (backend {backend})",
+            listen=forwarder.address_text,
+            upstreams=[u.text for u in forwarder.options.upstreams],
+            backend=backend,
+        )
+        shortfall = forwarder.fd_shortfall()
+        if shortfall:
+            needed, available = shortfall
+            log.warning(
+                "%s: --max-connections %d may need up to %d file descriptors, but this process can "
+                "open only %d more (ulimit -n): clients beyond that are refused until others end",
+                forwarder.address_text,
+                forwarder.options.max_connections,
+                needed,
+                available,
+            )
+
+    def _run(self, forwarder: Forwarder) -> None:
+        try:
+            forwarder.serve_forever()
+        except BaseException:
+            log.exception("%s: the forwarder failed", forwarder.address_text)
+            self.crashed = True
+            if self._wake is not None:
+                self._wake.set()
+
+    def start(self, specs: Sequence[ForwardSpec]) -> None:
+        """Listen on every forward, or on none (OSError/ValueError names the one that failed)."""
+        made = self._make_all(specs)
+        for spec, forwarder in zip(specs, made):
+            self._serve(spec, forwarder)
+
+    def _make_all(self, specs: Sequence[ForwardSpec]) -> List[Forwarder]:
+        made: List[Forwarder] = []
+        try:
+            for spec in specs:
+                try:
+                    made.append(self._make(spec))
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen on {spec.listen}: {exc.strerror or exc}") from None
+                except ValueError as exc:
+                    raise ValueError(f"{spec.listen}: {exc}") from None
+        except BaseException:
+            for forwarder in made:
+                forwarder.close()
+            raise
+        return made
+
+    def reload(self, specs: Sequence[ForwardSpec]) -> None:
+        """Take a new set of forwards; on failure (raised) nothing has changed."""
+        wanted = {spec.listen: spec for spec in specs}
+        added = [spec for spec in specs if spec.listen not in self.forwards]
+        removed = [listen for listen in self.forwards if listen not in wanted]
+        changed = [spec for spec in specs if spec.listen in self.specs and spec != self.specs[spec.listen]]
+        made = self._make_all(added)  # binds first: a port in use fails the reload whole
+        for spec in changed:
+            old = self.specs[spec.listen]
+            stuck = [k for k in _LISTENER_OPTIONS if getattr(old, k) != getattr(spec, k)]
+            if stuck:
+                log.warning("%s: %s change only with a restart", spec.listen, " and ".join(stuck))
+            kwargs = {k: v for k, v in spec.forwarder_kwargs().items() if k not in _LISTENER_OPTIONS}
+            self.forwards[spec.listen].reconfigure(spec.upstream_addresses or spec.upstreams, **kwargs)
+            self.specs[spec.listen] = spec
+        for listen in removed:
+            forwarder = self.forwards.pop(listen)
+            del self.specs[listen]
+            forwarder.stop_accepting()  # its bridges run on to their own end
+            self.retired.append(forwarder)
+            self.announce("stopped_listening", f"stopped listening on {listen}", listen=listen)
+        for spec, forwarder in zip(added, made):
+            self._serve(spec, forwarder)
+        self.retired = [f for f in self.retired if f.stats.active]
+        self.announce(
+            "reload",
+            f"reloaded: {len(added)} added, {len(removed)} removed, {len(changed)} changed",
+            added=[s.listen for s in added],
+            removed=removed,
+            changed=[s.listen for s in changed],
+        )
+
+    def all_forwarders(self) -> List[Forwarder]:
+        return list(self.forwards.values()) + self.retired
+
+    def list_open(self) -> None:
+        """SIGUSR1: a line per open bridge and the totals, at any log level."""
+        count = up = down = 0
+        for forwarder in self.all_forwarders():
+            for item in forwarder.open_bridges():
+                count += 1
+                up += item["bytes_up"]
+                down += item["bytes_down"]
+                self.announce(
+                    "bridge",
+                    f"{forwarder.address_text} #{item['id']} {item['client']} -> {item['upstream']}: "
+                    f"{item['seconds']:.3f} s, {item['bytes_up']} bytes up, {item['bytes_down']} down",
+                    listen=forwarder.address_text,
+                    **item,
+                )
+        self.announce(
+            "open_bridges",
+            f"{count} bridges open, {up} bytes up and {down} down so far",
+            bridges=count,
+            bytes_up=up,
+            bytes_down=down,
+        )
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stop every forward (open bridges get `drain_seconds`), then the summary lines."""
+        forwarders = self.all_forwarders()
+        for forwarder in forwarders:
+            forwarder.request_stop()
+        # One drain for all: close them side by side.
+        closers = [
+            threading.Thread(target=f.close, kwargs={"drain_seconds": drain_seconds}, daemon=True) for f in forwarders
+        ]
+        for closer in closers:
+            closer.start()
+        deadline = time.monotonic() + drain_seconds + 10.0
+        for closer in closers:
+            closer.join(max(0.0, deadline - time.monotonic()))
+        many = len(forwarders) > 1
+        for forwarder in forwarders:
+            s = forwarder.stats
+            self.announce(
+                "summary",
+                (f"{forwarder.address_text}: " if many else "") + forwarder.summary(),
+                listen=forwarder.address_text,
+                accepted=s.accepted,
+                refused=s.refused,
+                upstream_failures=s.upstream_failures,
+                bytes_up=s.bytes_up,
+                bytes_down=s.bytes_down,
+            )
