@@ -629,8 +629,15 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
     b->reason = (unsigned char)reason;
     b->error = error;
     t2t_drop_held(b);
-    for (int s = 0; s < 2; s++) t2t_watch_input(b, s, 1); /* the drain reads both */
-    for (int s = 0; s < 2; s++) shutdown(b->side[s].fd, SHUT_WR);
+    for (int s = 0; s < 2; s++) {
+        if (b->dir[s].ended) {
+            /* Its FIN was read: nothing more can arrive, so close() alone sends ours, cleanly. */
+            b->side[s].drained = 1;
+            continue;
+        }
+        t2t_watch_input(b, s, 1); /* the drain reads it */
+        if (!b->side[s].fin_sent) shutdown(b->side[s].fd, SHUT_WR);
+    }
     b->drain_limit_ns = t2t_add(b->loop->now, T2T_DRAIN_LIMIT_NS);
     b->drain_quiet_ns = T2T_NEVER;
     t2t_drain(b);
