@@ -29,6 +29,18 @@ _LISTENER_OPTIONS = ("backlog", "reuse_port")
 _JSON = JsonFormatter()
 
 
+def _keys(specs: Sequence[ForwardSpec]) -> List[str]:
+    """A key per forward, to match running forwards with a reload's: its listen text, and for a
+    second (third...) forward written alike - port 0, which load_config() allows several times,
+    each getting a port of its own - that text with "#2" ("#3"...)."""
+    seen: Dict[str, int] = {}
+    keys = []
+    for spec in specs:
+        n = seen[spec.listen] = seen.get(spec.listen, 0) + 1
+        keys.append(spec.listen if n == 1 else f"{spec.listen}#{n}")
+    return keys
+
+
 class Service:
     """The forwards of one process; `announce` writes the lines that go out at any log level."""
 
@@ -47,7 +59,7 @@ class Service:
         self.metrics = metrics
         self.json_lines = json_lines
         self.stream = stream
-        self.forwards: Dict[str, Forwarder] = {}  # by listen text, as the config writes it
+        self.forwards: Dict[str, Forwarder] = {}  # by _keys(): listen text, as the config writes it
         self.specs: Dict[str, ForwardSpec] = {}
         self.retired: List[Forwarder] = []  # removed by a reload, bridges still running
         self._threads: Dict[Forwarder, threading.Thread] = {}
@@ -65,7 +77,10 @@ class Service:
             line = _JSON.format(record)
         else:
             line = f"tcptotcp: {text}"
-        print(line, file=self.stream, flush=True)
+        # One write, as logging's handler makes: print() writes the text and its newline
+        # separately, and a log line from another thread could land between them.
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     # -- forwards -------------------------------------------------------------------------
 
@@ -83,9 +98,9 @@ class Service:
             **kwargs,
         )
 
-    def _serve(self, spec: ForwardSpec, forwarder: Forwarder) -> None:
-        self.forwards[spec.listen] = forwarder
-        self.specs[spec.listen] = spec
+    def _serve(self, key: str, spec: ForwardSpec, forwarder: Forwarder) -> None:
+        self.forwards[key] = forwarder
+        self.specs[key] = spec
         thread = threading.Thread(
             target=self._run, args=(forwarder,), name=f"tcptotcp-serve {forwarder.address_text}", daemon=True
         )
@@ -125,8 +140,8 @@ class Service:
     def start(self, specs: Sequence[ForwardSpec]) -> None:
         """Listen on every forward, or on none (OSError/ValueError names the one that failed)."""
         made = self._make_all(specs)
-        for spec, forwarder in zip(specs, made):
-            self._serve(spec, forwarder)
+        for key, spec, forwarder in zip(_keys(specs), specs, made):
+            self._serve(key, spec, forwarder)
 
     def _make_all(self, specs: Sequence[ForwardSpec]) -> List[Forwarder]:
         made: List[Forwarder] = []
@@ -146,34 +161,36 @@ class Service:
 
     def reload(self, specs: Sequence[ForwardSpec]) -> None:
         """Take a new set of forwards; on failure (raised) nothing has changed."""
-        wanted = {spec.listen: spec for spec in specs}
-        added = [spec for spec in specs if spec.listen not in self.forwards]
-        removed = [listen for listen in self.forwards if listen not in wanted]
-        changed = [spec for spec in specs if spec.listen in self.specs and spec != self.specs[spec.listen]]
-        made = self._make_all(added)  # binds first: a port in use fails the reload whole
-        for spec in changed:
-            old = self.specs[spec.listen]
+        wanted = dict(zip(_keys(specs), specs))
+        added = [(key, spec) for key, spec in wanted.items() if key not in self.forwards]
+        removed = [key for key in self.forwards if key not in wanted]
+        changed = [(key, spec) for key, spec in wanted.items() if key in self.specs and spec != self.specs[key]]
+        made = self._make_all([spec for _, spec in added])  # binds first: a port in use fails the reload whole
+        for key, spec in changed:
+            old = self.specs[key]
             stuck = [k for k in _LISTENER_OPTIONS if getattr(old, k) != getattr(spec, k)]
             if stuck:
                 log.warning("%s: %s change only with a restart", spec.listen, " and ".join(stuck))
             kwargs = {k: v for k, v in spec.forwarder_kwargs().items() if k not in _LISTENER_OPTIONS}
-            self.forwards[spec.listen].reconfigure(spec.upstream_addresses or spec.upstreams, **kwargs)
-            self.specs[spec.listen] = spec
-        for listen in removed:
-            forwarder = self.forwards.pop(listen)
-            del self.specs[listen]
+            self.forwards[key].reconfigure(spec.upstream_addresses or spec.upstreams, **kwargs)
+            self.specs[key] = spec
+        removed_listens = []
+        for key in removed:
+            forwarder = self.forwards.pop(key)
+            listen = self.specs.pop(key).listen
+            removed_listens.append(listen)
             forwarder.stop_accepting()  # its bridges run on to their own end
             self.retired.append(forwarder)
             self.announce("stopped_listening", f"stopped listening on {listen}", listen=listen)
-        for spec, forwarder in zip(added, made):
-            self._serve(spec, forwarder)
+        for (key, spec), forwarder in zip(added, made):
+            self._serve(key, spec, forwarder)
         self.retired = [f for f in self.retired if f.stats.active]
         self.announce(
             "reload",
             f"reloaded: {len(added)} added, {len(removed)} removed, {len(changed)} changed",
-            added=[s.listen for s in added],
-            removed=removed,
-            changed=[s.listen for s in changed],
+            added=[s.listen for _, s in added],
+            removed=removed_listens,
+            changed=[s.listen for _, s in changed],
         )
 
     def all_forwarders(self) -> List[Forwarder]:

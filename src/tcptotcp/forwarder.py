@@ -573,6 +573,7 @@ class Forwarder:
                 client.peer,
                 extra=_event("unserved", id=client.conn_id, client=str(client.peer)),
             )
+        client.deadline = 0.0  # a connect timer of the last attempt may still be queued: void it
         os.close(client.fd)
         self._client_gone()
 
@@ -904,6 +905,11 @@ class Forwarder:
         stop_waiting = time.monotonic() + 2.0
         for bridge in bridges:
             bridge.wait(max(0.0, stop_waiting - time.monotonic()))
+        # wait() returns once a bridge's result is set, before its done callback has counted its
+        # bytes and logged its close line: wait for those too (the last thing each does is
+        # _client_gone()), so that nothing is written after, or into, the summary.
+        while self.stats.active > 0 and time.monotonic() < stop_waiting:
+            time.sleep(0.01)
         self._wake_r.close()
         self._wake_w.close()
 
