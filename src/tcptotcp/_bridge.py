@@ -47,6 +47,21 @@ class Plan:
     half_close: bool  # forward a FIN and keep the other direction open
 
 
+def plan_of(rate_check_seconds: int, keep_alive_delay_time_seconds: int, activity: str, half_close: bool) -> Plan:
+    """A bridge's plan from the crate's parameters, checked and clamped as the crate does:
+    a rate check of at least 1 s, a keep-alive of at least 2 s, idle after k // r checks."""
+    r = _check_int(rate_check_seconds, "rate_check_seconds")
+    k = _check_int(keep_alive_delay_time_seconds, "keep_alive_delay_time_seconds")
+    check_activity(activity)
+    interval = max(1, r)
+    return Plan(
+        interval=interval,
+        idle_limit=max(2, k) // interval,
+        activity_both=activity == "both",
+        half_close=bool(half_close),
+    )
+
+
 class Relay(Protocol):
     """A running bridge inside an engine."""
 
@@ -172,21 +187,12 @@ class Bridge:
         activity: str,
         half_close: bool,
     ) -> None:
-        r = _check_int(rate_check_seconds, "rate_check_seconds")
-        k = _check_int(keep_alive_delay_time_seconds, "keep_alive_delay_time_seconds")
-        check_activity(activity)
+        self._plan = plan_of(rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close)
         self._streams = streams
-        # The original's clamping: u8 rate check of at least 1 s, keep-alive of at least 2 s.
-        self.rate_check_seconds = max(1, r)
-        self.keep_alive_delay_time_seconds = max(2, k)
+        self.rate_check_seconds = self._plan.interval
+        self.keep_alive_delay_time_seconds = max(2, int(keep_alive_delay_time_seconds))
         self.activity = activity
-        self.half_close = bool(half_close)
-        self._plan = Plan(
-            interval=self.rate_check_seconds,
-            idle_limit=self.keep_alive_delay_time_seconds // self.rate_check_seconds,
-            activity_both=activity == "both",
-            half_close=self.half_close,
-        )
+        self.half_close = self._plan.half_close
         self._lock = threading.Lock()
         self._launched = False  # start()/run() was called
         self._stop_asked = False

@@ -12,6 +12,7 @@ Same seam as the pure engine (``_pump.start``).
 """
 
 import os
+import socket
 import threading
 
 from ._bridge import REASONS, report_unraisable
@@ -30,7 +31,33 @@ cdef extern from "_loop.h" nogil:
         unsigned char reason
         int error
         t2t_bridge *done_next
+        t2t_bridge *open_next
         void *owner
+        unsigned long long conn_id
+        unsigned char opened
+        unsigned char timed_out
+    ctypedef struct t2t_listener:
+        pass
+    ctypedef struct sockaddr_storage "struct sockaddr_storage":
+        pass
+    ctypedef struct sockaddr "struct sockaddr":
+        pass
+    ctypedef unsigned int socklen_t
+    t2t_listener *t2t_listen(int fd, const sockaddr *upstream, socklen_t upstream_len, const int *sockopts,
+                             int nsockopts, int64_t connect_timeout_ns, int64_t interval_ns, uint64_t idle_limit,
+                             int activity_both, int half_close, int may_splice, int max_active,
+                             unsigned long long first_id)
+    int t2t_listener_fd(t2t_listener *lst)
+    int t2t_listener_active(t2t_listener *lst)
+    unsigned long long t2t_listener_next_id(t2t_listener *lst)
+    void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done)
+    void t2t_listener_stop(t2t_listener *lst)
+    int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
+                        sockaddr_storage *out, socklen_t *length)
+    int t2t_sockaddr_unix(const char *path, size_t n, sockaddr_storage *out, socklen_t *length)
+    int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
+                 unsigned int *scope_id)
+    const int MAX_SOCKOPTS "T2T_MAX_SOCKOPTS"
     const int HAVE_SPLICE "T2T_HAVE_SPLICE"
     const int BUFFER_BYTES "T2T_BUFFER_BYTES"
     const int MAX_LOOPS "T2T_MAX_LOOPS"
@@ -120,6 +147,9 @@ cdef _finish_all(t2t_bridge *batch):
     while batch != NULL:
         b = batch
         batch = b.done_next
+        if b.owner == NULL:  # a listener's, inherited by a fork child: nothing to tell
+            t2t_release(b)
+            continue
         relay = <Relay>b.owner
         Py_DECREF(relay)  # the reference start() took; `relay` holds its own until the next one
         try:
@@ -234,3 +264,113 @@ def stats():
         "pooled_pipes": t2t_pooled_pipes(),
         "engine_fds": t2t_engine_fds(),
     }
+
+
+cdef object _peer_of(t2t_bridge *b):
+    """The client's address as Python's accept() gives it."""
+    cdef char host[128]
+    cdef int port
+    cdef unsigned int flowinfo, scope_id
+    cdef int family = t2t_peer(b, host, sizeof(host), &port, &flowinfo, &scope_id)
+    text = host.decode("utf-8", "surrogateescape")
+    if family == socket.AF_INET:
+        return (text, port)
+    if family == socket.AF_INET6:
+        return (text, port, flowinfo, scope_id)
+    return text
+
+
+cdef class Listener:
+    """Accepting and connecting in the loops (Linux): see `listen()`."""
+
+    cdef t2t_listener *_l
+
+    def fileno(self):
+        """Readable when `take()` has something."""
+        return t2t_listener_fd(self._l)
+
+    @property
+    def active(self):
+        """Clients accepted and not yet reported ended (or failed)."""
+        return t2t_listener_active(self._l)
+
+    @property
+    def next_id(self):
+        """The number the next client will get."""
+        return t2t_listener_next_id(self._l)
+
+    def take(self):
+        """What happened since the last take: ``(opened, ended)``. `opened` holds ``(id, peer,
+        relay)`` per bridge that started relaying; `ended` holds ``(id, peer, opened, bytes_1_to_2,
+        bytes_2_to_1, reason, seconds, errno, timed_out)`` per bridge that ended or, with
+        `opened` false, whose upstream connect failed. A bridge opened and ended since the last
+        take is in both, opened first."""
+        cdef t2t_bridge *opened_list
+        cdef t2t_bridge *done_list
+        cdef t2t_bridge *b
+        cdef Relay relay
+        with nogil:
+            t2t_listener_take(self._l, &opened_list, &done_list)
+        opened = []
+        while opened_list != NULL:
+            b = opened_list
+            opened_list = b.open_next
+            relay = Relay.__new__(Relay)
+            relay._b = b  # the reference the opened list held is the relay's now
+            opened.append((b.conn_id, _peer_of(b), relay))
+        ended = []
+        while done_list != NULL:
+            b = done_list
+            done_list = b.done_next
+            ended.append((b.conn_id, _peer_of(b), bool(b.opened), t2t_bytes(b, 0), t2t_bytes(b, 1),
+                          _REASONS[b.reason], (b.ended_ns - b.started_ns) / 1e9, b.error, bool(b.timed_out)))
+            t2t_release(b)
+        return opened, ended
+
+    def stop(self):
+        """Stop accepting; once it returns, the loops no longer touch the listening socket.
+        Connects in flight end as failed; opened bridges run on."""
+        with nogil:
+            t2t_listener_stop(self._l)
+
+
+def listen(listener, upstream_family, upstream_sockaddr, sockopts, plan, connect_timeout, max_active, first_id,
+           *, bint splice=True):
+    """Let the loops accept clients of `listener` (a listening socket the caller keeps open and
+    closes only after `Listener.stop()`) and relay each to the upstream at `upstream_sockaddr`
+    (numeric, as getaddrinfo gives it), setting `sockopts` ``[(level, name, int), ...]`` on each
+    upstream socket. Raises OSError (ENOSYS where the loops cannot accept: off Linux)."""
+    _ensure_engine()
+    cdef sockaddr_storage address
+    cdef socklen_t address_len = 0
+    cdef int options[8][3]
+    cdef int n = 0
+    cdef int rc
+    if len(sockopts) > MAX_SOCKOPTS:
+        raise ValueError(f"at most {MAX_SOCKOPTS} socket options")
+    for level, name, value in sockopts:
+        options[n][0] = level
+        options[n][1] = name
+        options[n][2] = value
+        n += 1
+    if upstream_family == socket.AF_UNIX:
+        path = os.fsencode(upstream_sockaddr)
+        rc = t2t_sockaddr_unix(path, len(path), &address, &address_len)
+    else:
+        host = upstream_sockaddr[0].encode("ascii")
+        flowinfo = upstream_sockaddr[2] if len(upstream_sockaddr) > 2 else 0
+        scope_id = upstream_sockaddr[3] if len(upstream_sockaddr) > 3 else 0
+        rc = t2t_sockaddr_ip(upstream_family, host, upstream_sockaddr[1], flowinfo, scope_id, &address,
+                             &address_len)
+    if rc != 0:
+        raise ValueError(f"not a numeric address: {upstream_sockaddr!r}")
+    cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
+    cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
+    cdef Listener result = Listener.__new__(Listener)
+    result._l = t2t_listen(listener.fileno(), <sockaddr *>&address, address_len, &options[0][0], n,
+                           int(connect_timeout * 1e9), interval_ns, idle_limit, plan.activity_both, plan.half_close,
+                           splice, max_active, first_id)
+    if result._l == NULL:
+        err = errno
+        raise OSError(err, os.strerror(err))
+    return result

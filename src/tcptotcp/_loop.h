@@ -31,8 +31,11 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <stddef.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/un.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -81,7 +84,10 @@ enum {
        streams and crowds still spread over every loop. */
     T2T_PACK = 64,
     T2T_BUSY_PERMILLE = 500,
+    T2T_ACCEPTS_PER_TURN = 64, /* then the loop serves its bridges before accepting more */
+    T2T_MAX_SOCKOPTS = 8,
 };
+#define T2T_ACCEPT_BACKOFF_NS 100000000LL /* out of fds: accept again after 100 ms */
 #define T2T_BUSY_WINDOW_NS 20000000LL /* the busy share is measured over 20 ms of a loop's time */
 #define T2T_BUSY_STALE_NS 100000000LL /* a measure this old belongs to a loop now asleep: idle */
 /* Draining unread input before close (a close with unread bytes sends RST, which destroys
@@ -91,7 +97,7 @@ enum {
 #define T2T_NEVER INT64_MAX
 
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
-enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE };
+enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING };
 enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2 };
 
 typedef struct t2t_pipe {
@@ -100,6 +106,7 @@ typedef struct t2t_pipe {
 } t2t_pipe;
 
 struct t2t_bridge;
+struct t2t_listener;
 
 typedef struct t2t_side {
     struct t2t_bridge *bridge;
@@ -134,6 +141,15 @@ typedef struct t2t_bridge {
     size_t heap_index;
     struct t2t_bridge *inbox_next, *work_next, *again_next, *done_next, *prev, *next;
     void *owner; /* the Python object to tell when done (a strong reference, held by _core) */
+    /* A bridge a listener accepted (see t2t_listen): its client's address, its number, and
+       the upstream connect's deadline and outcome. */
+    struct t2t_listener *listener;
+    struct t2t_bridge *open_next;
+    unsigned long long conn_id;
+    int64_t connect_deadline_ns;
+    unsigned char registered, opened, timed_out;
+    socklen_t peer_len;
+    struct sockaddr_storage peer;
 } t2t_bridge;
 
 typedef struct t2t_loop {
@@ -155,6 +171,7 @@ typedef struct t2t_loop {
     int64_t busy_ns, idle_ns; /* this window's time working and waiting */
     int busy_permille;       /* atomic: the last window's share of work */
     int64_t busy_at;         /* atomic: when it was measured */
+    int64_t retry_listeners_ns; /* a listener paused by EMFILE here may accept again then */
 } t2t_loop;
 
 typedef struct t2t_engine {
@@ -382,6 +399,7 @@ static ssize_t t2t_splice(int from, int to, size_t n) {
 
 static int64_t t2t_deadline(const t2t_bridge *b) {
     if (b->state == T2T_RELAYING) return b->next_check_ns;
+    if (b->state == T2T_CONNECTING) return b->connect_deadline_ns;
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
 }
 
@@ -611,7 +629,10 @@ static void t2t_pump(t2t_bridge *b, int i) {
     }
 }
 
+static void t2t_connect_check(t2t_bridge *b);
+
 static void t2t_service(t2t_bridge *b) {
+    if (b->state == T2T_CONNECTING) t2t_connect_check(b);
     if (b->state == T2T_RELAYING) {
         t2t_pump(b, 0);
         t2t_pump(b, 1);
@@ -655,6 +676,8 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
     t2t_drain(b);
 }
 
+static void t2t_listener_report(t2t_bridge *b);
+
 static void t2t_close(t2t_bridge *b) {
     t2t_loop *L = b->loop;
     t2t_heap_remove(L, b);
@@ -669,11 +692,15 @@ static void t2t_close(t2t_bridge *b) {
     b->prev = b->next = NULL;
     b->ended_ns = t2t_now();
     __atomic_store_n(&b->state, T2T_DONE, __ATOMIC_RELEASE);
+    __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
+    if (b->listener) {
+        t2t_listener_report(b);
+        return;
+    }
     b->done_next = NULL;
     if (L->done_tail) L->done_tail->done_next = b;
     else L->done_head = b;
     L->done_tail = b;
-    __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
 }
 
 /* Drop what the peers still send. The common case, nothing unread, costs one recv a side. */
@@ -733,6 +760,7 @@ static void t2t_begin(t2t_bridge *b) {
             return;
         }
     }
+    b->registered = 1;
     t2t_idle_check(b); /* the check at the start: no traffic yet */
     if (b->state == T2T_RELAYING && t2t_heap_push(L, b) != 0) t2t_fail(b, ENOMEM);
 }
@@ -765,10 +793,15 @@ static void t2t_take_inbox(t2t_loop *L) {
     }
 }
 
+static void t2t_connect_failed(t2t_bridge *b, int error);
+
 static void t2t_run_timers(t2t_loop *L) {
     while (L->heap_len && t2t_deadline(L->heap[0]) <= L->now) {
         t2t_bridge *b = L->heap[0];
-        if (b->state == T2T_RELAYING) {
+        if (b->state == T2T_CONNECTING) {
+            b->timed_out = 1;
+            t2t_connect_failed(b, ETIMEDOUT);
+        } else if (b->state == T2T_RELAYING) {
             t2t_idle_check(b);
             if (b->state == T2T_RELAYING) t2t_heap_fix(L, 0);
         } else {
@@ -779,8 +812,10 @@ static void t2t_run_timers(t2t_loop *L) {
 
 static int t2t_timeout_ms(t2t_loop *L) {
     if (L->again) return 0;
-    if (!L->heap_len) return -1;
-    int64_t wait = t2t_deadline(L->heap[0]) - L->now;
+    int64_t next = L->heap_len ? t2t_deadline(L->heap[0]) : T2T_NEVER;
+    if (L->retry_listeners_ns && L->retry_listeners_ns < next) next = L->retry_listeners_ns;
+    if (next == T2T_NEVER) return -1;
+    int64_t wait = next - L->now;
     if (wait <= 0) return 0;
     int64_t ms = (wait + 999999) / 1000000; /* round up: never wake before the deadline */
     return ms > 3600000 ? 3600000 : (int)ms;
@@ -809,13 +844,308 @@ static void t2t_publish_done(t2t_loop *L) {
     L->done_head = L->done_tail = NULL;
 }
 
+/* ---- listeners: accepting and connecting in the loops -------------------------------------------
+
+   The forwarder's fast path (Linux): every loop watches the listening socket (EPOLLEXCLUSIVE, so
+   a new client wakes one loop, not all), accepts, connects to the upstream without blocking and
+   relays the pair itself. No thread hand-off and no Python per connection: Python learns of
+   each bridge when it opened and when it ended (or that its upstream failed), in batches,
+   through the listener's event fd. A listener is kept for the process once made: a loop may
+   still hold an event for it after it stopped. */
+
+typedef struct t2t_listen_tag {
+    t2t_side side; /* side.bridge == NULL marks a listener's tag in the poller */
+    struct t2t_listener *lst;
+    int loop;
+} t2t_listen_tag;
+
+typedef struct t2t_listener {
+    int fd; /* the listening socket: Python's, never closed here */
+    struct sockaddr_storage upstream;
+    socklen_t upstream_len;
+    int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) set on every upstream socket */
+    int nsockopts;
+    int64_t connect_timeout_ns, interval_ns;
+    uint64_t idle_limit;
+    unsigned char activity_both, half_close, may_splice;
+    int max_active;
+    int active;     /* atomic: accepted and not yet reported ended */
+    int stopping;   /* atomic */
+    int in_accept;  /* atomic: loops inside t2t_accept_some for it */
+    int armed;      /* atomic: watched by the loops */
+    int64_t paused_until; /* atomic: EMFILE back-off */
+    int spread;     /* accepted in every loop, not only the first: some loop is busy (T2T_PACK) */
+    unsigned long long next_id; /* atomic */
+    pthread_mutex_t lock; /* guards the event lists and arming */
+    t2t_bridge *opened_head, *opened_tail, *done_head, *done_tail;
+    int ev_r, ev_w, ev_told;
+    unsigned char watching[T2T_MAX_LOOPS];
+    t2t_listen_tag tags[T2T_MAX_LOOPS];
+    struct t2t_listener *next; /* the engine's list, for EMFILE retries */
+} t2t_listener;
+
+static t2t_listener *t2t_listeners; /* under the engine's lock */
+
+/* Watch the listener in every loop, or in none, as its state asks; the caller holds lst->lock. */
+static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
+#if T2T_EPOLL
+    t2t_engine *E = &t2t_the_engine;
+    int want = !__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST) &&
+               __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) < lst->max_active &&
+               now >= __atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED);
+    for (int i = 0; i < E->nloops; i++) {
+        int want_here = want && (i == 0 || lst->spread);
+        if (want_here && !lst->watching[i]) {
+            struct epoll_event ev;
+            ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+            ev.data.ptr = &lst->tags[i].side;
+            if (epoll_ctl(E->loops[i].poller, EPOLL_CTL_ADD, lst->fd, &ev) == 0) lst->watching[i] = 1;
+        } else if (!want_here && lst->watching[i]) {
+            struct epoll_event unused;
+            epoll_ctl(E->loops[i].poller, EPOLL_CTL_DEL, lst->fd, &unused);
+            lst->watching[i] = 0;
+        }
+    }
+    __atomic_store_n(&lst->armed, want, __ATOMIC_RELEASE);
+#else
+    (void)lst;
+    (void)now; /* t2t_listen is Linux only: no listener exists here */
+#endif
+}
+
+static void t2t_listener_arm(t2t_listener *lst, int64_t now) {
+    pthread_mutex_lock(&lst->lock);
+    t2t_listener_arm_locked(lst, now);
+    pthread_mutex_unlock(&lst->lock);
+}
+
+static void t2t_listener_tell_locked(t2t_listener *lst) {
+    if (!lst->ev_told) {
+        lst->ev_told = 1;
+        t2t_signal_fd(lst->ev_w);
+    }
+}
+
+/* A listener's bridge ended, or never opened: give it to Python, free its slot. */
+static void t2t_listener_report(t2t_bridge *b) {
+    t2t_listener *lst = b->listener;
+    pthread_mutex_lock(&lst->lock);
+    b->done_next = NULL;
+    if (lst->done_tail) lst->done_tail->done_next = b;
+    else lst->done_head = b;
+    lst->done_tail = b;
+    t2t_listener_tell_locked(lst);
+    __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm_locked(lst, t2t_now());
+    pthread_mutex_unlock(&lst->lock);
+}
+
+/* The upstream connect failed (or timed out, or the listener stopped meanwhile). */
+static void t2t_connect_failed(t2t_bridge *b, int error) {
+    t2t_loop *L = b->loop;
+    t2t_heap_remove(L, b);
+    for (int s = 0; s < 2; s++) {
+        if (b->side[s].fd < 0) continue;
+        if (b->registered) t2t_poller_del(L, b->side[s].fd);
+        close(b->side[s].fd);
+        b->side[s].fd = -1;
+    }
+    if (b->registered) {
+        if (b->prev) b->prev->next = b->next;
+        else L->all = b->next;
+        if (b->next) b->next->prev = b->prev;
+        b->prev = b->next = NULL;
+    }
+    b->reason = T2T_ERROR;
+    b->error = error;
+    b->started_ns = b->ended_ns = L->now;
+    __atomic_store_n(&b->state, T2T_DONE, __ATOMIC_RELEASE);
+    __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
+    t2t_listener_report(b);
+}
+
+/* Connected: relaying starts now (the idle rule's start), and Python hears of it. */
+static void t2t_connect_done(t2t_bridge *b) {
+    t2t_listener *lst = b->listener;
+    t2t_loop *L = b->loop;
+    t2t_heap_remove(L, b);
+    b->state = T2T_RELAYING;
+    b->started_ns = b->next_check_ns = L->now;
+    b->opened = 1;
+    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED); /* the opened list's, taken over by Python */
+    pthread_mutex_lock(&lst->lock);
+    b->open_next = NULL;
+    if (lst->opened_tail) lst->opened_tail->open_next = b;
+    else lst->opened_head = b;
+    lst->opened_tail = b;
+    t2t_listener_tell_locked(lst);
+    pthread_mutex_unlock(&lst->lock);
+    if (!b->registered) {
+        b->next = L->all;
+        if (L->all) L->all->prev = b;
+        L->all = b;
+        for (int s = 0; s < 2; s++) {
+            if (t2t_poller_add(L, b->side[s].fd, &b->side[s]) != 0) {
+                t2t_fail(b, errno);
+                return;
+            }
+        }
+        b->registered = 1;
+    }
+    t2t_idle_check(b);
+    if (b->state == T2T_RELAYING && t2t_heap_push(L, b) != 0) t2t_fail(b, ENOMEM);
+    t2t_service(b); /* what the client sent while we connected */
+}
+
+static void t2t_connect_check(t2t_bridge *b) {
+    if (!b->side[1].writable) return;
+    int error = 0;
+    socklen_t len = sizeof(error);
+    if (getsockopt(b->side[1].fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
+    if (!error && __atomic_load_n(&b->listener->stopping, __ATOMIC_ACQUIRE)) error = ECANCELED;
+    if (error) t2t_connect_failed(b, error);
+    else t2t_connect_done(b);
+}
+
+static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct sockaddr_storage *peer,
+                           socklen_t peer_len) {
+    t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
+    if (!b) {
+        close(client);
+        return;
+    }
+    __atomic_add_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
+    __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
+    b->loop = L;
+    b->listener = lst;
+    b->conn_id = __atomic_fetch_add(&lst->next_id, 1, __ATOMIC_RELAXED);
+    memcpy(&b->peer, peer, peer_len);
+    b->peer_len = peer_len;
+    b->interval_ns = lst->interval_ns;
+    b->idle_limit = lst->idle_limit;
+    b->activity_both = lst->activity_both;
+    b->half_close = lst->half_close;
+    b->may_splice = lst->may_splice;
+    b->heap_index = SIZE_MAX;
+    b->refs = 1; /* the engine's, until Python took its end */
+    b->state = T2T_CONNECTING;
+    for (int s = 0; s < 2; s++) b->side[s].bridge = b;
+    b->side[0].fd = client;
+#if T2T_EPOLL
+    b->side[1].fd = socket(lst->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+#else
+    b->side[1].fd = -1;
+    errno = ENOSYS;
+#endif
+    if (b->side[1].fd < 0) {
+        t2t_connect_failed(b, errno);
+        return;
+    }
+    for (int i = 0; i < lst->nsockopts; i++)
+        setsockopt(b->side[1].fd, lst->sockopts[i][0], lst->sockopts[i][1], &lst->sockopts[i][2], sizeof(int));
+    int rc = connect(b->side[1].fd, (struct sockaddr *)&lst->upstream, lst->upstream_len);
+    if (rc != 0 && errno == EINPROGRESS) {
+        /* On a local upstream the handshake has usually completed inside connect() already:
+           asking again tells at once, and saves a trip through the poller. */
+        rc = connect(b->side[1].fd, (struct sockaddr *)&lst->upstream, lst->upstream_len);
+        if (rc != 0 && errno == EISCONN) rc = 0;
+        else if (rc != 0 && errno == EALREADY) errno = EINPROGRESS;
+    }
+    if (rc == 0) {
+        t2t_connect_done(b);
+        return;
+    }
+    if (errno != EINPROGRESS && !(errno == EAGAIN && lst->upstream.ss_family != AF_UNIX)) {
+        t2t_connect_failed(b, errno); /* (a Unix socket's EAGAIN is a full backlog: final) */
+        return;
+    }
+    b->connect_deadline_ns = t2t_add(L->now, lst->connect_timeout_ns);
+    b->next = L->all;
+    if (L->all) L->all->prev = b;
+    L->all = b;
+    for (int s = 0; s < 2; s++) {
+        if (t2t_poller_add(L, b->side[s].fd, &b->side[s]) != 0) {
+            b->registered = 1; /* unwinds what was added */
+            t2t_connect_failed(b, errno);
+            return;
+        }
+        b->registered = 1;
+    }
+    if (t2t_heap_push(L, b) != 0) t2t_connect_failed(b, ENOMEM);
+}
+
+static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
+    t2t_listener *lst = tag->lst;
+    __atomic_add_fetch(&lst->in_accept, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < T2T_ACCEPTS_PER_TURN && !__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST); i++) {
+        if (__atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) >= lst->max_active) {
+            t2t_listener_arm(lst, L->now); /* full: leave clients in the backlog */
+            break;
+        }
+        struct sockaddr_storage peer;
+        socklen_t peer_len = sizeof(peer);
+#if T2T_EPOLL
+        int client = accept4(lst->fd, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+        int client = -1;
+        errno = ENOSYS;
+        (void)peer_len;
+#endif
+        if (client < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* Out of fds for now: wait a moment instead of spinning on a ready listener. */
+                __atomic_store_n(&lst->paused_until, L->now + T2T_ACCEPT_BACKOFF_NS, __ATOMIC_RELAXED);
+                t2t_listener_arm(lst, L->now);
+                L->retry_listeners_ns = L->now + T2T_ACCEPT_BACKOFF_NS;
+            }
+            break;
+        }
+        t2t_accept_one(L, lst, client, &peer, peer_len);
+    }
+    __atomic_sub_fetch(&lst->in_accept, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Light traffic is accepted by the first loop alone, which stays awake; once a loop is busy,
+   by every loop (as T2T_PACK does for bridges started from Python). */
+static void t2t_spread_listeners(int64_t now) {
+    t2t_engine *E = &t2t_the_engine;
+    int busy = 0;
+    for (int i = 0; i < E->nloops; i++)
+        if (now - __atomic_load_n(&E->loops[i].busy_at, __ATOMIC_RELAXED) <= T2T_BUSY_STALE_NS &&
+            __atomic_load_n(&E->loops[i].busy_permille, __ATOMIC_RELAXED) >= T2T_BUSY_PERMILLE)
+            busy = 1;
+    pthread_mutex_lock(&E->lock);
+    for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next) {
+        pthread_mutex_lock(&lst->lock);
+        if (lst->spread != busy) {
+            lst->spread = busy;
+            t2t_listener_arm_locked(lst, now);
+        }
+        pthread_mutex_unlock(&lst->lock);
+    }
+    pthread_mutex_unlock(&E->lock);
+}
+
+static void t2t_retry_listeners(t2t_loop *L) {
+    L->retry_listeners_ns = 0;
+    t2t_engine *E = &t2t_the_engine;
+    pthread_mutex_lock(&E->lock);
+    for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next)
+        if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm(lst, L->now);
+    pthread_mutex_unlock(&E->lock);
+}
+
 static void t2t_measure_busy(t2t_loop *L, int64_t waiting_since) {
     L->idle_ns += L->now - waiting_since;
     int64_t total = L->busy_ns + L->idle_ns;
     if (total < T2T_BUSY_WINDOW_NS) return;
-    __atomic_store_n(&L->busy_permille, (int)(L->busy_ns * 1000 / total), __ATOMIC_RELAXED);
+    int permille = (int)(L->busy_ns * 1000 / total);
+    int crossed = (permille >= T2T_BUSY_PERMILLE) != (L->busy_permille >= T2T_BUSY_PERMILLE);
+    __atomic_store_n(&L->busy_permille, permille, __ATOMIC_RELAXED);
     __atomic_store_n(&L->busy_at, L->now, __ATOMIC_RELAXED);
     L->busy_ns = L->idle_ns = 0;
+    if (crossed && t2t_listeners) t2t_spread_listeners(L->now);
 }
 
 static void *t2t_loop_main(void *arg) {
@@ -858,6 +1188,10 @@ static void *t2t_loop_main(void *arg) {
                 woken = 1;
                 continue;
             }
+            if (!side->bridge) { /* a listener's tag (see t2t_listen_tag) */
+                t2t_accept_some(L, (t2t_listen_tag *)side);
+                continue;
+            }
             if (got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->readable = 1;
             if (got & (EPOLLOUT | EPOLLHUP | EPOLLERR)) side->writable = 1;
 #else
@@ -883,6 +1217,7 @@ static void *t2t_loop_main(void *arg) {
             t2t_release(b);
         }
         t2t_run_timers(L);
+        if (L->retry_listeners_ns && L->now >= L->retry_listeners_ns) t2t_retry_listeners(L);
         t2t_publish_done(L);
     }
     return NULL;
@@ -1031,6 +1366,167 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     return b;
 }
 
+
+/* ---- listeners (see t2t_listen_tag) ---- */
+
+/* Accept on `fd` (a listening socket, left open for the caller) in every loop and relay each
+   client to `upstream`. NULL with errno (ENOSYS off Linux). */
+static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen_t upstream_len,
+                                const int *sockopts, int nsockopts, int64_t connect_timeout_ns,
+                                int64_t interval_ns, uint64_t idle_limit, int activity_both, int half_close,
+                                int may_splice, int max_active, unsigned long long first_id) {
+#if T2T_EPOLL
+    t2t_engine *E = &t2t_the_engine;
+    if (upstream_len > sizeof(struct sockaddr_storage) || nsockopts > T2T_MAX_SOCKOPTS || !E->nloops) {
+        errno = EINVAL;
+        return NULL;
+    }
+    t2t_listener *lst = (t2t_listener *)calloc(1, sizeof(t2t_listener));
+    if (!lst) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (t2t_signal_new(&lst->ev_r, &lst->ev_w) != 0) {
+        int saved = errno;
+        free(lst);
+        errno = saved;
+        return NULL;
+    }
+    lst->fd = fd;
+    memcpy(&lst->upstream, upstream, upstream_len);
+    lst->upstream_len = upstream_len;
+    memcpy(lst->sockopts, sockopts, sizeof(int) * 3 * (size_t)nsockopts);
+    lst->nsockopts = nsockopts;
+    lst->connect_timeout_ns = connect_timeout_ns;
+    lst->interval_ns = interval_ns;
+    lst->idle_limit = idle_limit;
+    lst->activity_both = (unsigned char)(activity_both != 0);
+    lst->half_close = (unsigned char)(half_close != 0);
+    lst->may_splice = (unsigned char)(may_splice != 0);
+    lst->max_active = max_active;
+    lst->next_id = first_id;
+    pthread_mutex_init(&lst->lock, NULL);
+    for (int i = 0; i < T2T_MAX_LOOPS; i++) {
+        lst->tags[i].side.fd = -1;
+        lst->tags[i].lst = lst;
+        lst->tags[i].loop = i;
+    }
+    pthread_mutex_lock(&E->lock);
+    lst->next = t2t_listeners;
+    t2t_listeners = lst;
+    pthread_mutex_unlock(&E->lock);
+    t2t_listener_arm(lst, t2t_now());
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) {
+        errno = EINVAL; /* not a socket the loops could watch; kept (see above), but unused */
+        return NULL;
+    }
+    return lst;
+#else
+    (void)fd, (void)upstream, (void)upstream_len, (void)sockopts, (void)nsockopts, (void)connect_timeout_ns;
+    (void)interval_ns, (void)idle_limit, (void)activity_both, (void)half_close, (void)may_splice;
+    (void)max_active, (void)first_id;
+    errno = ENOSYS;
+    return NULL;
+#endif
+}
+
+
+/* Addresses between Python's tuples and the kernel's structs (numeric hosts only). */
+static int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
+                           struct sockaddr_storage *out, socklen_t *len) {
+    memset(out, 0, sizeof(*out));
+    if (family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)out;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        *len = sizeof(*a);
+        return inet_pton(AF_INET, host, &a->sin_addr) == 1 ? 0 : -1;
+    }
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)out;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        a->sin6_flowinfo = htonl(flowinfo);
+        a->sin6_scope_id = scope_id;
+        *len = sizeof(*a);
+        return inet_pton(AF_INET6, host, &a->sin6_addr) == 1 ? 0 : -1;
+    }
+    return -1;
+}
+
+static int t2t_sockaddr_unix(const char *path, size_t n, struct sockaddr_storage *out, socklen_t *len) {
+    struct sockaddr_un *a = (struct sockaddr_un *)out;
+    memset(out, 0, sizeof(*out));
+    if (n >= sizeof(a->sun_path)) return -1;
+    a->sun_family = AF_UNIX;
+    memcpy(a->sun_path, path, n);
+    *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (n && path[0] ? 1 : 0));
+    return 0;
+}
+
+/* The family of a bridge's client; its host text (IP families) and port. */
+static int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
+                    unsigned int *scope_id) {
+    host[0] = 0;
+    *port = 0;
+    *flowinfo = *scope_id = 0;
+    int family = b->peer_len ? b->peer.ss_family : AF_UNSPEC;
+    if (family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)&b->peer;
+        inet_ntop(AF_INET, &a->sin_addr, host, (socklen_t)n);
+        *port = ntohs(a->sin_port);
+    } else if (family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&b->peer;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, (socklen_t)n);
+        *port = ntohs(a->sin6_port);
+        *flowinfo = ntohl(a->sin6_flowinfo);
+        *scope_id = a->sin6_scope_id;
+    } else if (family == AF_UNIX) {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)&b->peer;
+        size_t len = b->peer_len > offsetof(struct sockaddr_un, sun_path)
+                         ? b->peer_len - offsetof(struct sockaddr_un, sun_path) : 0;
+        if (len >= n) len = n - 1;
+        memcpy(host, a->sun_path, len);
+        host[len] = 0;
+    }
+    return family;
+}
+
+/* The fd that turns readable when t2t_listener_take has something. */
+static int t2t_listener_fd(t2t_listener *lst) { return lst->ev_r; }
+
+static int t2t_listener_active(t2t_listener *lst) { return __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE); }
+
+static unsigned long long t2t_listener_next_id(t2t_listener *lst) {
+    return __atomic_load_n(&lst->next_id, __ATOMIC_RELAXED);
+}
+
+/* Bridges opened and bridges ended (or failed to connect) since the last take, in order. Each
+   opened one carries a reference for the caller; each ended one the engine's, which the caller
+   releases once done with it. A bridge may be in both lists: opened first. */
+static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done) {
+    pthread_mutex_lock(&lst->lock);
+    if (lst->ev_told) {
+        t2t_drain_fd(lst->ev_r);
+        lst->ev_told = 0;
+    }
+    *opened = lst->opened_head;
+    *done = lst->done_head;
+    lst->opened_head = lst->opened_tail = lst->done_head = lst->done_tail = NULL;
+    pthread_mutex_unlock(&lst->lock);
+}
+
+/* Stop accepting. Once this returns no loop touches the listening fd again, so the caller may
+   close it. Connects in flight end as failed (ECANCELED); opened bridges run on. */
+static void t2t_listener_stop(t2t_listener *lst) {
+    __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST);
+    t2t_listener_arm(lst, t2t_now());
+    while (__atomic_load_n(&lst->in_accept, __ATOMIC_SEQ_CST)) {
+        struct timespec pause = {0, 100000}; /* a loop is inside one accept batch: ~µs */
+        nanosleep(&pause, NULL);
+    }
+}
+
 /* End a bridge with reason "stopped" (if it has not ended); from any thread, any number of times. */
 static void t2t_stop(t2t_bridge *b) {
     t2t_loop *L = b->loop;
@@ -1156,6 +1652,7 @@ static void t2t_forget(t2t_bridge *b, t2t_bridge **out, int64_t now) {
         b->state = T2T_DONE;
         b->ended_ns = now;
     }
+    if (!b->owner) return; /* a listener's: its forwarder does not run in the child */
     b->done_next = *out;
     *out = b;
 }

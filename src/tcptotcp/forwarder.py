@@ -18,25 +18,28 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import selectors
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from . import _proxy
 from ._access import AccessList
 from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
-from ._backend import core
-from ._bridge import Bridge, BridgeResult, check_activity
+from ._backend import core, env_flag
+from ._bridge import Bridge, BridgeResult, check_activity, plan_of
 
 log = logging.getLogger("tcptotcp")
 
 # Accept errors that mean "out of a resource right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_SECONDS = 0.1
+_FAST_BATCH = 0.01  # see Forwarder._fast_pause
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket born non-blocking: no ioctl (not Windows)
 _KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # macOS: TCP_KEEPALIVE
@@ -129,16 +132,35 @@ class _Client:
 
 
 class _Open:
-    """A running bridge, as SIGUSR1's listing shows it."""
+    """A running bridge (a ``Bridge``, or a relay the loops accepted), as SIGUSR1 lists it."""
 
-    __slots__ = ("conn_id", "peer", "upstream", "started", "bridge")
+    __slots__ = ("conn_id", "peer", "upstream", "started", "bridge", "counts")
 
-    def __init__(self, conn_id: int, peer: _Peer, upstream: Address, bridge: Bridge) -> None:
+    def __init__(
+        self, conn_id: int, peer: _Peer, upstream: Address, bridge: Any, counts: Callable[[], Tuple[int, int]]
+    ) -> None:
         self.conn_id = conn_id
         self.peer = peer
         self.upstream = upstream
         self.started = time.monotonic()
-        self.bridge = bridge
+        self.bridge = bridge  # what stop() ends it with
+        self.counts = counts
+
+
+class _FastPath:
+    """A listener whose clients the engine's loops accept, connect and relay (``core.listen``):
+    no Python per connection but the log and the counts, taken from its events in batches."""
+
+    __slots__ = ("listener", "upstream", "options")
+
+    def __init__(self, listener: Any, upstream: Address, options: ForwardOptions) -> None:
+        self.listener = listener
+        self.upstream = upstream
+        self.options = options
+
+    def fileno(self) -> int:
+        fd: int = self.listener.fileno()
+        return fd
 
 
 def raise_fd_limit() -> Tuple[int, int]:
@@ -244,7 +266,11 @@ class Forwarder:
         self.stats = ForwarderStats()
 
         self._lock = threading.Lock()
-        self._bridges: Dict[Bridge, _Open] = {}
+        self._bridges: Dict[object, _Open] = {}  # by what stop() ends it with
+        self._fast: Optional[_FastPath] = None  # the loops accept for us (see _fast_path_for)
+        self._fast_all: List[_FastPath] = []  # and those stopped with events still to come
+        self._fast_open: Dict[int, _Open] = {}  # their open bridges, by id
+        self._fast_paused: Dict[_FastPath, float] = {}  # not watched until then (see _fast_pause)
         self._pending: Dict[int, Tuple[_Client, str]] = {}  # fd watched -> (client, what for)
         self._timers: List[Tuple[float, int, _Client]] = []  # (deadline, conn_id, client)
         self._backoff: Dict[str, float] = {}  # upstream text -> monotonic time it may be tried again
@@ -414,9 +440,13 @@ class Forwarder:
             if results is not None:
                 selector.register(results, selectors.EVENT_READ)
             listening = False
+            options_seen: Optional[ForwardOptions] = None
             try:
                 while not self._closing.is_set():
-                    want = self._may_accept()
+                    if self.options is not options_seen:  # at the start, and after reconfigure()
+                        options_seen = self.options
+                        self._choose_path(selector, options_seen)
+                    want = self._fast is None and self._may_accept()
                     if want != listening:
                         if want:
                             selector.register(self._listener, selectors.EVENT_READ)
@@ -430,12 +460,19 @@ class Forwarder:
                             self._drain_wake()
                         elif key.fileobj is results:
                             core.deliver_results()  # type: ignore[union-attr]
+                        elif isinstance(key.fileobj, _FastPath):
+                            self._fast_events(key.fileobj, selector)
+                            self._fast_pause(selector, key.fileobj)
                         else:
                             self._ready(selector, key.fd)
                     self._expire(selector)
+                    self._fast_resume(selector)
             finally:
                 for client, _ in list(self._pending.values()):
                     self._drop_client(selector, client)
+                if self._fast is not None:
+                    self._fast.listener.stop()  # before close() closes the listening socket
+                    self._fast = None
                 if results is not None:
                     core.release_results()  # type: ignore[union-attr]
 
@@ -447,13 +484,137 @@ class Forwarder:
         fd: Optional[int] = core.claim_results()  # None while another forwarder holds it
         return fd
 
+    # -- the fast path: the loops accept --------------------------------------------------
+
+    def _fast_path_for(self, options: ForwardOptions) -> bool:
+        """Whether the engine's loops can serve these options alone: the default compiled
+        engine, on Linux, one upstream and nothing to decide per client in Python."""
+        return (
+            core is not None
+            and self.bridge_class is DefaultBridge
+            and sys.platform.startswith("linux")
+            and len(options.upstreams) == 1
+            and not options.access
+            and not options.send_proxy
+            and not options.accept_proxy
+            and not env_flag("TCPTOTCP_ACCEPT_IN_PYTHON")
+        )
+
+    def _upstream_sockopts(self, options: ForwardOptions, family: int) -> List[Tuple[int, int, int]]:
+        if family not in _IP_FAMILIES:
+            return []
+        opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        if options.keepalive is not None:
+            opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+            if _KEEPIDLE is not None:
+                opts.append((socket.IPPROTO_TCP, _KEEPIDLE, options.keepalive))
+            if options.keepalive_interval is not None:
+                opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, options.keepalive_interval))
+            if options.keepalive_count is not None:
+                opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPCNT, options.keepalive_count))
+        if options.user_timeout is not None:
+            opts.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.user_timeout * 1000)))
+        return opts
+
+    def _choose_path(self, selector: selectors.BaseSelector, options: ForwardOptions) -> None:
+        """Accept in the loops where the options allow it, else in this thread."""
+        if self._fast is not None:
+            self._fast.listener.stop()  # its open bridges run on; their events still come
+            self._ids = itertools.count(self._fast.listener.next_id)
+            self._fast = None
+        if not self._fast_path_for(options):
+            return
+        upstream = options.upstreams[0]
+        try:
+            listener = core.listen(  # type: ignore[union-attr]
+                self._listener,
+                upstream.family,
+                upstream.sockaddr,
+                self._upstream_sockopts(options, upstream.family),
+                plan_of(
+                    options.bridge_args["rate_check_seconds"],
+                    options.bridge_args["keep_alive_delay_time_seconds"],
+                    options.bridge_args["activity"],
+                    options.bridge_args["half_close"],
+                ),
+                options.connect_timeout,
+                options.max_connections,
+                next(self._ids),
+            )
+        except (OSError, ValueError) as exc:
+            log.debug("accepting in Python: %s", exc)
+            return
+        self._fast = _FastPath(listener, upstream, options)
+        self._fast_all.append(self._fast)
+        selector.register(self._fast, selectors.EVENT_READ)
+
+    def _fast_events(self, fast: _FastPath, selector: Optional[selectors.BaseSelector] = None) -> None:
+        opened, ended = fast.listener.take()
+        for conn_id, address, relay in opened:
+            peer = _Peer(self.listen.family, address)
+            item = _Open(conn_id, peer, fast.upstream, relay, relay.counts)
+            with self._lock:
+                self.stats.accepted += 1
+                self.stats.active += 1
+                self._bridges[relay] = item
+                self._fast_open[conn_id] = item
+            if self._metrics is not None:
+                self._metrics.accepted()
+                self._metrics.opened()
+            self._log_open(conn_id, peer, fast.upstream)
+        for conn_id, address, was_opened, up, down, reason, seconds, err, timed_out in ended:
+            if was_opened:
+                item = self._fast_open.pop(conn_id)
+                with self._lock:
+                    self._bridges.pop(item.bridge, None)
+                self._ended(item, up, down, reason, seconds)
+                continue
+            with self._lock:
+                self.stats.accepted += 1
+            if self._metrics is not None:
+                self._metrics.accepted()
+            if err == errno.ECANCELED and self._closing.is_set():
+                continue  # given up on as the forwarder closes: no line per client
+            exc: OSError = socket.timeout("timed out") if timed_out else OSError(err, os.strerror(err))
+            self._log_upstream_failure(conn_id, _Peer(self.listen.family, address), fast.upstream, exc)
+        if fast is not self._fast and not fast.listener.active and selector is not None:
+            if self._fast_paused.pop(fast, None) is None:
+                selector.unregister(fast)  # stopped, and nothing more to come
+            self._fast_all.remove(fast)
+
+    def _fast_pause(self, selector: selectors.BaseSelector, fast: _FastPath) -> None:
+        """Take a listener's events at most every _FAST_BATCH seconds: under load each take
+        then holds many opens and ends, and this thread wakes ~100 times a second, not
+        twice per connection."""
+        if fast in self._fast_all and fast not in self._fast_paused:
+            selector.unregister(fast)
+            self._fast_paused[fast] = time.monotonic() + _FAST_BATCH
+
+    def _fast_resume(self, selector: selectors.BaseSelector) -> None:
+        if not self._fast_paused:
+            return
+        now = time.monotonic()
+        for fast, until in list(self._fast_paused.items()):
+            if until <= now:
+                del self._fast_paused[fast]
+                selector.register(fast, selectors.EVENT_READ)
+
+    def _pump_fast(self, timeout: float) -> None:
+        """From close(): take the stopped listeners' events (serve_forever() no longer does)."""
+        if not self._fast_all:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(self._fast_all, [], [], timeout)
+        for fast in ready:
+            self._fast_events(fast)
+
     def _may_accept(self) -> bool:
         # At the connection limit, leave clients in the backlog rather than accepting and
         # dropping them; after EMFILE, wait a moment instead of spinning.
         return self.stats.active < self.options.max_connections and time.monotonic() >= self._accept_paused_until
 
     def _select_timeout(self) -> float:
-        timeout = 1.0
+        timeout = _FAST_BATCH if self._fast_paused else 1.0
         if self._timers:
             timeout = min(timeout, self._timers[0][0] - time.monotonic())
         if self._accept_paused_until > time.monotonic():
@@ -746,21 +907,22 @@ class Forwarder:
     def _upstream_failed(self, client: _Client, exc: OSError) -> None:
         upstream = client.upstream
         assert upstream is not None
+        if client.options.upstream_backoff > 0:
+            self._backoff[upstream.text] = time.monotonic() + client.options.upstream_backoff
+        self._log_upstream_failure(client.conn_id, client.peer, upstream, exc)
+
+    def _log_upstream_failure(self, conn_id: int, peer: _Peer, upstream: Address, exc: OSError) -> None:
         with self._lock:
             self.stats.upstream_failures += 1
         if self._metrics is not None:
             self._metrics.upstream_failed(upstream.text)
-        if client.options.upstream_backoff > 0:
-            self._backoff[upstream.text] = time.monotonic() + client.options.upstream_backoff
         log.error(
             "#%d %s: upstream %s failed: %s",
-            client.conn_id,
-            client.peer,
+            conn_id,
+            peer,
             upstream.text,
             exc,
-            extra=_event(
-                "upstream_failed", id=client.conn_id, client=str(client.peer), upstream=upstream.text, error=str(exc)
-            ),
+            extra=_event("upstream_failed", id=conn_id, client=str(peer), upstream=upstream.text, error=str(exc)),
         )
 
     def _client_gone(self) -> None:
@@ -778,14 +940,7 @@ class Forwarder:
         # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
         try:
             bridge = self.bridge_class.from_fds(client.fd, sock.fileno(), **client.options.bridge_args)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "#%d open %s -> %s",
-                    conn_id,
-                    peer,
-                    upstream.text,
-                    extra=_event("open", id=conn_id, client=str(peer), upstream=upstream.text),
-                )
+            self._log_open(conn_id, peer, upstream)
             bridge.start()
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             log.error("#%d %s: bridge not started: %s", conn_id, peer, exc)
@@ -802,7 +957,7 @@ class Forwarder:
         sock.detach()  # the bridge closes it
         if self._metrics is not None:
             self._metrics.opened()
-        opened = _Open(conn_id, peer, upstream, bridge)
+        opened = _Open(conn_id, peer, upstream, bridge, lambda: bridge.counts)
         # close() stops what is in _bridges only once serve_forever() returned: none is missed.
         with self._lock:
             self._bridges[bridge] = opened
@@ -812,29 +967,43 @@ class Forwarder:
         """From the thread that finishes bridges, once per bridge."""
         with self._lock:
             self._bridges.pop(opened.bridge, None)
-            self.stats.bytes_up += result.bytes_1_to_2
-            self.stats.bytes_down += result.bytes_2_to_1
+        self._ended(opened, result.bytes_1_to_2, result.bytes_2_to_1, result.reason, result.seconds)
+
+    def _log_open(self, conn_id: int, peer: _Peer, upstream: Address) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "#%d open %s -> %s",
+                conn_id,
+                peer,
+                upstream.text,
+                extra=_event("open", id=conn_id, client=str(peer), upstream=upstream.text),
+            )
+
+    def _ended(self, opened: _Open, up: int, down: int, reason: str, seconds: float) -> None:
+        with self._lock:
+            self.stats.bytes_up += up
+            self.stats.bytes_down += down
         if self._metrics is not None:
-            self._metrics.ended(result.reason, result.bytes_1_to_2, result.bytes_2_to_1, result.seconds)
+            self._metrics.ended(reason, up, down, seconds)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "#%d close %s -> %s: %d bytes up, %d down, %s after %.3f s",
                 opened.conn_id,
                 opened.peer,
                 opened.upstream.text,
-                result.bytes_1_to_2,
-                result.bytes_2_to_1,
-                result.reason,
-                result.seconds,
+                up,
+                down,
+                reason,
+                seconds,
                 extra=_event(
                     "close",
                     id=opened.conn_id,
                     client=str(opened.peer),
                     upstream=opened.upstream.text,
-                    bytes_up=result.bytes_1_to_2,
-                    bytes_down=result.bytes_2_to_1,
-                    reason=result.reason,
-                    seconds=round(result.seconds, 6),
+                    bytes_up=up,
+                    bytes_down=down,
+                    reason=reason,
+                    seconds=round(seconds, 6),
                 ),
             )
         self._client_gone()
@@ -848,7 +1017,7 @@ class Forwarder:
         now = time.monotonic()
         listing = []
         for item in sorted(items, key=lambda o: o.conn_id):
-            up, down = item.bridge.counts
+            up, down = item.counts()
             listing.append(
                 dict(
                     id=item.conn_id,
@@ -895,23 +1064,29 @@ class Forwarder:
         # serve_forever() gives up on pending clients as it returns.
         self.stop_accepting()
         deadline = time.monotonic() + max(0.0, drain_seconds)
-        while self._draining and time.monotonic() < deadline and self.stats.active:
-            time.sleep(0.05)
+        while self._draining and time.monotonic() < deadline and self._still_open():
+            self._pump_fast(0.05)
         with self._lock:
             self._draining = False
-            bridges = list(self._bridges)
-        for bridge in bridges:
-            bridge.stop()
+            items = list(self._bridges.values())
+        for item in items:
+            item.bridge.stop()
         stop_waiting = time.monotonic() + 2.0
-        for bridge in bridges:
-            bridge.wait(max(0.0, stop_waiting - time.monotonic()))
+        for item in items:
+            if isinstance(item.bridge, Bridge):
+                item.bridge.wait(max(0.0, stop_waiting - time.monotonic()))
         # wait() returns once a bridge's result is set, before its done callback has counted its
         # bytes and logged its close line: wait for those too (the last thing each does is
         # _client_gone()), so that nothing is written after, or into, the summary.
-        while self.stats.active > 0 and time.monotonic() < stop_waiting:
-            time.sleep(0.01)
+        while self._still_open() and time.monotonic() < stop_waiting:
+            self._pump_fast(0.01)
+        for fast in list(self._fast_all):  # what ended since the last take: for the summary
+            self._fast_events(fast)
         self._wake_r.close()
         self._wake_w.close()
+
+    def _still_open(self) -> bool:
+        return self.stats.active > 0 or any(fast.listener.active for fast in self._fast_all)
 
     def __enter__(self) -> Forwarder:
         return self
