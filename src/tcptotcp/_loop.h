@@ -1662,6 +1662,12 @@ static t2t_bridge *t2t_forget_after_fork(void) {
     pthread_mutex_init(&E->lock, NULL);
     pthread_cond_init(&E->done_cond, NULL);
     E->claimed = E->claim_told = 0; /* the claiming thread is the parent's; the fd is kept */
+    for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next) { /* the parent's forwarders */
+        lst->stopping = 1;
+        memset(lst->watching, 0, sizeof(lst->watching));
+        pthread_mutex_init(&lst->lock, NULL);
+    }
+    t2t_listeners = NULL;
     t2t_bridge *out = NULL, *b, *next;
     int64_t now = t2t_now();
     for (b = E->done_head; b; b = next) {

@@ -1,0 +1,117 @@
+"""The forwarder's two ways of taking clients: the engine's loops (compiled core, one upstream,
+nothing to decide per client) and its own thread (everything else, and the pure twin). Options
+changed while it runs move it between them without losing a client or an open bridge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from typing import List
+
+import pytest
+
+import tcptotcp
+from helpers import recv_exactly
+from test_forwarder import EchoServer, ForwarderProcess, forwarders  # noqa: F401  (fixture)
+
+
+def _echo_once(address, payload: bytes) -> bytes:
+    with socket.create_connection(address, timeout=10) as c:
+        c.sendall(payload)
+        return recv_exactly(c, len(payload), timeout=10)
+
+
+def _served(server: EchoServer) -> int:
+    return len(server._conns)
+
+
+def _wait(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_reconfigure_moves_between_paths_and_keeps_open_bridges(backend):
+    servers = [EchoServer() for _ in range(3)]
+    a, b, c = (f"127.0.0.1:{s.address[1]}" for s in servers)
+    bridge_class = None if backend.name == "cython" else backend.Bridge
+    fwd = tcptotcp.Forwarder("127.0.0.1:0", a, bridge_class=bridge_class)
+    serving = threading.Thread(target=fwd.serve_forever, daemon=True)
+    serving.start()
+    held: List[socket.socket] = []
+    try:
+        address = fwd.address
+        assert _echo_once(address, b"to a") == b"to a"
+        assert _served(servers[0]) == 1
+        if backend.name == "cython":
+            assert _wait(lambda: fwd._fast is not None)  # the loops accept
+
+        # A bridge that stays open across every change below.
+        keeper = socket.create_connection(address, timeout=10)
+        held.append(keeper)
+        keeper.sendall(b"first")
+        assert recv_exactly(keeper, 5) == b"first"
+
+        fwd.reconfigure(b)  # still one upstream: the loops again, now to b
+        assert _wait(lambda: _echo_once(address, b"to b") == b"to b" and _served(servers[1]) >= 1)
+
+        fwd.reconfigure([b, c], balance="roundrobin")  # several: this thread decides
+        assert _wait(lambda: fwd._fast is None)
+        before = (_served(servers[1]), _served(servers[2]))
+        for i in range(4):
+            assert _echo_once(address, b"rr %d" % i) == b"rr %d" % i
+        assert (_served(servers[1]) - before[0], _served(servers[2]) - before[1]) == (2, 2)
+
+        fwd.reconfigure(a)
+        if backend.name == "cython":
+            assert _wait(lambda: fwd._fast is not None)
+        assert _echo_once(address, b"back to a") == b"back to a"
+
+        keeper.sendall(b"still here")  # relayed all along, by whichever path opened it
+        assert recv_exactly(keeper, 10) == b"still here"
+        keeper.close()
+        held.clear()
+        assert _wait(lambda: fwd.stats.active == 0)
+    finally:
+        for s in held:
+            s.close()
+        fwd.close()
+        serving.join(10)
+        for s in servers:
+            s.close()
+    assert not serving.is_alive()
+    # Every client counted once, whichever path took it: 1 + keeper + >=1 + 4 + 1.
+    assert fwd.stats.accepted >= 8
+    assert fwd.stats.upstream_failures == 0 and fwd.stats.refused == 0
+
+
+@pytest.mark.signals
+def test_accept_in_python_on_request(forwarders, monkeypatch):  # noqa: F811
+    """TCPTOTCP_ACCEPT_IN_PYTHON=1 keeps the compiled core's forwarder on its own thread's
+    accept path: checksummed clients and a refused upstream, as on the loops' path."""
+    monkeypatch.setenv("TCPTOTCP_ACCEPT_IN_PYTHON", "1")
+    echo = EchoServer()
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+    try:
+        fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--log-level", "warning")
+        host, port = fp.address.rsplit(":", 1)
+        for i in range(50):
+            payload = os.urandom(1000 + i * 97)
+            assert hashlib.sha256(_echo_once((host, int(port)), payload)).digest() == hashlib.sha256(payload).digest()
+        fp.terminate()
+        assert any("served 50 connections (0 upstream failures, 0 refused)" in line for line in fp.lines), fp.lines
+        fp2 = forwarders("127.0.0.1:0", f"127.0.0.1:{dead.getsockname()[1]}")
+        with fp2.connect() as c:
+            c.settimeout(10)
+            assert c.recv(1) == b""
+        fp2.wait_log(r"upstream 127\.0\.0\.1:%d failed" % dead.getsockname()[1])
+    finally:
+        dead.close()
+        echo.close()
