@@ -893,6 +893,7 @@ static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
     int want = !__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST) &&
                __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) < lst->max_active &&
                now >= __atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED);
+    int watched = 0;
     for (int i = 0; i < E->nloops; i++) {
         int want_here = want && (i == 0 || lst->spread);
         if (want_here && !lst->watching[i]) {
@@ -905,8 +906,10 @@ static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
             epoll_ctl(E->loops[i].poller, EPOLL_CTL_DEL, lst->fd, &unused);
             lst->watching[i] = 0;
         }
+        watched |= lst->watching[i];
     }
-    __atomic_store_n(&lst->armed, want, __ATOMIC_RELEASE);
+    /* Not armed while no loop could watch it: the next arming tries again. */
+    __atomic_store_n(&lst->armed, want && watched, __ATOMIC_RELEASE);
 #else
     (void)lst;
     (void)now; /* t2t_listen is Linux only: no listener exists here */
@@ -1417,7 +1420,8 @@ static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen
     pthread_mutex_unlock(&E->lock);
     t2t_listener_arm(lst, t2t_now());
     if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) {
-        errno = EINVAL; /* not a socket the loops could watch; kept (see above), but unused */
+        __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST); /* kept (see above), but inert */
+        errno = EINVAL; /* not a socket the loops could watch */
         return NULL;
     }
     return lst;

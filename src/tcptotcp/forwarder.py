@@ -163,6 +163,12 @@ class _FastPath:
         return fd
 
 
+def _fresh_socket_option(family: int, option: int) -> int:
+    """A TCP option's value on a new socket: the system's default (its sysctl), to go back to."""
+    with socket.socket(family, socket.SOCK_STREAM) as fresh:
+        return fresh.getsockopt(socket.IPPROTO_TCP, option)
+
+
 def raise_fd_limit() -> Tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit, as haproxy does; (soft, hard) after."""
     try:
@@ -271,6 +277,8 @@ class Forwarder:
         self._fast_all: List[_FastPath] = []  # and those stopped with events still to come
         self._fast_open: Dict[int, _Open] = {}  # their open bridges, by id
         self._fast_paused: Dict[_FastPath, float] = {}  # not watched until then (see _fast_pause)
+        self._fast_pump: Optional[threading.Thread] = None  # after stop_accepting(): see _pump_until_done
+        self._fast_pump_stop = threading.Event()  # close() takes over from it
         self._pending: Dict[int, Tuple[_Client, str]] = {}  # fd watched -> (client, what for)
         self._timers: List[Tuple[float, int, _Client]] = []  # (deadline, conn_id, client)
         self._backoff: Dict[str, float] = {}  # upstream text -> monotonic time it may be tried again
@@ -392,24 +400,39 @@ class Forwarder:
     def _apply_listener_options(self, options: ForwardOptions) -> None:
         """Accepted sockets inherit these from the listener: no syscalls per client."""
         _no_delay(self._listener)  # each read forwarded at once (see _no_delay)
-        self._dead_peer_options(self._listener, options)
+        # reset: a reconfigure() that drops an option must take it off the listener too.
+        self._dead_peer_options(self._listener, options, reset=True)
 
     @staticmethod
-    def _dead_peer_options(sock: socket.socket, options: ForwardOptions) -> None:
+    def _dead_peer_options(sock: socket.socket, options: ForwardOptions, reset: bool = False) -> None:
+        """Set the keepalive and user timeout options; with `reset` (a listener, whose accepted
+        sockets inherit what it has), options that are None go back to a fresh socket's."""
         if sock.family not in _IP_FAMILIES:
             return
+        default = _fresh_socket_option if reset else None
         if options.keepalive is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if _KEEPIDLE is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, _KEEPIDLE, options.keepalive)
-            if options.keepalive_interval is not None and hasattr(socket, "TCP_KEEPINTVL"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, options.keepalive_interval)
-            if options.keepalive_count is not None and hasattr(socket, "TCP_KEEPCNT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, options.keepalive_count)
+            for name, value in (
+                ("TCP_KEEPINTVL", options.keepalive_interval),
+                ("TCP_KEEPCNT", options.keepalive_count),
+            ):
+                option = getattr(socket, name, None)
+                if option is None:
+                    continue
+                if value is None and default is not None:
+                    value = default(sock.family, option)
+                if value is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        elif reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
         if options.user_timeout is not None:
             # Unacknowledged data older than this ends the connection (ETIMEDOUT): a peer that
             # vanished without FIN or RST is noticed even while bytes are in flight.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.user_timeout * 1000))
+        elif reset and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)  # 0: the system's default
 
     @property
     def address_text(self) -> str:
@@ -1043,6 +1066,23 @@ class Forwarder:
         else:
             self._serving.release()
         self._close_listener()
+        if self._fast_pump is None and not self._fast_pump_stop.is_set() and self._fast_all:
+            # Bridges the loops accepted run on (a forward a reload removed), but serve_forever()
+            # no longer takes their events: without this their ends would wait for close().
+            self._fast_pump = threading.Thread(
+                target=self._pump_until_done, name=f"tcptotcp-retired {self.address_text}", daemon=True
+            )
+            self._fast_pump.start()
+
+    def _pump_until_done(self) -> None:
+        """Take the stopped listeners' opens and ends until every bridge has ended, or close()."""
+        while not self._fast_pump_stop.is_set():
+            running = any(fast.listener.active for fast in self._fast_all)
+            self._pump_fast(0.05)
+            if not running:
+                for fast in list(self._fast_all):  # the last ends, reported before `running`
+                    self._fast_events(fast)
+                return
 
     def _close_listener(self) -> None:
         self._listener.close()
@@ -1061,6 +1101,9 @@ class Forwarder:
         """Stop accepting; let open bridges finish for up to `drain_seconds`, then stop them."""
         with self._lock:
             self._draining = drain_seconds > 0
+        self._fast_pump_stop.set()  # from here on this thread takes the loops' events
+        if self._fast_pump is not None:
+            self._fast_pump.join(5.0)
         # serve_forever() gives up on pending clients as it returns.
         self.stop_accepting()
         deadline = time.monotonic() + max(0.0, drain_seconds)
