@@ -224,8 +224,8 @@ def test_forwarder_threads_do_not_grow_with_clients(forwarders, upstream, backen
             c.close()
     if backend.name == "cython":
         assert during == before, (before, during)
-    else:  # the pure twin: three threads a bridge
-        assert during >= before + 200 * 3
+    else:  # the pure twin: threads per bridge (three, the last of them possibly still starting)
+        assert during >= before + 200 * 2
 
 
 def _unanswered_upstream() -> Tuple[socket.socket, List[socket.socket], int]:
