@@ -748,21 +748,27 @@ static void t2t_idle_check(t2t_bridge *b) {
 
 /* ---- the loop -------------------------------------------------------------------------------- */
 
-static void t2t_begin(t2t_bridge *b) {
+/* Into the loop's list and its poller; 0, or an errno (what was added is undone by the close). */
+static int t2t_register(t2t_bridge *b) {
     t2t_loop *L = b->loop;
-    b->state = T2T_RELAYING;
     b->next = L->all;
     if (L->all) L->all->prev = b;
     L->all = b;
-    for (int s = 0; s < 2; s++) {
-        if (t2t_poller_add(L, b->side[s].fd, &b->side[s]) != 0) {
-            t2t_fail(b, errno);
-            return;
-        }
-    }
     b->registered = 1;
+    for (int s = 0; s < 2; s++)
+        if (t2t_poller_add(L, b->side[s].fd, &b->side[s]) != 0) return errno;
+    return 0;
+}
+
+static void t2t_begin(t2t_bridge *b) {
+    b->state = T2T_RELAYING;
+    int error = t2t_register(b);
+    if (error) {
+        t2t_fail(b, error);
+        return;
+    }
     t2t_idle_check(b); /* the check at the start: no traffic yet */
-    if (b->state == T2T_RELAYING && t2t_heap_push(L, b) != 0) t2t_fail(b, ENOMEM);
+    if (b->state == T2T_RELAYING && t2t_heap_push(b->loop, b) != 0) t2t_fail(b, ENOMEM);
 }
 
 static void t2t_release(t2t_bridge *b) {
@@ -983,17 +989,10 @@ static void t2t_connect_done(t2t_bridge *b) {
     lst->opened_tail = b;
     t2t_listener_tell_locked(lst);
     pthread_mutex_unlock(&lst->lock);
-    if (!b->registered) {
-        b->next = L->all;
-        if (L->all) L->all->prev = b;
-        L->all = b;
-        for (int s = 0; s < 2; s++) {
-            if (t2t_poller_add(L, b->side[s].fd, &b->side[s]) != 0) {
-                t2t_fail(b, errno);
-                return;
-            }
-        }
-        b->registered = 1;
+    int error = b->registered ? 0 : t2t_register(b);
+    if (error) {
+        t2t_fail(b, error);
+        return;
     }
     t2t_idle_check(b);
     if (b->state == T2T_RELAYING && t2t_heap_push(L, b) != 0) t2t_fail(b, ENOMEM);
@@ -1063,18 +1062,9 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
         return;
     }
     b->connect_deadline_ns = t2t_add(L->now, lst->connect_timeout_ns);
-    b->next = L->all;
-    if (L->all) L->all->prev = b;
-    L->all = b;
-    for (int s = 0; s < 2; s++) {
-        if (t2t_poller_add(L, b->side[s].fd, &b->side[s]) != 0) {
-            b->registered = 1; /* unwinds what was added */
-            t2t_connect_failed(b, errno);
-            return;
-        }
-        b->registered = 1;
-    }
-    if (t2t_heap_push(L, b) != 0) t2t_connect_failed(b, ENOMEM);
+    int error = t2t_register(b);
+    if (!error && t2t_heap_push(L, b) != 0) error = ENOMEM;
+    if (error) t2t_connect_failed(b, error);
 }
 
 static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {

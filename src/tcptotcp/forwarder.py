@@ -248,8 +248,7 @@ class Forwarder:
             self.listen = Address(family, sockaddr, text)
         else:
             self.listen = _as_address(listen, passive=True)
-        self.options = self._options(
-            upstream,
+        self._settings: Dict[str, Any] = dict(
             rate_check_seconds=rate_check_seconds,
             idle_timeout_seconds=idle_timeout_seconds,
             activity=activity,
@@ -268,6 +267,7 @@ class Forwarder:
             keepalive_count=keepalive_count,
             user_timeout=user_timeout,
         )
+        self.options = self._options(upstream, **self._settings)
         self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
         self.stats = ForwarderStats()
 
@@ -346,32 +346,13 @@ class Forwarder:
     def reconfigure(self, upstream: Union[str, Address, Sequence[Union[str, Address]]], **options: Any) -> None:
         """New options (the constructor's, less the listener's own) for clients from now on;
         clients already connecting or bridged keep theirs."""
-        current = self.options
-        kw: Dict[str, Any] = dict(
-            rate_check_seconds=current.bridge_args["rate_check_seconds"],
-            idle_timeout_seconds=current.bridge_args["keep_alive_delay_time_seconds"],
-            activity=current.bridge_args["activity"],
-            half_close=current.bridge_args["half_close"],
-            max_connections=current.max_connections,
-            connect_timeout=current.connect_timeout,
-            allow=[str(n) for n in current.access.allow],
-            deny=[str(n) for n in current.access.deny],
-            balance=current.balance,
-            upstream_backoff=current.upstream_backoff,
-            send_proxy=current.send_proxy,
-            accept_proxy=current.accept_proxy,
-            proxy_timeout=current.proxy_timeout,
-            keepalive=current.keepalive,
-            keepalive_interval=current.keepalive_interval,
-            keepalive_count=current.keepalive_count,
-            user_timeout=current.user_timeout,
-        )
-        unknown = set(options) - set(kw)
+        unknown = set(options) - set(self._settings)
         if unknown:
             raise TypeError(f"reconfigure() got unexpected options: {', '.join(sorted(unknown))}")
-        kw.update(options)
-        new = self._options(upstream, **kw)
+        settings = {**self._settings, **options}
+        new = self._options(upstream, **settings)
         self._apply_listener_options(new)
+        self._settings = settings
         self.options = new  # one assignment: the serve thread sees the old or the new, whole
         self._wake()
 
