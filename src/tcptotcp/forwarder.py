@@ -87,6 +87,22 @@ class ForwardOptions:
     user_timeout: Optional[float] = None
 
 
+# ForwardOptions fields taken as the caller gave them (checked in Forwarder._options).
+_AS_GIVEN = (
+    "max_connections",
+    "connect_timeout",
+    "balance",
+    "upstream_backoff",
+    "send_proxy",
+    "accept_proxy",
+    "proxy_timeout",
+    "keepalive",
+    "keepalive_interval",
+    "keepalive_count",
+    "user_timeout",
+)
+
+
 class _Peer:
     """A client's address, formatted only if a log line is written."""
 
@@ -329,18 +345,8 @@ class Forwarder:
                 activity=kw["activity"],
                 half_close=kw["half_close"],
             ),
-            max_connections=kw["max_connections"],
-            connect_timeout=kw["connect_timeout"],
             access=access,
-            balance=kw["balance"],
-            upstream_backoff=kw["upstream_backoff"],
-            send_proxy=kw["send_proxy"],
-            accept_proxy=kw["accept_proxy"],
-            proxy_timeout=kw["proxy_timeout"],
-            keepalive=kw["keepalive"],
-            keepalive_interval=kw["keepalive_interval"],
-            keepalive_count=kw["keepalive_count"],
-            user_timeout=kw["user_timeout"],
+            **{name: kw[name] for name in _AS_GIVEN},
         )
 
     def reconfigure(self, upstream: Union[str, Address, Sequence[Union[str, Address]]], **options: Any) -> None:
