@@ -146,9 +146,8 @@ def test_a_slow_peer_never_holds_up_the_others_on_its_loop(backend):
 
 @pytest.mark.unix
 def test_stop_from_other_threads_and_idle_ends_across_all_loops(backend):
-    """Bridges spread over every loop (more than a loop takes before others get some): half
-    end idle on the contract's schedule, half are stopped from other threads; every one ends
-    once, with its reason and exact counts."""
+    """Bridges spread over every loop: half end idle on the contract's schedule, half are
+    stopped from other threads; every one ends once, with its reason and exact counts."""
     count = 160
     topologies = [Topology("unix", "unix") for _ in range(count)]
     try:

@@ -77,19 +77,10 @@ enum {
     T2T_MAX_EVENTS = 256,
     T2T_READS_PER_TURN = 8, /* then the bridge waits its turn behind the others */
     T2T_MAX_LOOPS = 64,
-    /* A new bridge goes to the first loop that is neither busy (more than half of its recent
-       time spent working) nor carrying PACK bridges more than the lightest loop; else to the
-       lightest. Light traffic thus stays on few loops, which stay awake and take new bridges
-       without a wake-up each (a third less CPU per short connection with 2 loops), while bulk
-       streams and crowds still spread over every loop. */
-    T2T_PACK = 64,
-    T2T_BUSY_PERMILLE = 500,
     T2T_ACCEPTS_PER_TURN = 64, /* then the loop serves its bridges before accepting more */
     T2T_MAX_SOCKOPTS = 8,
 };
 #define T2T_ACCEPT_BACKOFF_NS 100000000LL /* out of fds: accept again after 100 ms */
-#define T2T_BUSY_WINDOW_NS 20000000LL /* the busy share is measured over 20 ms of a loop's time */
-#define T2T_BUSY_STALE_NS 100000000LL /* a measure this old belongs to a loop now asleep: idle */
 /* Draining unread input before close (a close with unread bytes sends RST, which destroys
    what the peer had not yet read): stop after 30 ms of quiet, at the latest after 250 ms. */
 #define T2T_DRAIN_QUIET_NS 30000000LL
@@ -168,9 +159,6 @@ typedef struct t2t_loop {
     t2t_pipe *pool;
     int pooled;              /* atomic: read by t2t_stats */
     int64_t now;
-    int64_t busy_ns, idle_ns; /* this window's time working and waiting */
-    int busy_permille;       /* atomic: the last window's share of work */
-    int64_t busy_at;         /* atomic: when it was measured */
     int64_t retry_listeners_ns; /* a listener paused by EMFILE here may accept again then */
 } t2t_loop;
 
@@ -880,7 +868,6 @@ typedef struct t2t_listener {
     int in_accept;  /* atomic: loops inside t2t_accept_some for it */
     int armed;      /* atomic: watched by the loops */
     int64_t paused_until; /* atomic: EMFILE back-off */
-    int spread;     /* accepted in every loop, not only the first: some loop is busy (T2T_PACK) */
     unsigned long long next_id; /* atomic */
     pthread_mutex_t lock; /* guards the event lists and arming */
     t2t_bridge *opened_head, *opened_tail, *done_head, *done_tail;
@@ -901,13 +888,12 @@ static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
                now >= __atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED);
     int watched = 0;
     for (int i = 0; i < E->nloops; i++) {
-        int want_here = want && (i == 0 || lst->spread);
-        if (want_here && !lst->watching[i]) {
+        if (want && !lst->watching[i]) {
             struct epoll_event ev;
             ev.events = EPOLLIN | EPOLLEXCLUSIVE;
             ev.data.ptr = &lst->tags[i].side;
             if (epoll_ctl(E->loops[i].poller, EPOLL_CTL_ADD, lst->fd, &ev) == 0) lst->watching[i] = 1;
-        } else if (!want_here && lst->watching[i]) {
+        } else if (!want && lst->watching[i]) {
             struct epoll_event unused;
             epoll_ctl(E->loops[i].poller, EPOLL_CTL_DEL, lst->fd, &unused);
             lst->watching[i] = 0;
@@ -1099,27 +1085,6 @@ static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
     __atomic_sub_fetch(&lst->in_accept, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Light traffic is accepted by the first loop alone, which stays awake; once a loop is busy,
-   by every loop (as T2T_PACK does for bridges started from Python). */
-static void t2t_spread_listeners(int64_t now) {
-    t2t_engine *E = &t2t_the_engine;
-    int busy = 0;
-    for (int i = 0; i < E->nloops; i++)
-        if (now - __atomic_load_n(&E->loops[i].busy_at, __ATOMIC_RELAXED) <= T2T_BUSY_STALE_NS &&
-            __atomic_load_n(&E->loops[i].busy_permille, __ATOMIC_RELAXED) >= T2T_BUSY_PERMILLE)
-            busy = 1;
-    pthread_mutex_lock(&E->lock);
-    for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next) {
-        pthread_mutex_lock(&lst->lock);
-        if (lst->spread != busy) {
-            lst->spread = busy;
-            t2t_listener_arm_locked(lst, now);
-        }
-        pthread_mutex_unlock(&lst->lock);
-    }
-    pthread_mutex_unlock(&E->lock);
-}
-
 static void t2t_retry_listeners(t2t_loop *L) {
     L->retry_listeners_ns = 0;
     t2t_engine *E = &t2t_the_engine;
@@ -1127,18 +1092,6 @@ static void t2t_retry_listeners(t2t_loop *L) {
     for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next)
         if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm(lst, L->now);
     pthread_mutex_unlock(&E->lock);
-}
-
-static void t2t_measure_busy(t2t_loop *L, int64_t waiting_since) {
-    L->idle_ns += L->now - waiting_since;
-    int64_t total = L->busy_ns + L->idle_ns;
-    if (total < T2T_BUSY_WINDOW_NS) return;
-    int permille = (int)(L->busy_ns * 1000 / total);
-    int crossed = (permille >= T2T_BUSY_PERMILLE) != (L->busy_permille >= T2T_BUSY_PERMILLE);
-    __atomic_store_n(&L->busy_permille, permille, __ATOMIC_RELAXED);
-    __atomic_store_n(&L->busy_at, L->now, __ATOMIC_RELAXED);
-    L->busy_ns = L->idle_ns = 0;
-    if (crossed && t2t_listeners) t2t_spread_listeners(L->now);
 }
 
 static void *t2t_loop_main(void *arg) {
@@ -1150,8 +1103,6 @@ static void *t2t_loop_main(void *arg) {
 #endif
     for (;;) {
         int timeout = t2t_timeout_ms(L);
-        int64_t waiting_since = t2t_now();
-        L->busy_ns += waiting_since - L->now;
 #if T2T_EPOLL
         int n = epoll_wait(L->poller, events, T2T_MAX_EVENTS, timeout);
 #else
@@ -1164,7 +1115,6 @@ static void *t2t_loop_main(void *arg) {
         int n = kevent(L->poller, NULL, 0, events, T2T_MAX_EVENTS, tsp);
 #endif
         L->now = t2t_now();
-        t2t_measure_busy(L, waiting_since);
         if (n < 0) {
             if (errno != EINTR) {
                 struct timespec pause = {0, 10000000}; /* never spin on a broken poller */
@@ -1299,25 +1249,6 @@ static int t2t_loop_load(int i) {
     return i < t2t_the_engine.nloops ? __atomic_load_n(&t2t_the_engine.loops[i].load, __ATOMIC_RELAXED) : 0;
 }
 
-/* See T2T_PACK. */
-static t2t_loop *t2t_choose_loop(t2t_engine *E) {
-    t2t_loop *lightest = &E->loops[0];
-    for (int i = 1; i < E->nloops; i++)
-        if (__atomic_load_n(&E->loops[i].load, __ATOMIC_RELAXED) < __atomic_load_n(&lightest->load, __ATOMIC_RELAXED))
-            lightest = &E->loops[i];
-    int most = __atomic_load_n(&lightest->load, __ATOMIC_RELAXED) + T2T_PACK;
-    int64_t now = t2t_now();
-    for (int i = 0; i < E->nloops; i++) {
-        t2t_loop *L = &E->loops[i];
-        if (__atomic_load_n(&L->load, __ATOMIC_RELAXED) >= most) continue;
-        int busy = now - __atomic_load_n(&L->busy_at, __ATOMIC_RELAXED) > T2T_BUSY_STALE_NS
-                       ? 0
-                       : __atomic_load_n(&L->busy_permille, __ATOMIC_RELAXED);
-        if (busy < T2T_BUSY_PERMILLE) return L;
-    }
-    return lightest;
-}
-
 /* A new bridge on private non-blocking dups of fd1 and fd2 (or, with adopt, on fd1 and fd2
    themselves, which the bridge then owns and closes), handed to the least-loaded loop.
    NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
@@ -1338,7 +1269,10 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
         errno = saved;
         return NULL;
     }
-    t2t_loop *L = t2t_choose_loop(E);
+    t2t_loop *L = &E->loops[0];
+    for (int i = 1; i < E->nloops; i++)
+        if (__atomic_load_n(&E->loops[i].load, __ATOMIC_RELAXED) < __atomic_load_n(&L->load, __ATOMIC_RELAXED))
+            L = &E->loops[i];
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
     b->loop = L;
     for (int s = 0; s < 2; s++) b->side[s].bridge = b;
