@@ -5,17 +5,16 @@
 
 Accounting, per forward (label ``listen``), for the forwarder to call once per event:
 
-* ``accepted()`` for each client accepted; every accepted client then ends in exactly one of
-  ``upstream_failed()`` (its upstream connect failed or timed out), ``refused()`` (closed by
-  the forwarder without a bridge for any other reason: no bridge could be started, or the
-  forwarder closed while its upstream connect was pending) or ``opened()`` (its bridge started).
+* ``accepted()`` for each client accepted; ``upstream_failed()`` for each failed upstream
+  connect attempt (a client that fails over to another upstream counts one per attempt);
+  ``refused()`` for a client closed without a bridge for any other reason (access lists, PROXY
+  header, no bridge could be started); ``opened()`` when its bridge started.
 * ``ended()`` once per opened bridge, from its done callback.
 
 ``tcptotcp_connections_active`` is therefore exactly the bridges running (``opened`` minus
-``ended``), and ``accepted = upstream failures + refused + opened + connects in flight``, with
-``opened = active + sum(bridges_ended)``. Clients waiting for their upstream are not in the
-gauge: that wait is bounded by the connect timeout, and a gauge moved from four call sites
-would drift as soon as one was missed.
+``ended``), with ``opened = active + sum(bridges_ended)``. Clients waiting for their upstream are
+not in the gauge: that wait is bounded by the connect timeout, and a gauge moved from four call
+sites would drift as soon as one was missed.
 """
 
 from __future__ import annotations

@@ -181,7 +181,9 @@ class Service:
             removed_listens.append(listen)
             forwarder.stop_accepting()  # its bridges run on to their own end
             self.retired.append(forwarder)
-            self.announce("stopped_listening", f"stopped listening on {listen}", listen=listen)
+            self.announce(
+                "stopped_listening", f"stopped listening on {forwarder.address_text}", listen=forwarder.address_text
+            )
         for (key, spec), forwarder in zip(added, made):
             self._serve(key, spec, forwarder)
         self.retired = [f for f in self.retired if f.stats.active]
