@@ -43,6 +43,7 @@
 #if defined(__linux__)
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <linux/sockios.h> /* SIOCOUTQ */
 #define T2T_EPOLL 1
 #define T2T_HAVE_SPLICE 1
 #else
@@ -82,9 +83,11 @@ enum {
 };
 #define T2T_ACCEPT_BACKOFF_NS 100000000LL /* out of fds: accept again after 100 ms */
 /* Draining unread input before close (a close with unread bytes sends RST, which destroys
-   what the peer had not yet read): stop after 30 ms of quiet, at the latest after 250 ms. */
+   what the peer had not yet received): stop after 30 ms of quiet once the peer has acknowledged
+   every byte we sent it, at the latest after 250 ms. */
 #define T2T_DRAIN_QUIET_NS 30000000LL
 #define T2T_DRAIN_LIMIT_NS 250000000LL
+#define T2T_DRAIN_POLL_NS 5000000LL /* quiet, but bytes still unacknowledged: look again */
 #define T2T_NEVER INT64_MAX
 
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
@@ -223,6 +226,18 @@ static int t2t_was_reset(int fd) {
     (void)fd;
 #endif
     return 0; /* not TCP (a Unix socket), or no TCP_INFO here */
+}
+
+/* Bytes sent on fd that its peer has not acknowledged yet (Linux; 0 where unknown). An RST
+   purges them, while what the peer already received stays readable there before the error. */
+static int t2t_unacked(int fd) {
+#if defined(__linux__) && defined(SIOCOUTQ)
+    int n = 0;
+    if (ioctl(fd, SIOCOUTQ, &n) == 0) return n;
+#else
+    (void)fd;
+#endif
+    return 0;
 }
 
 /* ---- the poller ------------------------------------------------------------------------------ */
@@ -709,8 +724,15 @@ static void t2t_drain(t2t_bridge *b) {
             break;
         }
     }
-    int64_t deadline = t2t_deadline(b);
-    if ((b->side[0].drained && b->side[1].drained) || L->now >= deadline) {
+    int done = (b->side[0].drained && b->side[1].drained) || L->now >= b->drain_limit_ns;
+    if (!done && L->now >= b->drain_quiet_ns) {
+        /* Quiet: closing now sends RST, harmless only once the peer holds all we sent. */
+        done = 1;
+        for (int s = 0; s < 2; s++)
+            if (!b->side[s].drained && t2t_unacked(b->side[s].fd) > 0) done = 0;
+        if (!done) b->drain_quiet_ns = t2t_add(L->now, T2T_DRAIN_POLL_NS);
+    }
+    if (done) {
         t2t_close(b);
     } else if (b->heap_index != SIZE_MAX) {
         t2t_heap_fix(L, b->heap_index);

@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 import weakref
@@ -149,6 +150,14 @@ class Pump:
 _DRAIN_QUIET_SECONDS = 0.03
 _DRAIN_LIMIT_SECONDS = 0.25
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes a TCP socket sent, not yet acknowledged.
+if sys.platform.startswith("linux"):
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: Optional[int] = termios.TIOCOUTQ
+else:
+    _SIOCOUTQ = None
 # Failures that come from a peer or the network, never from our own shutdown (which gives
 # EPIPE). A reset makes the kernel report ECONNRESET to one caller only; the other pump on
 # that socket then reads a plain EOF, so "closed" may be recorded first for what was a reset.
@@ -218,22 +227,36 @@ def _read_and_drop(sock: socket.socket) -> Optional[int]:
         dropped += len(data)
 
 
+def _unacked(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that its peer has not acknowledged yet (Linux TCP; else 0)."""
+    if _SIOCOUTQ is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+    except OSError:
+        return 0
+
+
 def _discard_unread(sock: socket.socket) -> None:
     """Drop what the peer sent that will never be relayed, before the socket is closed.
 
     Closing a TCP socket with unread bytes, or receiving bytes after it was closed, makes
-    the kernel answer with RST, and an RST destroys what the peer had not yet read of the
-    bytes we relayed to it. The common case, nothing unread, costs one non-blocking recv;
-    otherwise drop until the peer closes or stays quiet for a moment, within a bound.
+    the kernel answer with RST, and an RST purges what we sent that the peer has not yet
+    received (what it received stays readable there, before the error). The common case,
+    nothing unread, costs one non-blocking recv; otherwise drop until the peer closes, or
+    stays quiet for a moment once it has acknowledged every byte we sent, within a bound.
     """
     if not _MSG_DONTWAIT or not _read_and_drop(sock):
         return
     deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
-    while time.monotonic() < deadline:
-        quiet = min(_DRAIN_QUIET_SECONDS, deadline - time.monotonic())
-        if quiet <= 0 or not wait_ready(sock, for_write=False, timeout=quiet):
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return
-        if _read_and_drop(sock) is None:
+        if wait_ready(sock, for_write=False, timeout=min(_DRAIN_QUIET_SECONDS, left)):
+            if _read_and_drop(sock) is None:
+                return
+        elif not _unacked(sock):
             return
 
 
