@@ -748,6 +748,15 @@ class Forwarder:
         os.close(client.fd)
         self._client_gone()
 
+    def _fail_over(self, selector: selectors.BaseSelector, client: _Client, exc: OSError) -> None:
+        """The upstream being connected failed: close it, report it, try the next one."""
+        sock = client.upstream_sock
+        assert sock is not None
+        client.upstream_sock = None
+        sock.close()
+        self._upstream_failed(client, exc)
+        self._try_next_upstream(selector, client)
+
     def _connected(self, selector: selectors.BaseSelector, client: _Client) -> None:
         sock = client.upstream_sock
         assert sock is not None and client.upstream is not None
@@ -759,10 +768,7 @@ class Forwarder:
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                client.upstream_sock = None
-                sock.close()
-                self._upstream_failed(client, exc)
-                self._try_next_upstream(selector, client)
+                self._fail_over(selector, client, exc)
                 return
             client.to_send = client.to_send[sent:]
             if client.to_send:  # the upstream's buffer is full already: wait for room
@@ -835,10 +841,7 @@ class Forwarder:
             self._unwatch(selector, fd)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                client.upstream_sock = None
-                sock.close()
-                self._upstream_failed(client, OSError(err, os.strerror(err)))
-                self._try_next_upstream(selector, client)
+                self._fail_over(selector, client, OSError(err, os.strerror(err)))
             else:
                 self._connected(selector, client)
             return
@@ -848,10 +851,7 @@ class Forwarder:
             return
         except OSError as exc:
             self._unwatch(selector, fd)
-            client.upstream_sock = None
-            sock.close()
-            self._upstream_failed(client, exc)
-            self._try_next_upstream(selector, client)
+            self._fail_over(selector, client, exc)
             return
         client.to_send = client.to_send[sent:]
         if not client.to_send:
@@ -881,12 +881,8 @@ class Forwarder:
                 self._unwatch(selector, client.fd)
                 self._refuse(client, "no complete PROXY header in time")
                 continue
-            sock = client.upstream_sock
-            self._unwatch(selector, sock.fileno())
-            client.upstream_sock = None
-            sock.close()
-            self._upstream_failed(client, socket.timeout("timed out"))
-            self._try_next_upstream(selector, client)
+            self._unwatch(selector, client.upstream_sock.fileno())
+            self._fail_over(selector, client, socket.timeout("timed out"))
 
     def _drop_client(self, selector: selectors.BaseSelector, client: _Client) -> None:
         """Closing with a client still pending: give up on it without a log line per client."""
