@@ -14,7 +14,7 @@ from typing import List
 import pytest
 
 import tcptotcp
-from helpers import recv_exactly
+from helpers import Background, recv_exactly
 from test_forwarder import EchoServer, ForwarderProcess, forwarders  # noqa: F401  (fixture)
 
 
@@ -114,4 +114,35 @@ def test_accept_in_python_on_request(forwarders, monkeypatch):  # noqa: F811
         fp2.wait_log(r"upstream 127\.0\.0\.1:%d failed" % dead.getsockname()[1])
     finally:
         dead.close()
+        echo.close()
+
+
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_counts_stay_exact_when_clients_come_and_go_between_takes(forwarders, level):  # noqa: F811
+    """Without open/close lines (warning) the loops' path only sums up the bridges that opened
+    and ended between two takes of its events; with them (info) each gets its two lines. Either
+    way the summary counts every client and every byte."""
+    echo = EchoServer()
+    try:
+        fp = forwarders("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}", "--log-level", level)
+        host, port = fp.address.rsplit(":", 1)
+        sizes = [1 + (i * 7919) % 20000 for i in range(240)]
+
+        def clients(part: List[int]) -> None:
+            for size in part:
+                payload = os.urandom(size)
+                assert _echo_once((host, int(port)), payload) == payload
+
+        workers = [Background(lambda part=sizes[k::8]: clients(part)) for k in range(8)]
+        for w in workers:
+            w.result()
+        fp.terminate()
+        total = sum(sizes)
+        summary = f"served {len(sizes)} connections (0 upstream failures, 0 refused), "
+        summary += f"{total} bytes up, {total} bytes down"
+        assert any(summary in line for line in fp.lines), fp.lines[-3:]
+        opens = [line for line in fp.lines if " open 127.0.0.1:" in line]
+        closes = [line for line in fp.lines if " close 127.0.0.1:" in line]
+        assert (len(opens), len(closes)) == ((len(sizes), len(sizes)) if level == "info" else (0, 0))
+    finally:
         echo.close()

@@ -39,8 +39,12 @@ class Listener:
     @property
     def next_id(self) -> int: ...
     def take(
-        self,
-    ) -> Tuple[List[Tuple[int, object, Relay]], List[Tuple[int, object, bool, int, int, str, float, int, bool]]]: ...
+        self, brief: bool = False
+    ) -> Tuple[
+        List[Tuple[int, object, Relay]],
+        List[Tuple[int, object, int, int, int, str, float, int, bool]],
+        Tuple[int, int, int],
+    ]: ...
     def stop(self) -> None: ...
 
 def listen(

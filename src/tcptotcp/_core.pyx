@@ -35,6 +35,7 @@ cdef extern from "_loop.h" nogil:
         void *owner
         unsigned long long conn_id
         unsigned char opened
+        unsigned char open_untaken
         unsigned char timed_out
     ctypedef struct t2t_listener:
         pass
@@ -299,22 +300,28 @@ cdef class Listener:
         """The number the next client will get."""
         return t2t_listener_next_id(self._l)
 
-    def take(self):
-        """What happened since the last take: ``(opened, ended)``. `opened` holds ``(id, peer,
-        relay)`` per bridge that started relaying; `ended` holds ``(id, peer, opened, bytes_1_to_2,
-        bytes_2_to_1, reason, seconds, errno, timed_out)`` per bridge that ended or, with
-        `opened` false, whose upstream connect failed. A bridge opened and ended since the last
-        take is in both, opened first."""
+    def take(self, bint brief=False):
+        """What happened since the last take: ``(opened, ended, gone)``. `opened` holds ``(id,
+        peer, relay)`` per bridge that started relaying; `ended` holds ``(id, peer, opened,
+        bytes_1_to_2, bytes_2_to_1, reason, seconds, errno, timed_out)`` per bridge that ended,
+        where `opened` is 1 for a bridge `opened` held in an earlier take, 2 for one that opened
+        and ended since the last take (it is in `ended` only: no relay object for a bridge
+        already gone), and 0 when its upstream connect failed. With `brief`, the bridges of
+        kind 2 are only summed up in `gone`: ``(count, bytes_1_to_2, bytes_2_to_1)``."""
         cdef t2t_bridge *opened_list
         cdef t2t_bridge *done_list
         cdef t2t_bridge *b
         cdef Relay relay
+        cdef unsigned long long gone_count = 0, gone_up = 0, gone_down = 0
         with nogil:
             t2t_listener_take(self._l, &opened_list, &done_list)
         opened = []
         while opened_list != NULL:
             b = opened_list
             opened_list = b.open_next
+            if b.open_untaken == 2:
+                t2t_release(b)  # reported once, as ended, below
+                continue
             relay = Relay.__new__(Relay)
             relay._b = b  # the reference the opened list held is the relay's now
             opened.append((b.conn_id, _peer_of(b), relay))
@@ -322,10 +329,16 @@ cdef class Listener:
         while done_list != NULL:
             b = done_list
             done_list = b.done_next
-            ended.append((b.conn_id, _peer_of(b), bool(b.opened), t2t_bytes(b, 0), t2t_bytes(b, 1),
-                          _REASONS[b.reason], (b.ended_ns - b.started_ns) / 1e9, b.error, bool(b.timed_out)))
+            if b.open_untaken == 2 and brief:
+                gone_count += 1
+                gone_up += t2t_bytes(b, 0)
+                gone_down += t2t_bytes(b, 1)
+            else:
+                opened_state = 2 if b.open_untaken == 2 else b.opened
+                ended.append((b.conn_id, _peer_of(b), opened_state, t2t_bytes(b, 0), t2t_bytes(b, 1),
+                              _REASONS[b.reason], (b.ended_ns - b.started_ns) / 1e9, b.error, bool(b.timed_out)))
             t2t_release(b)
-        return opened, ended
+        return opened, ended, (gone_count, gone_up, gone_down)
 
     def stop(self):
         """Stop accepting; once it returns, the loops no longer touch the listening socket.

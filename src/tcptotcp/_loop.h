@@ -142,6 +142,9 @@ typedef struct t2t_bridge {
     unsigned long long conn_id;
     int64_t connect_deadline_ns;
     unsigned char registered, opened, timed_out;
+    /* Under the listener's lock: 1 while in its opened list; 2 once it ended before a take
+       reported its opening (the take then reports it once, as ended; see t2t_listener_take). */
+    unsigned char open_untaken;
     socklen_t peer_len;
     struct sockaddr_storage peer;
 } t2t_bridge;
@@ -992,6 +995,7 @@ static void t2t_connect_done(t2t_bridge *b) {
     __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED); /* the opened list's, taken over by Python */
     pthread_mutex_lock(&lst->lock);
     b->open_next = NULL;
+    b->open_untaken = 1;
     if (lst->opened_tail) lst->opened_tail->open_next = b;
     else lst->opened_head = b;
     lst->opened_tail = b;
@@ -1453,13 +1457,18 @@ static unsigned long long t2t_listener_next_id(t2t_listener *lst) {
 
 /* Bridges opened and bridges ended (or failed to connect) since the last take, in order. Each
    opened one carries a reference for the caller; each ended one the engine's, which the caller
-   releases once done with it. A bridge may be in both lists: opened first. */
+   releases once done with it. A bridge in both lists (most short ones, under load) is marked
+   open_untaken == 2: the caller may report it once, as ended, and just release its opening. */
 static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done) {
     pthread_mutex_lock(&lst->lock);
     if (lst->ev_told) {
         t2t_drain_fd(lst->ev_r);
         lst->ev_told = 0;
     }
+    for (t2t_bridge *b = lst->done_head; b; b = b->done_next)
+        if (b->open_untaken == 1) b->open_untaken = 2; /* done: the loop no longer touches it */
+    for (t2t_bridge *b = lst->opened_head; b; b = b->open_next)
+        if (b->open_untaken == 1) b->open_untaken = 0; /* runs on: only ever written under the lock */
     *opened = lst->opened_head;
     *done = lst->done_head;
     lst->opened_head = lst->opened_tail = lst->done_head = lst->done_tail = NULL;

@@ -39,7 +39,7 @@ log = logging.getLogger("tcptotcp")
 # Accept errors that mean "out of a resource right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_SECONDS = 0.1
-_FAST_BATCH = 0.01  # see Forwarder._fast_pause
+_FAST_BATCH = 0.05  # see Forwarder._fast_pause
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket born non-blocking: no ioctl (not Windows)
 _KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # macOS: TCP_KEEPALIVE
@@ -161,6 +161,10 @@ class _Open:
         self.started = time.monotonic()
         self.bridge = bridge  # what stop() ends it with
         self.counts = counts
+
+
+def _NO_COUNTS() -> Tuple[int, int]:  # an _Open reported only once it had ended
+    return (0, 0)
 
 
 class _FastPath:
@@ -559,24 +563,31 @@ class Forwarder:
         selector.register(self._fast, selectors.EVENT_READ)
 
     def _fast_events(self, fast: _FastPath, selector: Optional[selectors.BaseSelector] = None) -> None:
-        opened, ended = fast.listener.take()
-        for conn_id, address, relay in opened:
-            peer = _Peer(self.listen.family, address)
-            item = _Open(conn_id, peer, fast.upstream, relay, relay.counts)
+        # Without open and close lines or metrics, bridges that came and went since the last
+        # take are only counted: no Python objects per connection.
+        brief = self._metrics is None and not log.isEnabledFor(logging.INFO)
+        opened, ended, (gone, gone_up, gone_down) = fast.listener.take(brief)
+        if gone:
             with self._lock:
-                self.stats.accepted += 1
-                self.stats.active += 1
+                self.stats.accepted += gone
+                self.stats.bytes_up += gone_up
+                self.stats.bytes_down += gone_down
+        for conn_id, address, relay in opened:
+            item = _Open(conn_id, _Peer(self.listen.family, address), fast.upstream, relay, relay.counts)
+            with self._lock:
                 self._bridges[relay] = item
-                self._fast_open[conn_id] = item
-            if self._metrics is not None:
-                self._metrics.accepted()
-                self._metrics.opened()
-            self._log_open(conn_id, peer, fast.upstream)
+            self._fast_open[conn_id] = item
+            self._fast_opened(item)
         for conn_id, address, was_opened, up, down, reason, seconds, err, timed_out in ended:
-            if was_opened:
+            if was_opened == 1:
                 item = self._fast_open.pop(conn_id)
                 with self._lock:
                     self._bridges.pop(item.bridge, None)
+                self._ended(item, up, down, reason, seconds)
+                continue
+            if was_opened == 2:  # opened and ended since the last take: reported here only
+                item = _Open(conn_id, _Peer(self.listen.family, address), fast.upstream, None, _NO_COUNTS)
+                self._fast_opened(item)
                 self._ended(item, up, down, reason, seconds)
                 continue
             with self._lock:
@@ -591,6 +602,15 @@ class Forwarder:
             if self._fast_paused.pop(fast, None) is None:
                 selector.unregister(fast)  # stopped, and nothing more to come
             self._fast_all.remove(fast)
+
+    def _fast_opened(self, item: _Open) -> None:
+        with self._lock:
+            self.stats.accepted += 1
+            self.stats.active += 1
+        if self._metrics is not None:
+            self._metrics.accepted()
+            self._metrics.opened()
+        self._log_open(item.conn_id, item.peer, item.upstream)
 
     def _fast_pause(self, selector: selectors.BaseSelector, fast: _FastPath) -> None:
         """Take a listener's events at most every _FAST_BATCH seconds: under load each take
