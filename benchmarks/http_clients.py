@@ -60,7 +60,7 @@ TCPTOTCP = ("cython", "pure")
 NEEDS = {"haproxy": "haproxy", "socat": "socat"}
 CASES = ("ab_c32", "wrk_c32", "wrk_c1000")
 CASE_TITLE = {
-    "ab_c32": "ab -n 4000 -c 32: a new connection per request",
+    "ab_c32": "ab -n {ab_requests} -c 32: a new connection per request",
     "wrk_c32": "wrk -c 32: keep-alive, 32 clients",
     "wrk_c1000": "wrk -c 1000: keep-alive, 1,000 clients",
 }
@@ -670,7 +670,7 @@ def markdown(report: dict) -> str:
         per = "connection" if case == "ab_c32" else "request"
         rss = "relay RSS at 1,000 clients, MiB" if case == "wrk_c1000" else "relay RSS mid-run, MiB"
         lines += [
-            f"### {CASE_TITLE[case]}",
+            f"### {CASE_TITLE[case].format(**st)}",
             "",
             f"| relay | req/s | p50 ms | p99 ms | timeouts / errors | relay CPU µs per {per} | {rss} "
             "| relay fds mid-run / after | accept-queue overflows / SYN retransmits |",
