@@ -146,3 +146,35 @@ def test_counts_stay_exact_when_clients_come_and_go_between_takes(forwarders, le
         assert (len(opens), len(closes)) == ((len(sizes), len(sizes)) if level == "info" else (0, 0))
     finally:
         echo.close()
+
+
+def test_close_stops_bridges_opened_just_before_it(backend):
+    """close() ends every bridge, including those the loops opened since the serve thread last
+    took their events (it takes them in batches): each client sees EOF, each is counted."""
+    server = EchoServer()
+    bridge_class = None if backend.name == "cython" else backend.Bridge
+    fwd = tcptotcp.Forwarder("127.0.0.1:0", f"127.0.0.1:{server.address[1]}", bridge_class=bridge_class)
+    serving = threading.Thread(target=fwd.serve_forever, daemon=True)
+    serving.start()
+    clients: List[socket.socket] = []
+    try:
+        assert _echo_once(fwd.address, b"warm") == b"warm"  # the path is chosen and serving
+        for i in range(20):
+            c = socket.create_connection(fwd.address, timeout=10)
+            clients.append(c)
+            c.sendall(b"%02d" % i)
+        for i, c in enumerate(clients):
+            assert recv_exactly(c, 2) == b"%02d" % i  # relaying, whether or not taken yet
+        fwd.close()
+        for c in clients:
+            c.settimeout(5)
+            assert c.recv(1) == b""  # stopped: FIN, not left relaying
+        assert fwd.stats.accepted == 21 and fwd.stats.active == 0
+        assert fwd.open_bridges() == []
+    finally:
+        for c in clients:
+            c.close()
+        fwd.close()
+        serving.join(10)
+        server.close()
+    assert not serving.is_alive()

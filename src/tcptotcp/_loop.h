@@ -161,6 +161,7 @@ typedef struct t2t_loop {
     size_t heap_len, heap_cap;
     t2t_bridge *again;       /* ran out of turns with input left */
     t2t_bridge *done_head, *done_tail;
+    t2t_bridge *reports;     /* listener bridges ended this turn: told at its end (see t2t_close) */
     t2t_bridge *all;         /* bridges this loop relays (for the fork child) */
     t2t_pipe *pool;
     int pooled;              /* atomic: read by t2t_stats */
@@ -235,7 +236,11 @@ static int t2t_was_reset(int fd) {
    purges them, while what the peer already received stays readable there before the error. */
 static int t2t_unacked(int fd) {
 #if defined(__linux__) && defined(SIOCOUTQ)
-    int n = 0;
+    int n = 0, domain = 0;
+    socklen_t len = sizeof(domain);
+    /* TCP only: on a Unix socket SIOCOUTQ counts what the peer has not read, and no RST comes. */
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || (domain != AF_INET && domain != AF_INET6))
+        return 0;
     if (ioctl(fd, SIOCOUTQ, &n) == 0) return n;
 #else
     (void)fd;
@@ -682,6 +687,14 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
     t2t_drain(b);
 }
 
+/* A listener bridge that ended is told to Python only at the end of this loop turn, like any
+   other (see t2t_publish_done): a take may free it at once, while events of this turn's batch
+   (or the rest of its t2t_service) may still name it. */
+static void t2t_listener_defer(t2t_bridge *b) {
+    b->done_next = b->loop->reports;
+    b->loop->reports = b;
+}
+
 static void t2t_listener_report(t2t_bridge *b);
 
 static void t2t_close(t2t_bridge *b) {
@@ -700,7 +713,7 @@ static void t2t_close(t2t_bridge *b) {
     __atomic_store_n(&b->state, T2T_DONE, __ATOMIC_RELEASE);
     __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
     if (b->listener) {
-        t2t_listener_report(b);
+        t2t_listener_defer(b);
         return;
     }
     b->done_next = NULL;
@@ -714,7 +727,11 @@ static void t2t_drain(t2t_bridge *b) {
     t2t_loop *L = b->loop;
     for (int s = 0; s < 2; s++) {
         t2t_side *side = &b->side[s];
-        while (!side->drained) {
+        for (int reads = 0; !side->drained; reads++) {
+            if (reads == T2T_READS_PER_TURN) { /* a peer that keeps sending: the others first */
+                t2t_again(b);
+                break;
+            }
             ssize_t n = recv(side->fd, L->buffer, T2T_BUFFER_BYTES, MSG_DONTWAIT);
             if (n > 0) {
                 side->dropped = 1;
@@ -852,6 +869,19 @@ static void t2t_done_tell(t2t_engine *E) {
 }
 
 static void t2t_publish_done(t2t_loop *L) {
+    t2t_bridge *told = L->reports, *later = NULL;
+    L->reports = NULL;
+    while (told) { /* back in the order they ended */
+        t2t_bridge *b = told;
+        told = b->done_next;
+        b->done_next = later;
+        later = b;
+    }
+    while (later) {
+        t2t_bridge *b = later;
+        later = b->done_next;
+        t2t_listener_report(b);
+    }
     if (!L->done_head) return;
     t2t_engine *E = &t2t_the_engine;
     pthread_mutex_lock(&E->lock);
@@ -981,7 +1011,7 @@ static void t2t_connect_failed(t2t_bridge *b, int error) {
     b->started_ns = b->ended_ns = L->now;
     __atomic_store_n(&b->state, T2T_DONE, __ATOMIC_RELEASE);
     __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
-    t2t_listener_report(b);
+    t2t_listener_defer(b);
 }
 
 /* Connected: relaying starts now (the idle rule's start), and Python hears of it. */

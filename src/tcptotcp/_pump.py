@@ -149,15 +149,8 @@ class Pump:
 # Draining a closing socket: stop once the peer has been quiet this long, or at the limit.
 _DRAIN_QUIET_SECONDS = 0.03
 _DRAIN_LIMIT_SECONDS = 0.25
+_DRAIN_POLL_SECONDS = 0.005  # quiet, but our bytes not yet acknowledged: look again this soon
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-# Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes a TCP socket sent, not yet acknowledged.
-if sys.platform.startswith("linux"):
-    import fcntl
-    import termios
-
-    _SIOCOUTQ: Optional[int] = termios.TIOCOUTQ
-else:
-    _SIOCOUTQ = None
 # Failures that come from a peer or the network, never from our own shutdown (which gives
 # EPIPE). A reset makes the kernel report ECONNRESET to one caller only; the other pump on
 # that socket then reads a plain EOF, so "closed" may be recorded first for what was a reset.
@@ -214,10 +207,11 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         pass  # already disconnected or closed: nothing left to wake
 
 
-def _read_and_drop(sock: socket.socket) -> Optional[int]:
-    """Drop whatever is queued now: the byte count, or None once the peer has closed."""
+def _read_and_drop(sock: socket.socket, deadline: float) -> Optional[int]:
+    """Drop whatever is queued now (until `deadline`): the byte count, or None once the peer
+    has closed."""
     dropped = 0
-    while True:
+    while time.monotonic() < deadline:
         try:
             data = socket.socket.recv(sock, 65536, _MSG_DONTWAIT)  # raw bytes, TLS or not
         except OSError:  # EAGAIN, or the connection is already gone
@@ -225,16 +219,28 @@ def _read_and_drop(sock: socket.socket) -> Optional[int]:
         if not data:
             return None
         dropped += len(data)
+    return dropped
 
 
-def _unacked(sock: socket.socket) -> int:
-    """Bytes sent on `sock` that its peer has not acknowledged yet (Linux TCP; else 0)."""
-    if _SIOCOUTQ is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return 0
-    try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
-    except OSError:
-        return 0
+if sys.platform.startswith("linux"):
+    import fcntl
+    import termios
+
+    def _unacked(sock: socket.socket) -> int:
+        """Bytes sent on TCP `sock` that its peer has not acknowledged yet (SIOCOUTQ, the same
+        number as TIOCOUTQ). Not for a Unix socket: there it counts what the peer has not read,
+        and no RST comes."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+        except OSError:
+            return 0
+
+else:
+
+    def _unacked(sock: socket.socket) -> int:
+        return 0  # unknown here: quiet alone decides
 
 
 def _discard_unread(sock: socket.socket) -> None:
@@ -246,18 +252,22 @@ def _discard_unread(sock: socket.socket) -> None:
     nothing unread, costs one non-blocking recv; otherwise drop until the peer closes, or
     stays quiet for a moment once it has acknowledged every byte we sent, within a bound.
     """
-    if not _MSG_DONTWAIT or not _read_and_drop(sock):
-        return
     deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
+    if not _MSG_DONTWAIT or not _read_and_drop(sock, deadline):
+        return
+    wait = _DRAIN_QUIET_SECONDS
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        if wait_ready(sock, for_write=False, timeout=min(_DRAIN_QUIET_SECONDS, left)):
-            if _read_and_drop(sock) is None:
+        if wait_ready(sock, for_write=False, timeout=min(wait, left)):
+            if _read_and_drop(sock, deadline) is None:
                 return
+            wait = _DRAIN_QUIET_SECONDS
         elif not _unacked(sock):
             return
+        else:
+            wait = _DRAIN_POLL_SECONDS
 
 
 # Bridges between launch and teardown: what a forked child must finish (see _after_fork_in_child).
