@@ -109,6 +109,9 @@ typedef struct t2t_side {
     unsigned char input_masked;       /* not watched for input while its direction waits to write */
     unsigned char fin_sent;           /* we shut it down for writing */
     unsigned char drained, dropped;   /* teardown: done reading it; it had unread bytes */
+    /* A short recv proves a TCP socket empty, unless recv stopped at an urgent mark or the
+       peer's FIN (or an error) came with the same edge: see t2t_pump. */
+    unsigned char tcp, urgent, closing;
 } t2t_side;
 
 /* One direction: reads side[i], writes side[1 - i]. */
@@ -216,6 +219,17 @@ static int t2t_own_fd(int fd, int adopt) {
     return own;
 }
 
+static int t2t_is_tcp(int fd) {
+#if T2T_EPOLL && defined(SO_PROTOCOL)
+    int protocol = 0;
+    socklen_t len = sizeof(protocol);
+    return getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &len) == 0 && protocol == IPPROTO_TCP;
+#else
+    (void)fd;
+    return 0; /* kqueue: keep the EAGAIN rule */
+#endif
+}
+
 /* Whether the connection behind fd was reset rather than closed with a FIN. A reset reaches
    one caller as ECONNRESET, and a splice that had moved bytes before the send failed drops
    even that: the reader then sees a plain EOF. Until we send our own FIN, a connection that
@@ -264,7 +278,7 @@ static int t2t_poller_new(void) {
 static int t2t_poller_add(t2t_loop *L, int fd, void *tag) {
 #if T2T_EPOLL
     struct epoll_event ev;
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.events = EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.ptr = tag;
     return epoll_ctl(L->poller, EPOLL_CTL_ADD, fd, &ev);
 #else
@@ -282,7 +296,7 @@ static int t2t_poller_add(t2t_loop *L, int fd, void *tag) {
 static int t2t_poller_watch_input(t2t_loop *L, int fd, void *tag, int on) {
 #if T2T_EPOLL
     struct epoll_event ev;
-    ev.events = (on ? EPOLLIN | EPOLLRDHUP : 0) | EPOLLOUT | EPOLLET;
+    ev.events = (on ? EPOLLIN | EPOLLPRI | EPOLLRDHUP : 0) | EPOLLOUT | EPOLLET;
     ev.data.ptr = tag;
     return epoll_ctl(L->poller, EPOLL_CTL_MOD, fd, &ev);
 #else
@@ -626,14 +640,19 @@ static void t2t_pump(t2t_bridge *b, int i) {
             else t2t_fail(b, errno);
             return;
         }
-        /* Only EAGAIN proves the source empty. A short read does not: recv stops at TCP's
-           urgent mark and at a Unix message with ancillary data, and a short splice when the
-           pipe runs out of slots; no new edge would come for what is already queued. */
+        /* In general only EAGAIN proves the source empty. A short read does not: recv stops at
+           TCP's urgent mark and at a Unix message with ancillary data, and a short splice when
+           the pipe runs out of slots; no new edge would come for what is already queued. */
         b->side[1 - i].writable = 1; /* try the write once; EAGAIN says otherwise */
         if (d->bulk) {
             d->spliced = 1;
             d->in_pipe = (size_t)n;
         } else {
+            /* Except on TCP, as far as we know: there recv stops short only at the urgent mark
+               (EPOLLPRI told us of it) or at the end of what is queued, and whatever arrives
+               after this edge brings a new one. Saves the read that would say EAGAIN. The FIN
+               (or an error) reported with this edge is already queued: read on to it. */
+            if (src->tcp && !src->urgent && !src->closing && (size_t)n < T2T_BUFFER_BYTES) src->readable = 0;
             t2t_send_read(b, i, (size_t)n);
             if (b->may_splice && (size_t)n >= T2T_SPLICE_AFTER) d->bulk = 1;
         }
@@ -916,7 +935,7 @@ typedef struct t2t_listener {
     int nsockopts;
     int64_t connect_timeout_ns, interval_ns;
     uint64_t idle_limit;
-    unsigned char activity_both, half_close, may_splice;
+    unsigned char activity_both, half_close, may_splice, client_tcp, upstream_tcp;
     int max_active;
     int active;     /* atomic: accepted and not yet reported ended */
     int stopping;   /* atomic */
@@ -1075,6 +1094,8 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     b->state = T2T_CONNECTING;
     for (int s = 0; s < 2; s++) b->side[s].bridge = b;
     b->side[0].fd = client;
+    b->side[0].tcp = lst->client_tcp;
+    b->side[1].tcp = lst->upstream_tcp;
 #if T2T_EPOLL
     b->side[1].fd = socket(lst->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 #else
@@ -1192,6 +1213,8 @@ static void *t2t_loop_main(void *arg) {
                 continue;
             }
             if (got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->readable = 1;
+            if (got & EPOLLPRI) side->urgent = 1;
+            if (got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->closing = 1;
             if (got & (EPOLLOUT | EPOLLHUP | EPOLLERR)) side->writable = 1;
 #else
             t2t_side *side = (t2t_side *)events[e].udata;
@@ -1201,7 +1224,7 @@ static void *t2t_loop_main(void *arg) {
             }
             if (events[e].filter == EVFILT_READ) side->readable = 1;
             else side->writable = 1;
-            if (events[e].flags & (EV_EOF | EV_ERROR)) side->readable = side->writable = 1;
+            if (events[e].flags & (EV_EOF | EV_ERROR)) side->readable = side->writable = side->closing = 1;
 #endif
             t2t_service(side->bridge); /* a closed bridge ignores late events of this batch */
         }
@@ -1331,7 +1354,10 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
             L = &E->loops[i];
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
     b->loop = L;
-    for (int s = 0; s < 2; s++) b->side[s].bridge = b;
+    for (int s = 0; s < 2; s++) {
+        b->side[s].bridge = b;
+        b->side[s].tcp = (unsigned char)t2t_is_tcp(b->side[s].fd);
+    }
     b->started_ns = t2t_now();
     b->interval_ns = interval_ns;
     b->next_check_ns = b->started_ns;
@@ -1386,6 +1412,8 @@ static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen
     lst->activity_both = (unsigned char)(activity_both != 0);
     lst->half_close = (unsigned char)(half_close != 0);
     lst->may_splice = (unsigned char)(may_splice != 0);
+    lst->client_tcp = (unsigned char)t2t_is_tcp(fd);
+    lst->upstream_tcp = upstream->sa_family == AF_INET || upstream->sa_family == AF_INET6;
     lst->max_active = max_active;
     lst->next_id = first_id;
     pthread_mutex_init(&lst->lock, NULL);
