@@ -13,7 +13,7 @@ upstream. Each relay is its own process between the load generator and nginx:
 
 Cases, interleaved (every round runs every relay once per case, in a rotated order):
 
-    ab_c32      ab -n 4000 -c 32: a new TCP connection per request
+    ab_c32      ab -n 20000 -c 32: a new TCP connection per request
     wrk_c32     wrk -t 2 -c 32 -d 5s --latency --timeout 2s: keep-alive
     wrk_c1000   wrk -t 2 -c 1000 -d 5s --latency --timeout 2s: keep-alive, 1,000 clients
 
@@ -779,7 +779,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     ap.add_argument("--relays", default="cython,pure,haproxy,socat", help="besides direct, always run")
     ap.add_argument("--nginx-workers", type=int, default=1)
-    ap.add_argument("--ab-requests", type=int, default=4000)
+    ap.add_argument("--ab-requests", type=int, default=20000, help="ab -n (enough for a steady CPU figure)")
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--wrk-timeout", type=int, default=2, help="wrk counts a request slower than this as a timeout")
     ap.add_argument("--case-timeout", type=int, default=120, help="kill a load generator after this long")
