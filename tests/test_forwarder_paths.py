@@ -178,3 +178,79 @@ def test_close_stops_bridges_opened_just_before_it(backend):
         serving.join(10)
         server.close()
     assert not serving.is_alive()
+
+
+def test_access_lists_keep_the_loops_path(backend):
+    """--allow/--deny are checked where the client is accepted: on the compiled core the loops
+    refuse (close) a client the lists keep out, and report it; the others are relayed."""
+    server = EchoServer()
+    bridge_class = None if backend.name == "cython" else backend.Bridge
+    fwd = tcptotcp.Forwarder(
+        "127.0.0.1:0",
+        f"127.0.0.1:{server.address[1]}",
+        allow=["127.0.0.0/8"],
+        deny=["127.0.0.3"],
+        bridge_class=bridge_class,
+    )
+    serving = threading.Thread(target=fwd.serve_forever, daemon=True)
+    serving.start()
+    try:
+        for source in ("127.0.0.1", "127.0.0.2"):
+            with socket.create_connection(fwd.address, timeout=10, source_address=(source, 0)) as c:
+                c.sendall(b"from " + source.encode())
+                assert recv_exactly(c, 14) == b"from " + source.encode()
+        if backend.name == "cython":
+            assert fwd._fast is not None  # the loops accepted them, lists and all
+        with socket.create_connection(fwd.address, timeout=10, source_address=("127.0.0.3", 0)) as c:
+            c.settimeout(10)
+            assert c.recv(1) == b""  # refused: closed at once
+        assert _wait(lambda: fwd.stats.refused == 1 and fwd.stats.accepted == 3)
+        assert _served(server) == 2
+    finally:
+        fwd.close()
+        serving.join(10)
+        server.close()
+    assert not serving.is_alive()
+
+
+def test_access_lists_match_mapped_clients_as_ipv4(backend):
+    """On a dual-stack listener an IPv4 client arrives as ::ffff:a.b.c.d and is matched as the
+    IPv4 host it is, against IPv4 entries and entries written in mapped form alike."""
+    listening = socket.socket(socket.AF_INET6)  # as inherited from systemd or a parent (fd:N)
+    try:
+        listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listening.bind(("::", 0))
+        listening.listen(16)
+    except OSError:
+        listening.close()
+        pytest.skip("no dual-stack IPv6 here")
+    server = EchoServer()
+    bridge_class = None if backend.name == "cython" else backend.Bridge
+    fwd = tcptotcp.Forwarder(
+        "[::]:0",
+        f"127.0.0.1:{server.address[1]}",
+        listen_socket=listening,
+        allow=["127.0.0.1", "::ffff:127.0.0.2/128"],
+        deny=["::ffff:127.0.0.2/128"],
+        bridge_class=bridge_class,
+    )
+    serving = threading.Thread(target=fwd.serve_forever, daemon=True)
+    serving.start()
+    try:
+        port = listening.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.1", 0)) as c:
+            c.sendall(b"v4 host")
+            assert recv_exactly(c, 7) == b"v4 host"
+        for source in ("127.0.0.2", "127.0.0.4"):  # denied in mapped form; in no allow entry
+            with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as c:
+                c.settimeout(10)
+                assert c.recv(1) == b""
+        assert _wait(lambda: fwd.stats.refused == 2 and fwd.stats.accepted == 3)
+        if backend.name == "cython":
+            assert fwd._fast is not None
+    finally:
+        fwd.close()
+        serving.join(10)
+        server.close()
+        listening.close()
+    assert not serving.is_alive()

@@ -137,6 +137,22 @@ class AccessList:
             return False
         return not self._closed or _inside(address, self._allow6 if v6 else self._allow4)
 
+    def tables(self) -> Tuple[bool, bytes, bytes, bytes, bytes]:
+        """The lists for the compiled core's loops (see ``t2t_access`` in ``_loop.h``):
+        ``(closed, allow4, deny4, allow6, deny6)``, each list its (network, mask) pairs as
+        big-endian bytes, 4 + 4 per IPv4 entry (mapped ones included), 16 + 16 per IPv6 one."""
+
+        def packed(masks: _Masks, width: int) -> bytes:
+            return b"".join(n.to_bytes(width, "big") + m.to_bytes(width, "big") for n, m in masks)
+
+        return (
+            self._closed,
+            packed(self._allow4, 4),
+            packed(self._deny4, 4),
+            packed(self._allow6, 16),
+            packed(self._deny6, 16),
+        )
+
     def describe(self) -> str:
         """For the start-up log line: ``allow 10.0.0.0/8, ::1; deny 10.9.0.0/16``."""
         if not self._active:

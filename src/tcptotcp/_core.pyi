@@ -58,4 +58,5 @@ def listen(
     first_id: int,
     *,
     splice: bool = ...,
+    access: Optional[Tuple[bool, bytes, bytes, bytes, bytes]] = ...,
 ) -> Listener: ...

@@ -20,6 +20,7 @@ from ._bridge import REASONS, report_unraisable
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memset
 
 cdef extern from "_loop.h" nogil:
     ctypedef struct t2t_dir:
@@ -36,9 +37,15 @@ cdef extern from "_loop.h" nogil:
         unsigned long long conn_id
         unsigned char opened
         unsigned char open_untaken
+        unsigned char refused
         unsigned char timed_out
     ctypedef struct t2t_listener:
         pass
+    ctypedef struct t2t_access:
+        int active
+        int closed
+        const unsigned char *lists[4]
+        size_t counts[4]
     ctypedef struct sockaddr_storage "struct sockaddr_storage":
         pass
     ctypedef struct sockaddr "struct sockaddr":
@@ -47,7 +54,7 @@ cdef extern from "_loop.h" nogil:
     t2t_listener *t2t_listen(int fd, const sockaddr *upstream, socklen_t upstream_len, const int *sockopts,
                              int nsockopts, int64_t connect_timeout_ns, int64_t interval_ns, uint64_t idle_limit,
                              int activity_both, int half_close, int may_splice, int max_active,
-                             unsigned long long first_id)
+                             unsigned long long first_id, const t2t_access *access)
     int t2t_listener_fd(t2t_listener *lst)
     int t2t_listener_active(t2t_listener *lst)
     unsigned long long t2t_listener_next_id(t2t_listener *lst)
@@ -306,8 +313,9 @@ cdef class Listener:
         bytes_1_to_2, bytes_2_to_1, reason, seconds, errno, timed_out)`` per bridge that ended,
         where `opened` is 1 for a bridge `opened` held in an earlier take, 2 for one that opened
         and ended since the last take (it is in `ended` only: no relay object for a bridge
-        already gone), and 0 when its upstream connect failed. With `brief`, the bridges of
-        kind 2 are only summed up in `gone`: ``(count, bytes_1_to_2, bytes_2_to_1)``."""
+        already gone), 0 when its upstream connect failed, and 3 when the access lists refused
+        the client. With `brief`, the bridges of kind 2 are only summed up in `gone`:
+        ``(count, bytes_1_to_2, bytes_2_to_1)``."""
         cdef t2t_bridge *opened_list
         cdef t2t_bridge *done_list
         cdef t2t_bridge *b
@@ -334,7 +342,7 @@ cdef class Listener:
                 gone_up += t2t_bytes(b, 0)
                 gone_down += t2t_bytes(b, 1)
             else:
-                opened_state = 2 if b.open_untaken == 2 else b.opened
+                opened_state = 3 if b.refused else 2 if b.open_untaken == 2 else b.opened
                 ended.append((b.conn_id, _peer_of(b), opened_state, t2t_bytes(b, 0), t2t_bytes(b, 1),
                               _REASONS[b.reason], (b.ended_ns - b.started_ns) / 1e9, b.error, bool(b.timed_out)))
             t2t_release(b)
@@ -348,7 +356,7 @@ cdef class Listener:
 
 
 def listen(listener, upstream_family, upstream_sockaddr, sockopts, plan, connect_timeout, max_active, first_id,
-           *, bint splice=True):
+           *, bint splice=True, access=None):
     """Let the loops accept clients of `listener` (a listening socket the caller keeps open and
     closes only after `Listener.stop()`) and relay each to the upstream at `upstream_sockaddr`
     (numeric, as getaddrinfo gives it), setting `sockopts` ``[(level, name, int), ...]`` on each
@@ -379,10 +387,22 @@ def listen(listener, upstream_family, upstream_sockaddr, sockopts, plan, connect
         raise ValueError(f"not a numeric address: {upstream_sockaddr!r}")
     cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
+    cdef t2t_access rules
+    memset(&rules, 0, sizeof(rules))
+    tables = None
+    if access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
+        closed, *tables = access
+        rules.active = 1
+        rules.closed = bool(closed)
+        for i, (table, width) in enumerate(zip(tables, (4, 4, 16, 16))):
+            if len(table) % (2 * width):
+                raise ValueError("an access table holds (network, mask) pairs")
+            rules.lists[i] = <const unsigned char *>(<bytes>table)
+            rules.counts[i] = len(table) // (2 * width)
     cdef Listener result = Listener.__new__(Listener)
     result._l = t2t_listen(listener.fileno(), <sockaddr *>&address, address_len, &options[0][0], n,
                            int(connect_timeout * 1e9), interval_ns, idle_limit, plan.activity_both, plan.half_close,
-                           splice, max_active, first_id)
+                           splice, max_active, first_id, &rules)
     if result._l == NULL:
         err = errno
         raise OSError(err, os.strerror(err))

@@ -144,7 +144,7 @@ typedef struct t2t_bridge {
     struct t2t_bridge *open_next;
     unsigned long long conn_id;
     int64_t connect_deadline_ns;
-    unsigned char registered, opened, timed_out;
+    unsigned char registered, opened, timed_out, refused;
     /* Under the listener's lock: 1 while in its opened list; 2 once it ended before a take
        reported its opening (the take then reports it once, as ended; see t2t_listener_take). */
     unsigned char open_untaken;
@@ -927,8 +927,19 @@ typedef struct t2t_listen_tag {
     int loop;
 } t2t_listen_tag;
 
+/* A forward's --allow/--deny, as _access.AccessList prepares it: per list, (network, mask)
+   pairs of big-endian bytes, 4 + 4 for IPv4 (mapped IPv6 clients included), 16 + 16 for IPv6.
+   A deny match refuses; with allow entries (closed) only an allow match passes. */
+enum { T2T_ALLOW4, T2T_DENY4, T2T_ALLOW6, T2T_DENY6 };
+typedef struct t2t_access {
+    int active, closed;
+    const unsigned char *lists[4];
+    size_t counts[4]; /* pairs per list */
+} t2t_access;
+
 typedef struct t2t_listener {
     int fd; /* the listening socket: Python's, never closed here */
+    t2t_access access; /* its lists copied (kept for the process, like the listener) */
     struct sockaddr_storage upstream;
     socklen_t upstream_len;
     int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) set on every upstream socket */
@@ -952,6 +963,36 @@ typedef struct t2t_listener {
 } t2t_listener;
 
 static t2t_listener *t2t_listeners; /* under the engine's lock */
+
+static int t2t_inside(const unsigned char *address, size_t width, const unsigned char *pairs, size_t count) {
+    for (size_t i = 0; i < count; i++, pairs += 2 * width) {
+        size_t k = 0;
+        while (k < width && (address[k] & pairs[width + k]) == pairs[k]) k++;
+        if (k == width) return 1;
+    }
+    return 0;
+}
+
+/* Whether the access lists let this client in (see t2t_access and _access.AccessList). */
+static int t2t_permits(const t2t_access *a, const struct sockaddr_storage *peer) {
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    unsigned char address[16];
+    size_t width;
+    if (!a->active) return 1;
+    if (peer->ss_family == AF_INET) {
+        memcpy(address, &((const struct sockaddr_in *)peer)->sin_addr, 4);
+        width = 4;
+    } else if (peer->ss_family == AF_INET6) {
+        const unsigned char *bytes = ((const struct sockaddr_in6 *)peer)->sin6_addr.s6_addr;
+        width = memcmp(bytes, mapped, 12) == 0 ? 4 : 16; /* a mapped client is its IPv4 host */
+        memcpy(address, width == 4 ? bytes + 12 : bytes, width);
+    } else {
+        return !a->closed; /* not an IP address: inside no network */
+    }
+    int allow = width == 4 ? T2T_ALLOW4 : T2T_ALLOW6, deny = width == 4 ? T2T_DENY4 : T2T_DENY6;
+    if (t2t_inside(address, width, a->lists[deny], a->counts[deny])) return 0;
+    return !a->closed || t2t_inside(address, width, a->lists[allow], a->counts[allow]);
+}
 
 /* Watch the listener in every loop, or in none, as its state asks; the caller holds lst->lock. */
 static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
@@ -1094,6 +1135,12 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     b->state = T2T_CONNECTING;
     for (int s = 0; s < 2; s++) b->side[s].bridge = b;
     b->side[0].fd = client;
+    b->side[1].fd = -1;
+    if (!t2t_permits(&lst->access, peer)) {
+        b->refused = 1;
+        t2t_connect_failed(b, EACCES);
+        return;
+    }
     b->side[0].tcp = lst->client_tcp;
     b->side[1].tcp = lst->upstream_tcp;
 #if T2T_EPOLL
@@ -1383,7 +1430,8 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
 static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen_t upstream_len,
                                 const int *sockopts, int nsockopts, int64_t connect_timeout_ns,
                                 int64_t interval_ns, uint64_t idle_limit, int activity_both, int half_close,
-                                int may_splice, int max_active, unsigned long long first_id) {
+                                int may_splice, int max_active, unsigned long long first_id,
+                                const t2t_access *access) {
 #if T2T_EPOLL
     t2t_engine *E = &t2t_the_engine;
     if (upstream_len > sizeof(struct sockaddr_storage) || nsockopts > T2T_MAX_SOCKOPTS || !E->nloops) {
@@ -1402,6 +1450,24 @@ static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen
         return NULL;
     }
     lst->fd = fd;
+    if (access && access->active) {
+        lst->access.active = 1;
+        lst->access.closed = access->closed;
+        for (int i = 0; i < 4; i++) {
+            size_t width = i < T2T_ALLOW6 ? 4 : 16, bytes = access->counts[i] * 2 * width;
+            unsigned char *copy = bytes ? (unsigned char *)malloc(bytes) : NULL;
+            if (bytes && !copy) {
+                for (int j = 0; j < i; j++) free((void *)lst->access.lists[j]);
+                close(lst->ev_r); /* an eventfd: one fd for both ends */
+                free(lst);
+                errno = ENOMEM;
+                return NULL;
+            }
+            if (bytes) memcpy(copy, access->lists[i], bytes);
+            lst->access.lists[i] = copy;
+            lst->access.counts[i] = access->counts[i];
+        }
+    }
     memcpy(&lst->upstream, upstream, upstream_len);
     lst->upstream_len = upstream_len;
     memcpy(lst->sockopts, sockopts, sizeof(int) * 3 * (size_t)nsockopts);
@@ -1436,7 +1502,7 @@ static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen
 #else
     (void)fd, (void)upstream, (void)upstream_len, (void)sockopts, (void)nsockopts, (void)connect_timeout_ns;
     (void)interval_ns, (void)idle_limit, (void)activity_both, (void)half_close, (void)may_splice;
-    (void)max_active, (void)first_id;
+    (void)max_active, (void)first_id, (void)access;
     errno = ENOSYS;
     return NULL;
 #endif

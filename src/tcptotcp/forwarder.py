@@ -39,6 +39,7 @@ log = logging.getLogger("tcptotcp")
 # Accept errors that mean "out of a resource right now": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_SECONDS = 0.1
+_NOT_ALLOWED = "not allowed by --allow/--deny"
 _FAST_BATCH = 0.05  # see Forwarder._fast_pause
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket born non-blocking: no ioctl (not Windows)
@@ -502,13 +503,12 @@ class Forwarder:
 
     def _fast_path_for(self, options: ForwardOptions) -> bool:
         """Whether the engine's loops can serve these options alone: the default compiled
-        engine, on Linux, one upstream and nothing to decide per client in Python."""
+        engine, on Linux, one upstream, no PROXY protocol (access lists are checked there)."""
         return (
             core is not None
             and self.bridge_class is DefaultBridge
             and sys.platform.startswith("linux")
             and len(options.upstreams) == 1
-            and not options.access
             and not options.send_proxy
             and not options.accept_proxy
             and not env_flag("TCPTOTCP_ACCEPT_IN_PYTHON")
@@ -554,6 +554,7 @@ class Forwarder:
                 options.connect_timeout,
                 options.max_connections,
                 next(self._ids),
+                access=options.access.tables() if options.access else None,
             )
         except (OSError, ValueError) as exc:
             log.debug("accepting in Python: %s", exc)
@@ -596,6 +597,9 @@ class Forwarder:
                 self.stats.accepted += 1
             if self._metrics is not None:
                 self._metrics.accepted()
+            if was_opened == 3:  # the loop refused it (--allow/--deny) and closed it
+                self._log_refused(conn_id, _Peer(self.listen.family, address), _NOT_ALLOWED)
+                continue
             if err == errno.ECANCELED and self._closing.is_set():
                 continue  # given up on as the forwarder closes: no line per client
             exc: OSError = socket.timeout("timed out") if timed_out else OSError(err, os.strerror(err))
@@ -699,7 +703,7 @@ class Forwarder:
     def _admit(self, selector: selectors.BaseSelector, client: _Client) -> None:
         access = client.options.access
         if access and not access.permits(client.peer.sockaddr[0]):
-            self._refuse(client, "not allowed by --allow/--deny")
+            self._refuse(client, _NOT_ALLOWED)
             return
         client.tries = self._upstream_order(client.options)
         self._try_next_upstream(selector, client)
@@ -917,20 +921,23 @@ class Forwarder:
         self._client_gone()
 
     def _refuse(self, client: _Client, why: str) -> None:
+        self._log_refused(client.conn_id, client.peer, why)
+        client.deadline = 0.0
+        os.close(client.fd)
+        self._client_gone()
+
+    def _log_refused(self, conn_id: int, peer: _Peer, why: str) -> None:
         with self._lock:
             self.stats.refused += 1
         if self._metrics is not None:
             self._metrics.refused()
         log.warning(
             "#%d %s: refused: %s",
-            client.conn_id,
-            client.peer,
+            conn_id,
+            peer,
             why,
-            extra=_event("refused", id=client.conn_id, client=str(client.peer), why=why),
+            extra=_event("refused", id=conn_id, client=str(peer), why=why),
         )
-        client.deadline = 0.0
-        os.close(client.fd)
-        self._client_gone()
 
     def _upstream_failed(self, client: _Client, exc: OSError) -> None:
         upstream = client.upstream
