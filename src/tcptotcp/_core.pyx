@@ -392,12 +392,14 @@ def listen(listener, upstream_family, upstream_sockaddr, sockopts, plan, connect
     tables = None
     if access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
         closed, *tables = access
+        if len(tables) != 4 or not all(isinstance(table, bytes) for table in tables):
+            raise ValueError("access: (closed, allow4, deny4, allow6, deny6), the lists as bytes")
         rules.active = 1
         rules.closed = bool(closed)
         for i, (table, width) in enumerate(zip(tables, (4, 4, 16, 16))):
             if len(table) % (2 * width):
                 raise ValueError("an access table holds (network, mask) pairs")
-            rules.lists[i] = <const unsigned char *>(<bytes>table)
+            rules.lists[i] = <const unsigned char *>(<bytes>table)  # bytes: checked above
             rules.counts[i] = len(table) // (2 * width)
     cdef Listener result = Listener.__new__(Listener)
     result._l = t2t_listen(listener.fileno(), <sockaddr *>&address, address_len, &options[0][0], n,

@@ -219,11 +219,20 @@ static int t2t_own_fd(int fd, int adopt) {
     return own;
 }
 
+/* Whether a short read proves fd empty (see t2t_pump): plain TCP, whose recv stops short only
+   at the urgent mark or at the end of its queue. Not with an upper-layer protocol (kernel TLS);
+   a socket a BPF sockmap redirects is not detected: such sockets belong to the pure engine. */
 static int t2t_is_tcp(int fd) {
 #if T2T_EPOLL && defined(SO_PROTOCOL)
     int protocol = 0;
     socklen_t len = sizeof(protocol);
-    return getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &len) == 0 && protocol == IPPROTO_TCP;
+    if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &len) != 0 || protocol != IPPROTO_TCP) return 0;
+#ifdef TCP_ULP
+    char ulp[16] = {0};
+    len = sizeof(ulp);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_ULP, ulp, &len) == 0 && len > 0 && ulp[0]) return 0;
+#endif
+    return 1;
 #else
     (void)fd;
     return 0; /* kqueue: keep the EAGAIN rule */
@@ -1142,7 +1151,6 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
         return;
     }
     b->side[0].tcp = lst->client_tcp;
-    b->side[1].tcp = lst->upstream_tcp;
 #if T2T_EPOLL
     b->side[1].fd = socket(lst->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 #else
@@ -1153,6 +1161,8 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
         t2t_connect_failed(b, errno);
         return;
     }
+    /* Asked, not assumed from the family: a preloaded library may make it MPTCP. */
+    b->side[1].tcp = (unsigned char)(lst->upstream_tcp && t2t_is_tcp(b->side[1].fd));
     for (int i = 0; i < lst->nsockopts; i++)
         setsockopt(b->side[1].fd, lst->sockopts[i][0], lst->sockopts[i][1], &lst->sockopts[i][2], sizeof(int));
     int rc = connect(b->side[1].fd, (struct sockaddr *)&lst->upstream, lst->upstream_len);
