@@ -99,25 +99,6 @@ def recv_until_eof(sock: socket.socket, timeout: float = 30.0) -> Tuple[int, str
         total += len(chunk)
 
 
-def recv_until_closed(sock: socket.socket, timeout: float = 30.0) -> Tuple[int, str, str]:
-    """Read until EOF or a reset; return (byte count, sha256 hex, "eof" or "reset").
-
-    On Linux an RST purges what the closer had not sent yet, while the bytes this side already
-    received stay readable before the error: the count shows whether any were lost."""
-    sock.settimeout(timeout)
-    digest = hashlib.sha256()
-    total = 0
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except ConnectionResetError:
-            return total, digest.hexdigest(), "reset"
-        if not chunk:
-            return total, digest.hexdigest(), "eof"
-        digest.update(chunk)
-        total += len(chunk)
-
-
 class Background:
     """Run a callable in a thread; .result() re-raises what it raised."""
 
