@@ -39,6 +39,7 @@ cdef extern from "_loop.h" nogil:
         unsigned char open_untaken
         unsigned char refused
         unsigned char timed_out
+        unsigned char lent_once
     ctypedef struct t2t_listener:
         pass
     ctypedef struct t2t_access:
@@ -138,6 +139,11 @@ cdef class Relay:
     def used_splice(self):
         """Per direction, whether bytes went through the zero-copy splice path."""
         return (bool(self._b.dir[0].spliced), bool(self._b.dir[1].spliced))
+
+    @property
+    def lent(self):
+        """Whether direction 2 -> 1 went to another loop's thread (both ways bulk, a loop idle)."""
+        return bool(self._b.lent_once)
 
     cdef _finish(self, t2t_bridge *b):
         on_end, self._on_end = self._on_end, None

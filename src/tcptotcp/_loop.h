@@ -91,8 +91,10 @@ enum {
 #define T2T_NEVER INT64_MAX
 
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
-enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING };
-enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2 };
+/* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend); waiting to get it back. */
+enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING };
+enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4 };
+enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
 
 typedef struct t2t_pipe {
     int r, w, capacity;
@@ -112,6 +114,7 @@ typedef struct t2t_side {
     /* A short recv proves a TCP socket empty, unless recv stopped at an urgent mark or the
        peer's FIN (or an error) came with the same edge: see t2t_pump. */
     unsigned char tcp, urgent, closing;
+    unsigned char lent_tag; /* one of a bridge's lent_tags: its fd in the poller of the loop it lent to */
 } t2t_side;
 
 /* One direction: reads side[i], writes side[1 - i]. */
@@ -150,6 +153,17 @@ typedef struct t2t_bridge {
     unsigned char open_untaken;
     socklen_t peer_len;
     struct sockaddr_storage peer;
+    /* Lending (see t2t_lend): direction 1 relayed by another loop, once, while both are bulk. */
+    struct t2t_loop *lent_to;  /* the home loop's: where direction 1 is, until it came back */
+    t2t_side lent_tags[2];     /* the fds' tags in lent_to's poller */
+    unsigned char lent_once;   /* read by Python (Relay.lent) */
+    unsigned char lend_asked;  /* T2T_LEND_* waiting in lent_to's lend inbox (under its lock) */
+    unsigned char lend_taking; /* T2T_LEND_* taken from it, being handled by the borrower */
+    unsigned char lent_recall; /* atomic: the home loop wants direction 1 back */
+    /* The borrower's: relaying direction 1 now; done with it (EOF read, or lent_error). */
+    unsigned char lent_running, lent_done, lent_queued_again;
+    int lent_error;
+    struct t2t_bridge *lend_next, *lend_work_next, *lent_again_next, *return_next;
 } t2t_bridge;
 
 typedef struct t2t_loop {
@@ -166,6 +180,9 @@ typedef struct t2t_loop {
     t2t_bridge *done_head, *done_tail;
     t2t_bridge *reports;     /* listener bridges ended this turn: told at its end (see t2t_close) */
     t2t_bridge *all;         /* bridges this loop relays (for the fork child) */
+    /* Directions lent to this loop (see t2t_lend): asks (under lock), turns, give-backs. */
+    t2t_bridge *lend_inbox, *lent_again, *returns;
+    int lent;                /* atomic: directions lent to it now */
     t2t_pipe *pool;
     int pooled;              /* atomic: read by t2t_stats */
     int64_t now;
@@ -198,7 +215,7 @@ static int64_t t2t_add(int64_t a, int64_t b) { return a > T2T_NEVER - b ? T2T_NE
 
 static void t2t_count(t2t_dir *d, size_t n) {
     __atomic_fetch_add(&d->bytes, (unsigned long long)n, __ATOMIC_RELAXED);
-    d->active = 1;
+    __atomic_store_n(&d->active, 1, __ATOMIC_RELAXED); /* a lent direction's: another thread */
 }
 
 static int t2t_set_nonblocking(int fd) {
@@ -300,16 +317,18 @@ static int t2t_poller_add(t2t_loop *L, int fd, void *tag) {
 
 /* Watch fd for input or stop: a direction that holds bytes its destination cannot take yet
    reads nothing, so its source's input would only wake the loop for nothing (one wake-up per
-   arriving segment in a bulk stream). Output stays watched. Turning input back on reports it at
-   once if the fd is readable, so no edge is lost. */
-static int t2t_poller_watch_input(t2t_loop *L, int fd, void *tag, int on) {
+   arriving segment in a bulk stream). Output stays watched (out), unless the direction writing
+   fd is lent to another loop. Turning input back on reports it at once if the fd is readable,
+   so no edge is lost. */
+static int t2t_poller_watch_input(t2t_loop *L, int fd, void *tag, int on, int out) {
 #if T2T_EPOLL
     struct epoll_event ev;
-    ev.events = (on ? EPOLLIN | EPOLLPRI | EPOLLRDHUP : 0) | EPOLLOUT | EPOLLET;
+    ev.events = (on ? EPOLLIN | EPOLLPRI | EPOLLRDHUP : 0) | (out ? EPOLLOUT : 0) | EPOLLET;
     ev.data.ptr = tag;
     return epoll_ctl(L->poller, EPOLL_CTL_MOD, fd, &ev);
 #else
     struct kevent ev;
+    (void)out; /* kqueue: no lending (no splice), so output stays watched */
     EV_SET(&ev, fd, EVFILT_READ, on ? EV_ENABLE : EV_DISABLE, 0, 0, tag);
     return kevent(L->poller, &ev, 1, NULL, 0, NULL);
 #endif
@@ -434,6 +453,7 @@ static ssize_t t2t_splice(int from, int to, size_t n) {
 static int64_t t2t_deadline(const t2t_bridge *b) {
     if (b->state == T2T_RELAYING) return b->next_check_ns;
     if (b->state == T2T_CONNECTING) return b->connect_deadline_ns;
+    if (b->state == T2T_RECALLING) return T2T_NEVER; /* (not in the heap meanwhile) */
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
 }
 
@@ -489,29 +509,56 @@ static void t2t_heap_remove(t2t_loop *L, t2t_bridge *b) {
 
 /* ---- relaying -------------------------------------------------------------------------------- */
 
+/* A direction runs in a loop L: its bridge's own (b->loop), or, for direction 1 while it is
+   lent (see t2t_lend), the borrowing loop. L's buffer, pipe pool and turn queue serve it. */
+
 static void t2t_end(t2t_bridge *b, int reason, int error);
 static void t2t_drain(t2t_bridge *b);
 static void t2t_release(t2t_bridge *b);
 
 static void t2t_fail(t2t_bridge *b, int error) { t2t_end(b, T2T_ERROR, error); }
+static void t2t_lend_ask(t2t_bridge *b, int ask);
 
-static void t2t_watch_input(t2t_bridge *b, int s, int on) {
-    t2t_side *side = &b->side[s];
-    if (side->input_masked == !on) return;
-    if (t2t_poller_watch_input(b->loop, side->fd, side, on) == 0) side->input_masked = (unsigned char)!on;
+static int t2t_borrowed(const t2t_loop *L, const t2t_bridge *b) { return L != b->loop; }
+
+/* Direction i failed: end the bridge, or, in a borrowing loop, give the direction back with
+   the error (only the home loop ends a bridge). */
+static void t2t_dir_fail(t2t_loop *L, t2t_bridge *b, int error) {
+    if (!t2t_borrowed(L, b)) {
+        t2t_fail(b, error);
+        return;
+    }
+    b->lent_error = error;
+    b->lent_done = 1;
 }
 
-static int t2t_flush_held(t2t_bridge *b, int i);
+/* Whether direction i may go on relaying in L. */
+static int t2t_relaying(t2t_loop *L, t2t_bridge *b, int i) {
+    if (!t2t_borrowed(L, b)) return b->state == T2T_RELAYING && !b->dir[i].ended;
+    return b->lent_running && !b->lent_done && !__atomic_load_n(&b->lent_recall, __ATOMIC_ACQUIRE);
+}
+
+static void t2t_watch_input(t2t_loop *L, t2t_bridge *b, int s, int on) {
+    t2t_side *side = &b->side[s];
+    if (side->input_masked == !on) return;
+    int borrowed = t2t_borrowed(L, b);
+    /* Home: output is watched unless the direction that writes this side is lent away. */
+    int out = borrowed ? 0 : !(b->lent_to && s == 0);
+    if (t2t_poller_watch_input(L, side->fd, borrowed ? &b->lent_tags[s] : side, on, out) == 0)
+        side->input_masked = (unsigned char)!on;
+}
+
+static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i);
 
 /* Deliver what direction i still holds; 1 once it holds nothing, 0 to wait (or if it failed).
    While it waits, its source is not watched for input. */
-static int t2t_flush(t2t_bridge *b, int i) {
-    int flushed = t2t_flush_held(b, i);
-    if (b->state == T2T_RELAYING) t2t_watch_input(b, i, flushed);
+static int t2t_flush(t2t_loop *L, t2t_bridge *b, int i) {
+    int flushed = t2t_flush_held(L, b, i);
+    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING) t2t_watch_input(L, b, i, flushed);
     return flushed;
 }
 
-static int t2t_flush_held(t2t_bridge *b, int i) {
+static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i) {
     t2t_dir *d = &b->dir[i];
     t2t_side *dst = &b->side[1 - i];
     while (d->pending_off < d->pending_len) {
@@ -521,7 +568,7 @@ static int t2t_flush_held(t2t_bridge *b, int i) {
         if (n < 0) {
             if (errno == EINTR) continue;
             if (T2T_WOULD_BLOCK(errno)) dst->writable = 0;
-            else t2t_fail(b, errno);
+            else t2t_dir_fail(L, b, errno);
             return 0;
         }
         d->pending_off += (size_t)n;
@@ -539,7 +586,7 @@ static int t2t_flush_held(t2t_bridge *b, int i) {
         if (n < 0) {
             if (errno == EINTR) continue;
             if (T2T_WOULD_BLOCK(errno)) dst->writable = 0;
-            else t2t_fail(b, errno);
+            else t2t_dir_fail(L, b, errno);
             return 0;
         }
         d->in_pipe -= (size_t)n;
@@ -547,24 +594,24 @@ static int t2t_flush_held(t2t_bridge *b, int i) {
     }
 #endif
     if (d->pipe) {
-        t2t_pipe_give(b->loop, d->pipe, 0);
+        t2t_pipe_give(L, d->pipe, 0);
         d->pipe = NULL;
     }
     return 1;
 }
 
-/* Send what was just read into the loop's buffer; keep the unsent tail as the bridge's own. */
-static void t2t_send_read(t2t_bridge *b, int i, size_t n) {
+/* Send what was just read into L's buffer; keep the unsent tail as the bridge's own. */
+static void t2t_send_read(t2t_loop *L, t2t_bridge *b, int i, size_t n) {
     t2t_dir *d = &b->dir[i];
     t2t_side *dst = &b->side[1 - i];
-    const char *data = b->loop->buffer;
+    const char *data = L->buffer;
     size_t done = 0;
     while (done < n) {
         ssize_t sent = send(dst->fd, data + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (sent < 0) {
             if (errno == EINTR) continue;
             if (!T2T_WOULD_BLOCK(errno)) {
-                t2t_fail(b, errno);
+                t2t_dir_fail(L, b, errno);
                 return;
             }
             dst->writable = 0;
@@ -576,7 +623,7 @@ static void t2t_send_read(t2t_bridge *b, int i, size_t n) {
     if (done < n) {
         d->pending = (char *)malloc(n - done);
         if (!d->pending) {
-            t2t_fail(b, ENOMEM);
+            t2t_dir_fail(L, b, ENOMEM);
             return;
         }
         memcpy(d->pending, data + done, n - done);
@@ -603,22 +650,30 @@ static void t2t_eof(t2t_bridge *b, int i) {
     t2t_end(b, T2T_CLOSED, 0);
 }
 
-static void t2t_again(t2t_bridge *b) {
-    if (b->queued_again) return;
-    b->queued_again = 1;
-    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED); /* it may close, and be reaped, before its turn */
-    b->again_next = b->loop->again;
-    b->loop->again = b;
+/* Out of turns with input left: once more after the others (a reference keeps it, as it may
+   close and be reaped before then). */
+static void t2t_again(t2t_loop *L, t2t_bridge *b) {
+    int borrowed = t2t_borrowed(L, b);
+    unsigned char *queued = borrowed ? &b->lent_queued_again : &b->queued_again;
+    if (*queued) return;
+    *queued = 1;
+    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+    if (borrowed) {
+        b->lent_again_next = L->lent_again;
+        L->lent_again = b;
+    } else {
+        b->again_next = L->again;
+        L->again = b;
+    }
 }
 
-static void t2t_pump(t2t_bridge *b, int i) {
+static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
     t2t_dir *d = &b->dir[i];
     t2t_side *src = &b->side[i];
-    t2t_loop *L = b->loop;
-    for (int turn = 0; b->state == T2T_RELAYING && !d->ended; turn++) {
-        if (!t2t_flush(b, i) || !src->readable) return;
+    for (int turn = 0; t2t_relaying(L, b, i); turn++) {
+        if (!t2t_flush(L, b, i) || !src->readable) return;
         if (turn == T2T_READS_PER_TURN) {
-            t2t_again(b);
+            t2t_again(L, b);
             return;
         }
         ssize_t n;
@@ -640,13 +695,14 @@ static void t2t_pump(t2t_bridge *b, int i) {
             n = recv(src->fd, L->buffer, T2T_BUFFER_BYTES, MSG_DONTWAIT);
         }
         if (n == 0) {
-            t2t_eof(b, i);
+            if (t2t_borrowed(L, b)) b->lent_done = 1; /* the home loop reads the EOF again */
+            else t2t_eof(b, i);
             return;
         }
         if (n < 0) {
             if (errno == EINTR) continue;
             if (T2T_WOULD_BLOCK(errno)) src->readable = 0;
-            else t2t_fail(b, errno);
+            else t2t_dir_fail(L, b, errno);
             return;
         }
         /* In general only EAGAIN proves the source empty. A short read does not: recv stops at
@@ -662,19 +718,21 @@ static void t2t_pump(t2t_bridge *b, int i) {
                after this edge brings a new one. Saves the read that would say EAGAIN. The FIN
                (or an error) reported with this edge is already queued: read on to it. */
             if (src->tcp && !src->urgent && !src->closing && (size_t)n < T2T_BUFFER_BYTES) src->readable = 0;
-            t2t_send_read(b, i, (size_t)n);
+            t2t_send_read(L, b, i, (size_t)n);
             if (b->may_splice && (size_t)n >= T2T_SPLICE_AFTER) d->bulk = 1;
         }
     }
 }
 
 static void t2t_connect_check(t2t_bridge *b);
+static void t2t_lend_maybe(t2t_bridge *b);
 
 static void t2t_service(t2t_bridge *b) {
     if (b->state == T2T_CONNECTING) t2t_connect_check(b);
     if (b->state == T2T_RELAYING) {
-        t2t_pump(b, 0);
-        t2t_pump(b, 1);
+        t2t_pump(b->loop, b, 0);
+        if (!b->lent_to) t2t_pump(b->loop, b, 1);
+        t2t_lend_maybe(b);
     } else if (b->state == T2T_DRAINING) {
         t2t_drain(b);
     }
@@ -697,9 +755,15 @@ static void t2t_drop_held(t2t_bridge *b) {
    drain can take what the peers still send and the close ends with FIN, not RST. */
 static void t2t_end(t2t_bridge *b, int reason, int error) {
     if (b->state != T2T_RELAYING) return;
-    b->state = T2T_DRAINING;
     b->reason = (unsigned char)reason;
     b->error = error;
+    if (b->lent_to) { /* direction 1 comes back first (see t2t_lend_returned) */
+        b->state = T2T_RECALLING;
+        t2t_heap_remove(b->loop, b);
+        t2t_lend_ask(b, T2T_LEND_RECALL);
+        return;
+    }
+    b->state = T2T_DRAINING;
     t2t_drop_held(b);
     for (int s = 0; s < 2; s++) {
         if (b->dir[s].ended) {
@@ -707,7 +771,7 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
             b->side[s].drained = 1;
             continue;
         }
-        t2t_watch_input(b, s, 1); /* the drain reads it */
+        t2t_watch_input(b->loop, b, s, 1); /* the drain reads it */
         if (!b->side[s].fin_sent) shutdown(b->side[s].fd, SHUT_WR);
     }
     b->drain_limit_ns = t2t_add(b->loop->now, T2T_DRAIN_LIMIT_NS);
@@ -757,7 +821,7 @@ static void t2t_drain(t2t_bridge *b) {
         t2t_side *side = &b->side[s];
         for (int reads = 0; !side->drained; reads++) {
             if (reads == T2T_READS_PER_TURN) { /* a peer that keeps sending: the others first */
-                t2t_again(b);
+                t2t_again(L, b);
                 break;
             }
             ssize_t n = recv(side->fd, L->buffer, T2T_BUFFER_BYTES, MSG_DONTWAIT);
@@ -791,8 +855,8 @@ static void t2t_drain(t2t_bridge *b) {
 
 /* The contract's idle rule: a check at the start and every r seconds after it. */
 static void t2t_idle_check(t2t_bridge *b) {
-    unsigned char a = b->dir[0].active, z = b->dir[1].active;
-    b->dir[0].active = b->dir[1].active = 0;
+    unsigned char a = __atomic_exchange_n(&b->dir[0].active, 0, __ATOMIC_RELAXED);
+    unsigned char z = __atomic_exchange_n(&b->dir[1].active, 0, __ATOMIC_RELAXED);
     if (b->activity_both ? (a && z) : (a || z)) {
         b->idle_checks = 0;
     } else if (b->idle_checks > b->idle_limit) {
@@ -802,6 +866,171 @@ static void t2t_idle_check(t2t_bridge *b) {
         b->idle_checks++;
     }
     b->next_check_ns = t2t_add(b->next_check_ns, b->interval_ns);
+}
+
+/* ---- lending: a bridge bulk both ways on two cores ---------------------------------------------
+
+   A loop serves a bridge's two directions in turn. On loopback, where the kernel's TCP work
+   runs in the sending thread, a bridge streaming both ways so gets one core where 0.1.0's two
+   pump threads got two. So once both directions are bulk and another loop has nothing to do,
+   the bridge lends direction 1 to it, once: that loop (the borrower) watches the direction's
+   source for input and its destination for output and relays it with its own buffer, pipes
+   and turns, while the home loop keeps the rest (direction 0, the idle timer, stop, ending).
+   The borrower never ends a bridge: at EOF, on an error, or when the home loop recalls it
+   (the bridge ends), it gives the direction back, and the home loop handles what it found. */
+
+static int t2t_ask(t2t_loop *L, t2t_bridge *b, int ask);
+
+/* From the home loop to the borrower (a reference per queued bridge, as in t2t_ask). */
+static void t2t_lend_ask(t2t_bridge *b, int ask) {
+    t2t_loop *X = b->lent_to;
+    pthread_mutex_lock(&X->lock);
+    if (ask == T2T_LEND_RECALL) __atomic_store_n(&b->lent_recall, 1, __ATOMIC_RELEASE);
+    if (!b->lend_asked) {
+        __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+        b->lend_next = X->lend_inbox;
+        X->lend_inbox = b;
+    }
+    b->lend_asked |= (unsigned char)ask;
+    int wake = !X->wake_pending;
+    X->wake_pending = 1;
+    pthread_mutex_unlock(&X->lock);
+    if (wake) t2t_wake(X);
+}
+
+static void t2t_lend_maybe(t2t_bridge *b) {
+#if T2T_EPOLL && T2T_HAVE_SPLICE
+    if (b->lent_once || b->state != T2T_RELAYING || !b->dir[0].bulk || !b->dir[1].bulk || b->dir[0].ended ||
+        b->dir[1].ended)
+        return;
+    t2t_engine *E = &t2t_the_engine;
+    t2t_loop *L = b->loop, *X = NULL;
+    for (int k = 0; k < E->nloops && !X; k++) {
+        t2t_loop *C = &E->loops[k];
+        if (C != L && !__atomic_load_n(&C->load, __ATOMIC_RELAXED) && !__atomic_load_n(&C->lent, __ATOMIC_RELAXED))
+            X = C;
+    }
+    if (!X) return;
+    /* Home keeps side 0's input and side 1's output (direction 0); X takes the others. */
+    if (t2t_poller_watch_input(L, b->side[0].fd, &b->side[0], !b->side[0].input_masked, 0) != 0) return;
+    if (t2t_poller_watch_input(L, b->side[1].fd, &b->side[1], 0, 1) != 0) {
+        t2t_poller_watch_input(L, b->side[0].fd, &b->side[0], !b->side[0].input_masked, 1);
+        return;
+    }
+    b->lent_once = 1;
+    b->lent_to = X;
+    b->side[1].input_masked = 0; /* the borrower's from now on */
+    for (int s = 0; s < 2; s++) {
+        b->lent_tags[s].bridge = b;
+        b->lent_tags[s].fd = b->side[s].fd;
+        b->lent_tags[s].lent_tag = 1;
+    }
+    __atomic_fetch_add(&X->lent, 1, __ATOMIC_RELAXED);
+    t2t_lend_ask(b, T2T_LEND_START);
+#else
+    (void)b;
+#endif
+}
+
+/* The borrower is done with direction 1: out of its poller now, back to the home loop at the
+   end of this turn (events of this turn's batch may still name the bridge). */
+static void t2t_borrow_end(t2t_loop *L, t2t_bridge *b) {
+    t2t_poller_del(L, b->side[1].fd);
+    t2t_poller_del(L, b->side[0].fd);
+    b->lent_running = 0;
+    __atomic_fetch_sub(&L->lent, 1, __ATOMIC_RELAXED);
+    b->return_next = L->returns;
+    L->returns = b;
+}
+
+static void t2t_lent_pump(t2t_loop *L, t2t_bridge *b) {
+    if (!b->lent_running) return; /* given back: a late event or turn */
+    t2t_pump(L, b, 1);
+    if (b->lent_done || __atomic_load_n(&b->lent_recall, __ATOMIC_ACQUIRE)) t2t_borrow_end(L, b);
+}
+
+static void t2t_borrow_begin(t2t_loop *L, t2t_bridge *b) {
+#if T2T_EPOLL
+    struct epoll_event in, out;
+    in.events = EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET;
+    in.data.ptr = &b->lent_tags[1];
+    out.events = EPOLLOUT | EPOLLET;
+    out.data.ptr = &b->lent_tags[0];
+    b->lent_running = 1;
+    if (epoll_ctl(L->poller, EPOLL_CTL_ADD, b->side[1].fd, &in) != 0 ||
+        epoll_ctl(L->poller, EPOLL_CTL_ADD, b->side[0].fd, &out) != 0)
+        t2t_dir_fail(L, b, errno);
+    b->side[1].readable = b->side[0].writable = 1; /* tried once; EAGAIN says otherwise */
+    t2t_lent_pump(L, b);
+#else
+    (void)L, (void)b;
+#endif
+}
+
+/* An event for a lent direction, in the borrower: only direction 1's flags are its own. */
+static void t2t_lent_event(t2t_loop *L, t2t_side *tag, uint32_t got) {
+#if T2T_EPOLL
+    t2t_bridge *b = tag->bridge;
+    if (!b->lent_running) return;
+    if (tag == &b->lent_tags[1]) {
+        t2t_side *src = &b->side[1];
+        if (got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) src->readable = 1;
+        if (got & EPOLLPRI) src->urgent = 1;
+        if (got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) src->closing = 1;
+    } else if (got & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
+        b->side[0].writable = 1;
+    }
+    t2t_lent_pump(L, b);
+#else
+    (void)L, (void)tag, (void)got;
+#endif
+}
+
+/* In the home loop: direction 1 is back. Watch both fds for everything again (re-arming
+   reports what is ready now), then go on, or end as asked meanwhile. */
+static void t2t_lend_returned(t2t_bridge *b) {
+    t2t_loop *L = b->loop;
+    int error = b->lent_error;
+    b->lent_to = NULL;
+    b->side[1].input_masked = 0;
+    b->side[1].readable = b->side[0].writable = 1;
+    if ((t2t_poller_watch_input(L, b->side[0].fd, &b->side[0], !b->side[0].input_masked, 1) != 0 ||
+         t2t_poller_watch_input(L, b->side[1].fd, &b->side[1], 1, 1) != 0) &&
+        !error)
+        error = errno;
+    if (b->state == T2T_RECALLING) {
+        b->state = T2T_RELAYING;
+        t2t_end(b, b->reason, b->error);
+    } else if (error) {
+        t2t_fail(b, error);
+    } else {
+        t2t_service(b); /* reads the EOF the borrower stopped at */
+    }
+}
+
+/* In the borrower: asks from home loops, taken with the inbox. */
+static void t2t_take_lend_asks(t2t_loop *L, t2t_bridge *work) {
+    while (work) {
+        t2t_bridge *b = work;
+        work = b->lend_work_next;
+        if (b->lend_taking & T2T_LEND_START) t2t_borrow_begin(L, b);
+        if ((b->lend_taking & T2T_LEND_RECALL) && b->lent_running) t2t_borrow_end(L, b);
+        b->lend_taking = 0;
+        t2t_release(b);
+    }
+}
+
+/* At the end of the borrower's turn: each direction given back goes to its home loop. */
+static void t2t_give_back(t2t_loop *L) {
+    while (L->returns) {
+        t2t_bridge *b = L->returns;
+        L->returns = b->return_next;
+        t2t_loop *home = b->loop;
+        pthread_mutex_lock(&home->lock);
+        int wake = t2t_ask(home, b, T2T_ASK_RETURN);
+        pthread_mutex_unlock(&home->lock);
+        if (wake) t2t_wake(home);
+    }
 }
 
 /* ---- the loop -------------------------------------------------------------------------------- */
@@ -834,7 +1063,7 @@ static void t2t_release(t2t_bridge *b) {
 }
 
 static void t2t_take_inbox(t2t_loop *L) {
-    t2t_bridge *work = NULL;
+    t2t_bridge *work = NULL, *lend_work = NULL;
     pthread_mutex_lock(&L->lock);
     t2t_unwake(L);
     L->wake_pending = 0;
@@ -846,11 +1075,20 @@ static void t2t_take_inbox(t2t_loop *L) {
         work = b;
     }
     L->inbox = NULL;
+    for (t2t_bridge *b = L->lend_inbox; b; b = b->lend_next) {
+        b->lend_taking = b->lend_asked;
+        b->lend_asked = 0;
+        b->lend_work_next = lend_work;
+        lend_work = b;
+    }
+    L->lend_inbox = NULL;
     pthread_mutex_unlock(&L->lock);
+    t2t_take_lend_asks(L, lend_work);
     while (work) {
         t2t_bridge *b = work;
         work = b->work_next;
         if (b->taking & T2T_ASK_START) t2t_begin(b);
+        if (b->taking & T2T_ASK_RETURN) t2t_lend_returned(b);
         if ((b->taking & T2T_ASK_STOP) && b->state == T2T_RELAYING) t2t_end(b, T2T_STOPPED, 0);
         b->taking = 0;
         t2t_release(b); /* the inbox entry's reference */
@@ -875,7 +1113,7 @@ static void t2t_run_timers(t2t_loop *L) {
 }
 
 static int t2t_timeout_ms(t2t_loop *L) {
-    if (L->again) return 0;
+    if (L->again || L->lent_again) return 0;
     int64_t next = L->heap_len ? t2t_deadline(L->heap[0]) : T2T_NEVER;
     if (L->retry_listeners_ns && L->retry_listeners_ns < next) next = L->retry_listeners_ns;
     if (next == T2T_NEVER) return -1;
@@ -897,6 +1135,7 @@ static void t2t_done_tell(t2t_engine *E) {
 }
 
 static void t2t_publish_done(t2t_loop *L) {
+    t2t_give_back(L);
     t2t_bridge *told = L->reports, *later = NULL;
     L->reports = NULL;
     while (told) { /* back in the order they ended */
@@ -1269,14 +1508,26 @@ static void *t2t_loop_main(void *arg) {
                 t2t_accept_some(L, (t2t_listen_tag *)side);
                 continue;
             }
-            if (got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->readable = 1;
-            if (got & EPOLLPRI) side->urgent = 1;
-            if (got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) side->closing = 1;
-            if (got & (EPOLLOUT | EPOLLHUP | EPOLLERR)) side->writable = 1;
+            if (side->lent_tag) {
+                t2t_lent_event(L, side, got);
+                continue;
+            }
+            /* While direction 1 is lent, side 0's output and side 1's input are the borrower's. */
+            t2t_bridge *b = side->bridge;
+            int reads = !b->lent_to || side == &b->side[0];
+            int writes = !b->lent_to || side == &b->side[1];
+            if (reads && (got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) side->readable = 1;
+            if (reads && (got & EPOLLPRI)) side->urgent = 1;
+            if (reads && (got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) side->closing = 1;
+            if (writes && (got & (EPOLLOUT | EPOLLHUP | EPOLLERR))) side->writable = 1;
 #else
             t2t_side *side = (t2t_side *)events[e].udata;
             if (!side) {
                 woken = 1;
+                continue;
+            }
+            if (side->lent_tag) { /* (never: no lending without splice) */
+                t2t_lent_event(L, side, 0);
                 continue;
             }
             if (events[e].filter == EVFILT_READ) side->readable = 1;
@@ -1293,6 +1544,15 @@ static void *t2t_loop_main(void *arg) {
             again = b->again_next;
             b->queued_again = 0;
             t2t_service(b); /* nothing for a bridge that closed meanwhile */
+            t2t_release(b);
+        }
+        t2t_bridge *lent_again = L->lent_again;
+        L->lent_again = NULL;
+        while (lent_again) {
+            t2t_bridge *b = lent_again;
+            lent_again = b->lent_again_next;
+            b->lent_queued_again = 0;
+            t2t_lent_pump(L, b);
             t2t_release(b);
         }
         t2t_run_timers(L);
