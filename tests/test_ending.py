@@ -206,3 +206,53 @@ def test_closing_after_unread_input_still_delivers_everything(engine):
             result = bridge.wait(5)
             assert result is not None and result.reason == "closed"
             assert result.bytes_1_to_2 == len(tail)
+
+
+def test_the_drain_is_bounded_for_the_whole_bridge(engine):
+    """Both peers keep sending after the end: the drain gives up on both sides together within
+    its 250 ms bound (not 250 ms a side, one after the other), and the bridge ends."""
+    with Topology() as t:
+        bridge = engine.Bridge(t.stream1, t.stream2, 60, 600).start()
+        stop_sending = threading.Event()
+
+        def flood(sock: socket.socket) -> None:
+            chunk = bytes(65536)
+            deadline = time.monotonic() + 10
+            try:
+                while not stop_sending.is_set() and time.monotonic() < deadline:
+                    sock.send(chunk)
+            except OSError:
+                pass  # reset once the bridge closed on our unread bytes
+
+        def sink(sock: socket.socket) -> None:
+            sock.settimeout(10)
+            try:
+                while sock.recv(1 << 20):
+                    pass
+            except OSError:
+                pass
+
+        workers = [threading.Thread(target=fn, args=(s,)) for fn in (flood, sink) for s in (t.peer_a, t.peer_b)]
+        for w in workers:
+            w.start()
+        try:
+            deadline = time.monotonic() + 10
+            while min(bridge.counts) < 1 << 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert min(bridge.counts) >= 1 << 20  # both ways flowing
+            started = time.monotonic()
+            bridge.stop()
+            result = bridge.wait(5)
+            took = time.monotonic() - started
+        finally:
+            stop_sending.set()
+            for s in (t.peer_a, t.peer_b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the sinks
+                except OSError:
+                    pass  # already reset by the bridge's close
+            for w in workers:
+                w.join(10)
+        assert result is not None and result.reason == "stopped"
+        # 250 ms and scheduling; two sides drained one after the other would take 500 ms or more.
+        assert took < 0.45, took

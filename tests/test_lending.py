@@ -159,6 +159,7 @@ def _lends(backend) -> bool:
 def test_a_bridge_streaming_both_ways_ends_right(backend, case):
     r = _run(backend, case)
     assert r["flowing"], r
+    assert r["counts"] is not None, r  # it ended
     assert r["peers_done"], r
     assert r["fds_left"] is True, r
     # Every byte relayed is a byte received, and the other way round: nothing lost, none extra

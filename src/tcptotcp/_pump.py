@@ -243,16 +243,16 @@ else:
         return 0  # unknown here: quiet alone decides
 
 
-def _discard_unread(sock: socket.socket) -> None:
+def _discard_unread(sock: socket.socket, deadline: float) -> None:
     """Drop what the peer sent that will never be relayed, before the socket is closed.
 
     Closing a TCP socket with unread bytes, or receiving bytes after it was closed, makes
     the kernel answer with RST, and an RST purges what we sent that the peer has not yet
     received (what it received stays readable there, before the error). The common case,
     nothing unread, costs one non-blocking recv; otherwise drop until the peer closes, or
-    stays quiet for a moment once it has acknowledged every byte we sent, within a bound.
+    stays quiet for a moment once it has acknowledged every byte we sent, until `deadline`
+    (one for the bridge's two sides together, as the contract bounds the whole drain).
     """
-    deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
     if not _MSG_DONTWAIT or not _read_and_drop(sock, deadline):
         return
     wait = _DRAIN_QUIET_SECONDS
@@ -454,9 +454,10 @@ class ThreadRelay:
             thread.join()
         _live.discard(self)
         # Only now that no pump can touch them: drain, then close the private fds.
+        deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
         for wire in self._wires:
             if wire.fileno() >= 0:
-                _discard_unread(wire)
+                _discard_unread(wire, deadline)
         for sock in (*self._owned, *self._wake_pair):
             try:
                 sock.close()
