@@ -686,7 +686,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
             n = t2t_splice(src->fd, d->pipe->w, (size_t)d->pipe->capacity);
             if (n < 0 && !d->spliced && (errno == EINVAL || errno == ENOSYS)) {
                 d->bulk = 0; /* this pair cannot splice */
-                b->may_splice = 0;
+                if (!t2t_borrowed(L, b)) b->may_splice = 0; /* (the home loop's to change) */
                 continue;
             }
         } else
@@ -959,7 +959,7 @@ static void t2t_borrow_begin(t2t_loop *L, t2t_bridge *b) {
     b->lent_running = 1;
     if (epoll_ctl(L->poller, EPOLL_CTL_ADD, b->side[1].fd, &in) != 0 ||
         epoll_ctl(L->poller, EPOLL_CTL_ADD, b->side[0].fd, &out) != 0)
-        t2t_dir_fail(L, b, errno);
+        b->lent_done = 1; /* back unused: the home loop relays it as before */
     b->side[1].readable = b->side[0].writable = 1; /* tried once; EAGAIN says otherwise */
     t2t_lent_pump(L, b);
 #else
@@ -992,12 +992,13 @@ static void t2t_lend_returned(t2t_bridge *b) {
     t2t_loop *L = b->loop;
     int error = b->lent_error;
     b->lent_to = NULL;
-    b->side[1].input_masked = 0;
     b->side[1].readable = b->side[0].writable = 1;
-    if ((t2t_poller_watch_input(L, b->side[0].fd, &b->side[0], !b->side[0].input_masked, 1) != 0 ||
-         t2t_poller_watch_input(L, b->side[1].fd, &b->side[1], 1, 1) != 0) &&
-        !error)
+    if (t2t_poller_watch_input(L, b->side[0].fd, &b->side[0], !b->side[0].input_masked, 1) != 0 && !error)
         error = errno;
+    /* Side 1 as the home poller has it now: output only, input unwatched. */
+    b->side[1].input_masked = 1;
+    t2t_watch_input(L, b, 1, 1);
+    if (b->side[1].input_masked && !error) error = errno;
     if (b->state == T2T_RECALLING) {
         b->state = T2T_RELAYING;
         t2t_end(b, b->reason, b->error);
@@ -1665,10 +1666,17 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
         errno = saved;
         return NULL;
     }
+    /* The least loaded loop; a direction lent to a loop counts as a bridge there. */
     t2t_loop *L = &E->loops[0];
-    for (int i = 1; i < E->nloops; i++)
-        if (__atomic_load_n(&E->loops[i].load, __ATOMIC_RELAXED) < __atomic_load_n(&L->load, __ATOMIC_RELAXED))
+    int least = INT_MAX;
+    for (int i = 0; i < E->nloops; i++) {
+        int load = __atomic_load_n(&E->loops[i].load, __ATOMIC_RELAXED) +
+                   __atomic_load_n(&E->loops[i].lent, __ATOMIC_RELAXED);
+        if (load < least) {
+            least = load;
             L = &E->loops[i];
+        }
+    }
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
     b->loop = L;
     for (int s = 0; s < 2; s++) {
