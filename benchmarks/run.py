@@ -244,6 +244,10 @@ def spread(values: List[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def rounds_of(args: argparse.Namespace) -> int:
+    return int(args.rounds or (3 if args.quick else 5))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller transfers, fewer rounds")
@@ -266,6 +270,12 @@ def main() -> int:
         metavar="N",
         help="bridges open at once in the many-bridges case (default 2000; 0 skips it)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="interleaved rounds (default 5, 3 with --quick): more for a ratio near 1.0 on a noisy machine",
+    )
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the chart of a saved run")
     args = ap.parse_args()
@@ -284,7 +294,9 @@ def main() -> int:
     relays = ["direct"] + [r for r in wanted if r in OURS or shutil.which(r)]
     skipped = [r for r in wanted if r not in relays]
     errors: List[str] = []
-    rounds = 3 if args.quick else 5
+    rounds = rounds_of(args)
+    if rounds < 1:
+        ap.error("--rounds must be at least 1")
     bulk_n = (256 if args.quick else 1024) << 20
     pings = 2000 if args.quick else 10000
     fan = {1: bulk_n, 8: bulk_n // 8, 64: bulk_n // 64, 1000: max(bulk_n // 1000, 65536)}
@@ -410,6 +422,7 @@ def build_report(samples, relays, skipped, args, bulk_n) -> dict:
         "machine": machine,
         "commit": git_commit(HERE.parent),
         "quick": args.quick,
+        "rounds": rounds_of(args),
         "bulk_bytes": bulk_n,
         "many_bridges": args.many,
         "relays": relays,
@@ -466,6 +479,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']}"
         + (" (--quick)" if report["quick"] else "")
+        + (f", {report['rounds']} rounds" if report.get("rounds") else "")
         + (f", commit {report['commit']}" if report.get("commit") else ""),
         "",
         "| case | " + " | ".join(relays) + " |",

@@ -77,6 +77,9 @@ enum {
     T2T_POOLED_PIPES = 8,  /* idle pipes a loop keeps (2 fds each) */
     T2T_MAX_EVENTS = 256,
     T2T_READS_PER_TURN = 8, /* then the bridge waits its turn behind the others */
+    /* Or once a turn moved this much, one full splice: 8 of them held a loop's other bulk
+       bridges for milliseconds (8 concurrent bulk streams: +7%, 16 interleaved rounds). */
+    T2T_TURN_BYTES = 1024 * 1024,
     T2T_MAX_LOOPS = 64,
     T2T_ACCEPTS_PER_TURN = 64, /* then the loop serves its bridges before accepting more */
     T2T_MAX_SOCKOPTS = 8,
@@ -670,9 +673,10 @@ static void t2t_again(t2t_loop *L, t2t_bridge *b) {
 static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
     t2t_dir *d = &b->dir[i];
     t2t_side *src = &b->side[i];
+    size_t moved = 0;
     for (int turn = 0; t2t_relaying(L, b, i); turn++) {
         if (!t2t_flush(L, b, i) || !src->readable) return;
-        if (turn == T2T_READS_PER_TURN) {
+        if (turn == T2T_READS_PER_TURN || moved >= T2T_TURN_BYTES) {
             t2t_again(L, b);
             return;
         }
@@ -709,6 +713,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
            TCP's urgent mark and at a Unix message with ancillary data, and a short splice when
            the pipe runs out of slots; no new edge would come for what is already queued. */
         b->side[1 - i].writable = 1; /* try the write once; EAGAIN says otherwise */
+        moved += (size_t)n;
         if (d->bulk) {
             d->spliced = 1;
             d->in_pipe = (size_t)n;
