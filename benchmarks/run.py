@@ -318,7 +318,11 @@ def main() -> int:
             running[r] = Relay(r, upstream_port, baseline=args.baseline)
         for rnd in range(rounds):
             print(f"round {rnd + 1}/{rounds}", file=sys.stderr)
-            for name, relay in running.items():
+            # Each round starts at the next relay: none always follows the same one (the one
+            # before leaves 1,000 closing connections and a warm or cold CPU behind it).
+            order = list(running.items())
+            order = order[rnd % len(order) :] + order[: rnd % len(order)]
+            for name, relay in order:
                 cpu0 = relay.cpu()
                 b = peer("bulk", "127.0.0.1", relay.port, bulk_n)
                 time.sleep(0.2)  # let socat reap its child so its CPU is counted
