@@ -327,12 +327,12 @@ def main_child(args: argparse.Namespace) -> int:
             return 1
         Bridge = tcptotcp.Bridge
     core = None
-    if backend == "cython":
-        try:
-            from tcptotcp import _core as core  # engine stats (this checkout's new core)
+    if backend != "pure":
+        try:  # engine stats, where the core has them: an event-loop core (0.1.0's has none)
+            from tcptotcp import _core as core
 
-            assert callable(core.stats)
-        except (ImportError, AttributeError):
+            assert callable(core.stats) and callable(core.loop_threads)
+        except (ImportError, AttributeError, AssertionError):
             core = None
 
     rng = random.Random(args.seed)
@@ -487,7 +487,7 @@ def main_child(args: argparse.Namespace) -> int:
     if out["fds_leaked"]:
         errors.append(f"{out['fds_leaked']} fds left open after every bridge ended and every socket closed")
     if "threads_after_start" in out:
-        fixed = 0 if backend != "cython" else (core.loop_threads() + 1 if core is not None else 0)
+        fixed = core.loop_threads() + 1 if core is not None else 0
         threads_left = settle(thread_count, target=out["threads_before"] + fixed, seconds=10)
         out["threads_left_after_wait"] = threads_left - out["threads_before"]
         if threads_left - out["threads_before"] > fixed:

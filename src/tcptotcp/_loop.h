@@ -94,7 +94,7 @@ enum {
 #define T2T_NEVER INT64_MAX
 
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
-/* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend); waiting to get it back. */
+/* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend_maybe); waiting to get it back. */
 enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING };
 enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4 };
 enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
@@ -156,7 +156,7 @@ typedef struct t2t_bridge {
     unsigned char open_untaken;
     socklen_t peer_len;
     struct sockaddr_storage peer;
-    /* Lending (see t2t_lend): direction 1 relayed by another loop, once, while both are bulk. */
+    /* Lending (see t2t_lend_maybe): direction 1 relayed by another loop, once, while both are bulk. */
     struct t2t_loop *lent_to;  /* the home loop's: where direction 1 is, until it came back */
     t2t_side lent_tags[2];     /* the fds' tags in lent_to's poller */
     unsigned char lent_once;   /* read by Python (Relay.lent) */
@@ -183,7 +183,7 @@ typedef struct t2t_loop {
     t2t_bridge *done_head, *done_tail;
     t2t_bridge *reports;     /* listener bridges ended this turn: told at its end (see t2t_close) */
     t2t_bridge *all;         /* bridges this loop relays (for the fork child) */
-    /* Directions lent to this loop (see t2t_lend): asks (under lock), turns, give-backs. */
+    /* Directions lent to this loop (see t2t_lend_maybe): asks (under lock), turns, give-backs. */
     t2t_bridge *lend_inbox, *lent_again, *returns;
     int lent;                /* atomic: directions lent to it now */
     t2t_pipe *pool;
@@ -513,7 +513,7 @@ static void t2t_heap_remove(t2t_loop *L, t2t_bridge *b) {
 /* ---- relaying -------------------------------------------------------------------------------- */
 
 /* A direction runs in a loop L: its bridge's own (b->loop), or, for direction 1 while it is
-   lent (see t2t_lend), the borrowing loop. L's buffer, pipe pool and turn queue serve it. */
+   lent (see t2t_lend_maybe), the borrowing loop. L's buffer, pipe pool and turn queue serve it. */
 
 static void t2t_end(t2t_bridge *b, int reason, int error);
 static void t2t_drain(t2t_bridge *b);
