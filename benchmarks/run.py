@@ -460,6 +460,7 @@ def build_report(samples, relays, skipped, args, bulk_n, cpu_pooled=None) -> dic
         "relays": relays,
         "skipped": skipped,
         "stats": stats,
+        "samples": samples,  # every round's figure, in round order: for re-reading a run
     }
     if "cython" in stats and "baseline" in stats:
         report["new_vs_baseline"] = {
