@@ -5,8 +5,11 @@ changed while it runs move it between them without losing a client or an open br
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import List
@@ -16,6 +19,8 @@ import pytest
 import tcptotcp
 from helpers import Background, recv_exactly
 from test_forwarder import EchoServer, ForwarderProcess, forwarders  # noqa: F401  (fixture)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _echo_once(address, payload: bytes) -> bytes:
@@ -254,3 +259,83 @@ def test_access_lists_match_mapped_clients_as_ipv4(backend):
         server.close()
         listening.close()
     assert not serving.is_alive()
+
+
+SPREAD_CHILD = """
+import json, socket, sys, threading, time
+import tcptotcp
+from helpers import recv_exactly
+from test_forwarder import EchoServer
+
+backend, clients_at_once = sys.argv[1], int(sys.argv[2])
+assert tcptotcp.BACKEND == backend
+server = EchoServer()
+fwd = tcptotcp.Forwarder(
+    "127.0.0.1:0", f"127.0.0.1:{server.address[1]}", bridge_class=None if backend == "cython" else tcptotcp.pure.Bridge
+)
+serving = threading.Thread(target=fwd.serve_forever, daemon=True)
+serving.start()
+per_loop = []
+if backend == "cython":
+    from tcptotcp import _core
+try:
+    for trial in range(3):
+        barrier = threading.Barrier(clients_at_once)
+        clients = {}
+
+        def connect(i):
+            barrier.wait(10)
+            clients[i] = socket.create_connection(fwd.address, timeout=10)
+
+        threads = [threading.Thread(target=connect, args=(i,)) for i in range(clients_at_once)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        for i, c in clients.items():  # every one relayed: it is open on its loop now
+            c.sendall(b"%d:%d" % (trial, i))
+            assert recv_exactly(c, len(b"%d:%d" % (trial, i))) == b"%d:%d" % (trial, i)
+        if backend == "cython":
+            assert fwd._fast is not None  # the loops accepted them
+            per_loop.append(_core.stats()["bridges_per_loop"])
+        for c in clients.values():
+            c.close()
+        deadline = time.monotonic() + 10
+        while (fwd.stats.active or fwd.stats.accepted < (trial + 1) * clients_at_once) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if backend == "cython":
+            while sum(_core.stats()["bridges_per_loop"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    print(json.dumps({"per_loop": per_loop, "accepted": fwd.stats.accepted, "active": fwd.stats.active}))
+finally:
+    fwd.close()
+    serving.join(10)
+    server.close()
+"""
+
+
+def test_clients_that_connect_at_once_are_spread_over_the_loops(backend):
+    """Clients that connect together wake one loop, which must not keep them all: two bulk
+    clients would then share one loop thread while another sits idle. Eight clients at once,
+    three times, in a child with two loops: each loop gets its share (the pure twin: a thread
+    per bridge, nothing to spread; every client is relayed either way)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    env["TCPTOTCP_LOOP_THREADS"] = "2"
+    if backend.name == "pure":
+        env["TCPTOTCP_NO_EXTENSIONS"] = "1"
+    clients = 8
+    proc = subprocess.run(
+        [sys.executable, "-c", SPREAD_CHILD, backend.name, str(clients)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["accepted"] == 3 * clients and report["active"] == 0, report
+    if backend.name == "cython":
+        assert len(report["per_loop"]) == 3, report
+        for counts in report["per_loop"]:
+            # Before: one loop kept most of them ([1, 7], [0, 8], [2, 6] in 14 of 20 trials).
+            assert len(counts) == 2 and sum(counts) == clients and max(counts) - min(counts) <= 2, report

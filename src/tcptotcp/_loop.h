@@ -96,7 +96,7 @@ enum {
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
 /* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend_maybe); waiting to get it back. */
 enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING };
-enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4 };
+enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8 };
 enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
 
 typedef struct t2t_pipe {
@@ -1068,6 +1068,8 @@ static void t2t_release(t2t_bridge *b) {
     if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) free(b);
 }
 
+static void t2t_connect_upstream(t2t_bridge *b);
+
 static void t2t_take_inbox(t2t_loop *L) {
     t2t_bridge *work = NULL, *lend_work = NULL;
     pthread_mutex_lock(&L->lock);
@@ -1094,6 +1096,7 @@ static void t2t_take_inbox(t2t_loop *L) {
         t2t_bridge *b = work;
         work = b->work_next;
         if (b->taking & T2T_ASK_START) t2t_begin(b);
+        if (b->taking & T2T_ASK_CONNECT) t2t_connect_upstream(b); /* a client handed over */
         if (b->taking & T2T_ASK_RETURN) t2t_lend_returned(b);
         if ((b->taking & T2T_ASK_STOP) && b->state == T2T_RELAYING) t2t_end(b, T2T_STOPPED, 0);
         b->taking = 0;
@@ -1170,7 +1173,8 @@ static void t2t_publish_done(t2t_loop *L) {
 
    The forwarder's fast path (Linux): every loop watches the listening socket (EPOLLEXCLUSIVE, so
    a new client wakes one loop, not all), accepts, connects to the upstream without blocking and
-   relays the pair itself. No thread hand-off and no Python per connection: Python learns of
+   relays the pair itself, unless it has clearly more bridges than another loop: then that loop
+   gets the client through its inbox (see t2t_accept_home). No Python per connection: Python learns of
    each bridge when it opened and when it ended (or that its upstream failed), in batches,
    through the listener's event fd. A listener is kept for the process once made: a loop may
    still hold an event for it after it stopped. */
@@ -1365,37 +1369,12 @@ static void t2t_connect_check(t2t_bridge *b) {
     else t2t_connect_done(b);
 }
 
-static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct sockaddr_storage *peer,
-                           socklen_t peer_len) {
-    t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
-    if (!b) {
-        close(client);
-        return;
-    }
-    __atomic_add_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
-    __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
-    b->loop = L;
-    b->listener = lst;
-    b->conn_id = __atomic_fetch_add(&lst->next_id, 1, __ATOMIC_RELAXED);
-    memcpy(&b->peer, peer, peer_len);
-    b->peer_len = peer_len;
-    b->interval_ns = lst->interval_ns;
-    b->idle_limit = lst->idle_limit;
-    b->activity_both = lst->activity_both;
-    b->half_close = lst->half_close;
-    b->may_splice = lst->may_splice;
-    b->heap_index = SIZE_MAX;
-    b->refs = 1; /* the engine's, until Python took its end */
-    b->state = T2T_CONNECTING;
-    for (int s = 0; s < 2; s++) b->side[s].bridge = b;
-    b->side[0].fd = client;
-    b->side[1].fd = -1;
-    if (!t2t_permits(&lst->access, peer)) {
-        b->refused = 1;
-        t2t_connect_failed(b, EACCES);
-        return;
-    }
-    b->side[0].tcp = lst->client_tcp;
+/* Connect a listener's new bridge to the upstream, in its loop (b->loop). A client accepted
+   before the listener stopped is connected as usual, even if handed over after (only a connect
+   still in flight when it stops ends as ECANCELED, see t2t_connect_check). */
+static void t2t_connect_upstream(t2t_bridge *b) {
+    t2t_loop *L = b->loop;
+    t2t_listener *lst = b->listener;
 #if T2T_EPOLL
     b->side[1].fd = socket(lst->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 #else
@@ -1430,6 +1409,83 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     int error = t2t_register(b);
     if (!error && t2t_heap_push(L, b) != 0) error = ENOMEM;
     if (error) t2t_connect_failed(b, error);
+}
+
+/* A loop's bridges, where a direction lent to it counts as one. */
+static int t2t_loop_weight(t2t_loop *L) {
+    return __atomic_load_n(&L->load, __ATOMIC_RELAXED) + __atomic_load_n(&L->lent, __ATOMIC_RELAXED);
+}
+
+/* The loop with the least weight, if below *least (which it then holds); else NULL. */
+static t2t_loop *t2t_least_loaded(int *least) {
+    t2t_engine *E = &t2t_the_engine;
+    t2t_loop *found = NULL;
+    for (int i = 0; i < E->nloops; i++) {
+        int weight = t2t_loop_weight(&E->loops[i]);
+        if (weight < *least) {
+            *least = weight;
+            found = &E->loops[i];
+        }
+    }
+    return found;
+}
+
+/* Where a client accepted in L goes. Clients that connect together wake one loop (the listener
+   is EPOLLEXCLUSIVE), which would keep them all: two bulk clients then shared one loop thread
+   while the other sat idle, in most trials. So L hands a client to the least loaded loop once
+   it has a quarter more bridges than that one (at least one more). Within that margin it keeps
+   it: a hand-over costs the other loop a wake-up. */
+static t2t_loop *t2t_accept_home(t2t_loop *L) {
+    int weight = t2t_loop_weight(L) - 1, least = weight; /* (the client is counted in L already) */
+    t2t_loop *M = t2t_least_loaded(&least);
+    int margin = weight / 4 > 1 ? weight / 4 : 1;
+    return M && M != L && weight - least >= margin ? M : L;
+}
+
+static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct sockaddr_storage *peer,
+                           socklen_t peer_len) {
+    t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
+    if (!b) {
+        close(client);
+        return;
+    }
+    __atomic_add_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
+    __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
+    b->loop = L;
+    b->listener = lst;
+    b->conn_id = __atomic_fetch_add(&lst->next_id, 1, __ATOMIC_RELAXED);
+    memcpy(&b->peer, peer, peer_len);
+    b->peer_len = peer_len;
+    b->interval_ns = lst->interval_ns;
+    b->idle_limit = lst->idle_limit;
+    b->activity_both = lst->activity_both;
+    b->half_close = lst->half_close;
+    b->may_splice = lst->may_splice;
+    b->heap_index = SIZE_MAX;
+    b->refs = 1; /* the engine's, until Python took its end */
+    b->state = T2T_CONNECTING;
+    for (int s = 0; s < 2; s++) b->side[s].bridge = b;
+    b->side[0].fd = client;
+    b->side[1].fd = -1;
+    b->side[0].tcp = lst->client_tcp;
+    if (!t2t_permits(&lst->access, peer)) {
+        b->refused = 1;
+        t2t_connect_failed(b, EACCES);
+        return;
+    }
+    t2t_loop *home = t2t_accept_home(L);
+    if (home == L) {
+        t2t_connect_upstream(b);
+        return;
+    }
+    /* Nothing of L's holds it yet (not registered, no timer): it becomes home's outright. */
+    __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&home->load, 1, __ATOMIC_RELAXED);
+    b->loop = home;
+    pthread_mutex_lock(&home->lock);
+    int wake = t2t_ask(home, b, T2T_ASK_CONNECT);
+    pthread_mutex_unlock(&home->lock);
+    if (wake) t2t_wake(home);
 }
 
 static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
@@ -1656,7 +1712,6 @@ static int t2t_loop_load(int i) {
    NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
 static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit,
                              int activity_both, int half_close, int may_splice, void *owner) {
-    t2t_engine *E = &t2t_the_engine;
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b) {
         errno = ENOMEM;
@@ -1671,17 +1726,8 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
         errno = saved;
         return NULL;
     }
-    /* The least loaded loop; a direction lent to a loop counts as a bridge there. */
-    t2t_loop *L = &E->loops[0];
     int least = INT_MAX;
-    for (int i = 0; i < E->nloops; i++) {
-        int load = __atomic_load_n(&E->loops[i].load, __ATOMIC_RELAXED) +
-                   __atomic_load_n(&E->loops[i].lent, __ATOMIC_RELAXED);
-        if (load < least) {
-            least = load;
-            L = &E->loops[i];
-        }
-    }
+    t2t_loop *L = t2t_least_loaded(&least); /* (a loop at least: the engine started) */
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
     b->loop = L;
     for (int s = 0; s < 2; s++) {
