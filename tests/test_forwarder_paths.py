@@ -306,6 +306,8 @@ try:
         if backend == "cython":
             while sum(_core.stats()["bridges_per_loop"]) and time.monotonic() < deadline:
                 time.sleep(0.01)
+            assert sum(_core.stats()["bridges_per_loop"]) == 0, _core.stats()
+        assert fwd.stats.active == 0 and fwd.stats.accepted == (trial + 1) * clients_at_once, fwd.stats
     print(json.dumps({"per_loop": per_loop, "accepted": fwd.stats.accepted, "active": fwd.stats.active}))
 finally:
     fwd.close()
@@ -339,3 +341,80 @@ def test_clients_that_connect_at_once_are_spread_over_the_loops(backend):
         for counts in report["per_loop"]:
             # Before: one loop kept most of them ([1, 7], [0, 8], [2, 6] in 14 of 20 trials).
             assert len(counts) == 2 and sum(counts) == clients and max(counts) - min(counts) <= 2, report
+
+
+CLOSE_IN_BURST_CHILD = """
+import json, socket, sys, threading, time
+import tcptotcp
+from test_forwarder import EchoServer
+
+backend = sys.argv[1]
+server = EchoServer()
+outcomes = []
+for trial in range(int(sys.argv[2])):
+    bridge_class = None if backend == "cython" else tcptotcp.pure.Bridge
+    fwd = tcptotcp.Forwarder("127.0.0.1:0", f"127.0.0.1:{server.address[1]}", bridge_class=bridge_class)
+    serving = threading.Thread(target=fwd.serve_forever, daemon=True)
+    serving.start()
+    with socket.create_connection(fwd.address, timeout=10) as warm:  # the path is chosen and serving
+        warm.sendall(b"w")
+        assert warm.recv(1) == b"w"
+    barrier = threading.Barrier(17)
+    ends = []
+
+    def client():
+        try:
+            barrier.wait(10)
+            c = socket.create_connection(fwd.address, timeout=10)
+        except OSError:
+            ends.append("refused")
+            return
+        with c:
+            try:
+                c.sendall(b"x")
+                c.settimeout(10)
+                while c.recv(1 << 16):
+                    pass
+                ends.append("eof")
+            except socket.timeout:
+                ends.append("hang")  # still relayed after close(): nobody stopped its bridge
+            except OSError:
+                ends.append("reset")
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    barrier.wait(10)
+    time.sleep(0.001 * (trial % 4))  # close() lands at a different moment of the burst each time
+    started = time.monotonic()
+    fwd.close()
+    took = time.monotonic() - started
+    serving.join(10)
+    for t in threads:
+        t.join(20)
+    outcomes.append({"took": took, "ends": ends, "active": fwd.stats.active})
+server.close()
+print(json.dumps(outcomes))
+"""
+
+
+def test_close_during_a_burst_of_clients_stops_every_one(backend):
+    """close() while a burst of clients is being accepted (and, on the loops, handed from one
+    loop to another): it returns promptly, and every client that got in is stopped (it sees
+    EOF or a reset), none left relaying behind the closed forwarder."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    env["TCPTOTCP_LOOP_THREADS"] = "2"
+    if backend.name == "pure":
+        env["TCPTOTCP_NO_EXTENSIONS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", CLOSE_IN_BURST_CHILD, backend.name, "40"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for outcome in json.loads(proc.stdout):
+        assert "hang" not in outcome["ends"] and len(outcome["ends"]) == 16, outcome
+        assert outcome["active"] == 0, outcome
+        assert outcome["took"] < 1.5, outcome  # close() waits up to 2 s for bridges it cannot see

@@ -355,8 +355,9 @@ cdef class Listener:
         return opened, ended, (gone_count, gone_up, gone_down)
 
     def stop(self):
-        """Stop accepting; once it returns, the loops no longer touch the listening socket.
-        Connects in flight end as failed; opened bridges run on."""
+        """Stop accepting; once it returns, the loops no longer touch the listening socket and
+        no bridge of it opens any more. Connects in flight end as failed; opened bridges run on
+        (the next take has them all)."""
         with nogil:
             t2t_listener_stop(self._l)
 

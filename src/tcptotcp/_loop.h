@@ -1068,7 +1068,7 @@ static void t2t_release(t2t_bridge *b) {
     if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) free(b);
 }
 
-static void t2t_connect_upstream(t2t_bridge *b);
+static void t2t_connect_handed(t2t_bridge *b);
 
 static void t2t_take_inbox(t2t_loop *L) {
     t2t_bridge *work = NULL, *lend_work = NULL;
@@ -1096,7 +1096,7 @@ static void t2t_take_inbox(t2t_loop *L) {
         t2t_bridge *b = work;
         work = b->work_next;
         if (b->taking & T2T_ASK_START) t2t_begin(b);
-        if (b->taking & T2T_ASK_CONNECT) t2t_connect_upstream(b); /* a client handed over */
+        if (b->taking & T2T_ASK_CONNECT) t2t_connect_handed(b);
         if (b->taking & T2T_ASK_RETURN) t2t_lend_returned(b);
         if ((b->taking & T2T_ASK_STOP) && b->state == T2T_RELAYING) t2t_end(b, T2T_STOPPED, 0);
         b->taking = 0;
@@ -1209,6 +1209,7 @@ typedef struct t2t_listener {
     int active;     /* atomic: accepted and not yet reported ended */
     int stopping;   /* atomic */
     int in_accept;  /* atomic: loops inside t2t_accept_some for it */
+    int handing;    /* atomic: clients handed to another loop and not yet connected there */
     int armed;      /* atomic: watched by the loops */
     int64_t paused_until; /* atomic: EMFILE back-off */
     unsigned long long next_id; /* atomic */
@@ -1336,12 +1337,19 @@ static void t2t_connect_failed(t2t_bridge *b, int error) {
 static void t2t_connect_done(t2t_bridge *b) {
     t2t_listener *lst = b->listener;
     t2t_loop *L = b->loop;
+    /* Under the lock t2t_listener_stop takes after setting `stopping`: a bridge that opened once
+       stop() had returned would be missed by the forwarder's last take, and nobody would stop it. */
+    pthread_mutex_lock(&lst->lock);
+    if (__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_unlock(&lst->lock);
+        t2t_connect_failed(b, ECANCELED);
+        return;
+    }
     t2t_heap_remove(L, b);
     b->state = T2T_RELAYING;
     b->started_ns = b->next_check_ns = L->now;
     b->opened = 1;
     __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED); /* the opened list's, taken over by Python */
-    pthread_mutex_lock(&lst->lock);
     b->open_next = NULL;
     b->open_untaken = 1;
     if (lst->opened_tail) lst->opened_tail->open_next = b;
@@ -1433,13 +1441,20 @@ static t2t_loop *t2t_least_loaded(int *least) {
 /* Where a client accepted in L goes. Clients that connect together wake one loop (the listener
    is EPOLLEXCLUSIVE), which would keep them all: two bulk clients then shared one loop thread
    while the other sat idle, in most trials. So L hands a client to the least loaded loop once
-   it has a quarter more bridges than that one (at least one more). Within that margin it keeps
-   it: a hand-over costs the other loop a wake-up. */
+   L has more bridges than that one by a quarter of its own count (by one at least). Within that
+   margin it keeps it: a hand-over costs the other loop a wake-up. */
 static t2t_loop *t2t_accept_home(t2t_loop *L) {
     int weight = t2t_loop_weight(L) - 1, least = weight; /* (the client is counted in L already) */
     t2t_loop *M = t2t_least_loaded(&least);
     int margin = weight / 4 > 1 ? weight / 4 : 1;
     return M && M != L && weight - least >= margin ? M : L;
+}
+
+/* A client another loop handed to this one (see t2t_accept_home). */
+static void t2t_connect_handed(t2t_bridge *b) {
+    t2t_listener *lst = b->listener;
+    t2t_connect_upstream(b);
+    __atomic_sub_fetch(&lst->handing, 1, __ATOMIC_SEQ_CST);
 }
 
 static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct sockaddr_storage *peer,
@@ -1478,7 +1493,10 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
         t2t_connect_upstream(b);
         return;
     }
-    /* Nothing of L's holds it yet (not registered, no timer): it becomes home's outright. */
+    /* Nothing of L's holds it yet (not registered, no timer): it becomes home's outright.
+       Counted until home connected it, so that t2t_listener_stop still returns only once
+       every client it accepted is opened, connecting or failed. */
+    __atomic_add_fetch(&lst->handing, 1, __ATOMIC_SEQ_CST);
     __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&home->load, 1, __ATOMIC_RELAXED);
     b->loop = home;
@@ -1929,11 +1947,12 @@ static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge
 }
 
 /* Stop accepting. Once this returns no loop touches the listening fd again, so the caller may
-   close it. Connects in flight end as failed (ECANCELED); opened bridges run on. */
+   close it, and no bridge of it opens any more: those that opened are in its opened list for
+   the next take and run on; the clients not yet connected end as failed (ECANCELED). */
 static void t2t_listener_stop(t2t_listener *lst) {
     __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST);
     t2t_listener_arm(lst, t2t_now());
-    while (__atomic_load_n(&lst->in_accept, __ATOMIC_SEQ_CST)) {
+    while (__atomic_load_n(&lst->in_accept, __ATOMIC_SEQ_CST) || __atomic_load_n(&lst->handing, __ATOMIC_SEQ_CST)) {
         struct timespec pause = {0, 100000}; /* a loop is inside one accept batch: ~µs */
         nanosleep(&pause, NULL);
     }
