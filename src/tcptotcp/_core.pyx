@@ -60,7 +60,7 @@ cdef extern from "_loop.h" nogil:
     int t2t_listener_active(t2t_listener *lst)
     unsigned long long t2t_listener_next_id(t2t_listener *lst)
     void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done)
-    void t2t_listener_stop(t2t_listener *lst)
+    void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
     int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
                         sockaddr_storage *out, socklen_t *length)
     int t2t_sockaddr_unix(const char *path, size_t n, sockaddr_storage *out, socklen_t *length)
@@ -354,12 +354,13 @@ cdef class Listener:
             t2t_release(b)
         return opened, ended, (gone_count, gone_up, gone_down)
 
-    def stop(self):
-        """Stop accepting; once it returns, the loops no longer touch the listening socket and
-        no bridge of it opens any more. Connects in flight end as failed; opened bridges run on
-        (the next take has them all)."""
+    def stop(self, bint cancel_connects=True):
+        """Stop accepting; once it returns, the loops no longer touch the listening socket, and
+        opened bridges run on. Clients still connecting upstream end as failed (ECANCELED), so
+        that no bridge opens after it returned (the next take has them all); or, without
+        cancel_connects, they connect as usual and open later."""
         with nogil:
-            t2t_listener_stop(self._l)
+            t2t_listener_stop(self._l, cancel_connects)
 
 
 def listen(listener, upstream_family, upstream_sockaddr, sockopts, plan, connect_timeout, max_active, first_id,

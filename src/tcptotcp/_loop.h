@@ -190,6 +190,7 @@ typedef struct t2t_loop {
     int pooled;              /* atomic: read by t2t_stats */
     int64_t now;
     int64_t retry_listeners_ns; /* a listener paused by EMFILE here may accept again then */
+    int cancel_connects;     /* atomic: a closing listener asks to end its connecting bridges */
 } t2t_loop;
 
 typedef struct t2t_engine {
@@ -1069,6 +1070,7 @@ static void t2t_release(t2t_bridge *b) {
 }
 
 static void t2t_connect_handed(t2t_bridge *b);
+static void t2t_cancel_connects(t2t_loop *L);
 
 static void t2t_take_inbox(t2t_loop *L) {
     t2t_bridge *work = NULL, *lend_work = NULL;
@@ -1092,6 +1094,7 @@ static void t2t_take_inbox(t2t_loop *L) {
     L->lend_inbox = NULL;
     pthread_mutex_unlock(&L->lock);
     t2t_take_lend_asks(L, lend_work);
+    int cancel = __atomic_exchange_n(&L->cancel_connects, 0, __ATOMIC_SEQ_CST);
     while (work) {
         t2t_bridge *b = work;
         work = b->work_next;
@@ -1102,6 +1105,7 @@ static void t2t_take_inbox(t2t_loop *L) {
         b->taking = 0;
         t2t_release(b); /* the inbox entry's reference */
     }
+    if (cancel) t2t_cancel_connects(L);
 }
 
 static void t2t_connect_failed(t2t_bridge *b, int error);
@@ -1207,7 +1211,8 @@ typedef struct t2t_listener {
     unsigned char activity_both, half_close, may_splice, client_tcp, upstream_tcp;
     int max_active;
     int active;     /* atomic: accepted and not yet reported ended */
-    int stopping;   /* atomic */
+    int stopping;   /* atomic: accepts no more */
+    int cancelling; /* atomic: and its clients not yet connected end as ECANCELED (a close) */
     int in_accept;  /* atomic: loops inside t2t_accept_some for it */
     int handing;    /* atomic: clients handed to another loop and not yet connected there */
     int armed;      /* atomic: watched by the loops */
@@ -1337,10 +1342,11 @@ static void t2t_connect_failed(t2t_bridge *b, int error) {
 static void t2t_connect_done(t2t_bridge *b) {
     t2t_listener *lst = b->listener;
     t2t_loop *L = b->loop;
-    /* Under the lock t2t_listener_stop takes after setting `stopping`: a bridge that opened once
-       stop() had returned would be missed by the forwarder's last take, and nobody would stop it. */
+    /* Under the lock t2t_listener_stop takes after setting `cancelling`: a bridge that opened once
+       a closing stop() had returned would be missed by the forwarder's last take, and nobody
+       would stop it. */
     pthread_mutex_lock(&lst->lock);
-    if (__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST)) {
+    if (__atomic_load_n(&lst->cancelling, __ATOMIC_SEQ_CST)) {
         pthread_mutex_unlock(&lst->lock);
         t2t_connect_failed(b, ECANCELED);
         return;
@@ -1372,14 +1378,13 @@ static void t2t_connect_check(t2t_bridge *b) {
     int error = 0;
     socklen_t len = sizeof(error);
     if (getsockopt(b->side[1].fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
-    if (!error && __atomic_load_n(&b->listener->stopping, __ATOMIC_ACQUIRE)) error = ECANCELED;
     if (error) t2t_connect_failed(b, error);
     else t2t_connect_done(b);
 }
 
 /* Connect a listener's new bridge to the upstream, in its loop (b->loop). A client accepted
-   before the listener stopped is connected as usual, even if handed over after (only a connect
-   still in flight when it stops ends as ECANCELED, see t2t_connect_check). */
+   before the listener stopped is connected as usual, even if handed over after, unless the stop
+   cancels connects (see t2t_listener_stop). */
 static void t2t_connect_upstream(t2t_bridge *b) {
     t2t_loop *L = b->loop;
     t2t_listener *lst = b->listener;
@@ -1448,6 +1453,17 @@ static t2t_loop *t2t_accept_home(t2t_loop *L) {
     t2t_loop *M = t2t_least_loaded(&least);
     int margin = weight / 4 > 1 ? weight / 4 : 1;
     return M && M != L && weight - least >= margin ? M : L;
+}
+
+/* End the bridges still connecting upstream for a listener that cancels its connects: their
+   connect may not report for seconds (a SYN waiting for its retransmission). */
+static void t2t_cancel_connects(t2t_loop *L) {
+    for (t2t_bridge *b = L->all, *next; b; b = next) {
+        next = b->next; /* (t2t_connect_failed unlinks b) */
+        if (b->state == T2T_CONNECTING && b->listener &&
+            __atomic_load_n(&b->listener->cancelling, __ATOMIC_SEQ_CST))
+            t2t_connect_failed(b, ECANCELED);
+    }
 }
 
 /* A client another loop handed to this one (see t2t_accept_home). */
@@ -1947,14 +1963,30 @@ static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge
 }
 
 /* Stop accepting. Once this returns no loop touches the listening fd again, so the caller may
-   close it, and no bridge of it opens any more: those that opened are in its opened list for
-   the next take and run on; the clients not yet connected end as failed (ECANCELED). */
-static void t2t_listener_stop(t2t_listener *lst) {
+   close it. Bridges that opened run on. Clients accepted and not yet connected connect as usual
+   and open later (a reconfigure: their events keep coming) or, with cancel_connects (a close),
+   end as failed (ECANCELED): then no bridge of it opens once this returned, and the next take
+   has every one that did. Called again with cancel_connects, it cancels what is still connecting. */
+static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
+    if (cancel_connects) __atomic_store_n(&lst->cancelling, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST);
     t2t_listener_arm(lst, t2t_now());
     while (__atomic_load_n(&lst->in_accept, __ATOMIC_SEQ_CST) || __atomic_load_n(&lst->handing, __ATOMIC_SEQ_CST)) {
         struct timespec pause = {0, 100000}; /* a loop is inside one accept batch: ~µs */
         nanosleep(&pause, NULL);
+    }
+    if (!cancel_connects) return;
+    /* Those still connecting end now (their ends come with the next takes), not whenever
+       their connect reports. */
+    t2t_engine *E = &t2t_the_engine;
+    for (int i = 0; i < E->nloops; i++) {
+        t2t_loop *L = &E->loops[i];
+        __atomic_store_n(&L->cancel_connects, 1, __ATOMIC_SEQ_CST);
+        pthread_mutex_lock(&L->lock);
+        int wake = !L->wake_pending;
+        L->wake_pending = 1;
+        pthread_mutex_unlock(&L->lock);
+        if (wake) t2t_wake(L);
     }
 }
 

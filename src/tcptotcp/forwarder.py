@@ -485,8 +485,8 @@ class Forwarder:
             finally:
                 for client, _ in list(self._pending.values()):
                     self._drop_client(selector, client)
-                if self._fast is not None:
-                    self._fast.listener.stop()  # before close() closes the listening socket
+                if self._fast is not None:  # before close() closes the listening socket
+                    self._fast.listener.stop(cancel_connects=False)  # close() cancels them
                     self._fast = None
                 if results is not None:
                     core.release_results()  # type: ignore[union-attr]
@@ -533,7 +533,9 @@ class Forwarder:
     def _choose_path(self, selector: selectors.BaseSelector, options: ForwardOptions) -> None:
         """Accept in the loops where the options allow it, else in this thread."""
         if self._fast is not None:
-            self._fast.listener.stop()  # its open bridges run on; their events still come
+            # Its open bridges run on, and its clients still connecting upstream connect with
+            # the options they came with: their events still come.
+            self._fast.listener.stop(cancel_connects=False)
             self._ids = itertools.count(self._fast.listener.next_id)
             self._fast = None
         if not self._fast_path_for(options):
@@ -1121,8 +1123,9 @@ class Forwarder:
         deadline = time.monotonic() + max(0.0, drain_seconds)
         while self._draining and time.monotonic() < deadline and self._still_open():
             self._pump_fast(0.05)
-        for fast in list(self._fast_all):  # bridges the loops opened since the last take
-            self._fast_events(fast)
+        for fast in list(self._fast_all):
+            fast.listener.stop()  # clients still connecting upstream: given up on, none opens later
+            self._fast_events(fast)  # bridges the loops opened since the last take
         with self._lock:
             self._draining = False
             items = list(self._bridges.values())
