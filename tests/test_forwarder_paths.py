@@ -386,13 +386,12 @@ for trial in range(int(sys.argv[2])):
         t.start()
     barrier.wait(10)
     time.sleep(0.001 * (trial % 4))  # close() lands at a different moment of the burst each time
-    started = time.monotonic()
     fwd.close()
-    took = time.monotonic() - started
+    still_open = fwd._still_open()  # close() gave up waiting (2 s) for bridges it could not see
     serving.join(10)
     for t in threads:
         t.join(20)
-    outcomes.append({"took": took, "ends": ends, "active": fwd.stats.active})
+    outcomes.append({"still_open": still_open, "ends": ends, "active": fwd.stats.active})
 server.close()
 print(json.dumps(outcomes))
 """
@@ -417,7 +416,7 @@ def test_close_during_a_burst_of_clients_stops_every_one(backend):
     for outcome in json.loads(proc.stdout):
         assert "hang" not in outcome["ends"] and len(outcome["ends"]) == 16, outcome
         assert outcome["active"] == 0, outcome
-        assert outcome["took"] < 1.5, outcome  # close() waits up to 2 s for bridges it cannot see
+        assert not outcome["still_open"], outcome
 
 
 def _unanswering_upstream(held: List[socket.socket]) -> socket.socket:
@@ -426,8 +425,8 @@ def _unanswering_upstream(held: List[socket.socket]) -> socket.socket:
     upstream = socket.socket()
     held.append(upstream)
     upstream.bind(("127.0.0.1", 0))
-    upstream.listen(0)
-    for _ in range(4):  # fill the accept queue
+    upstream.listen(1)  # (0 would leave every SYN to syncookies, or drop it where they are off)
+    for _ in range(6):  # fill the accept queue
         filler = socket.socket()
         held.append(filler)
         filler.setblocking(False)
@@ -512,9 +511,8 @@ def test_close_gives_up_on_a_client_still_connecting_upstream(backend):
         held.append(client)
         client.sendall(b"hello")
         time.sleep(0.3)  # the forwarder's SYN is in flight, unanswered
-        started = time.monotonic()
         fwd.close()
-        assert time.monotonic() - started < 1.5
+        assert not fwd._still_open()  # ended within close(), not left to its connect's report
         client.settimeout(5)
         try:
             assert client.recv(1) == b""

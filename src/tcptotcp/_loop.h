@@ -1972,7 +1972,7 @@ static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
     __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST);
     t2t_listener_arm(lst, t2t_now());
     while (__atomic_load_n(&lst->in_accept, __ATOMIC_SEQ_CST) || __atomic_load_n(&lst->handing, __ATOMIC_SEQ_CST)) {
-        struct timespec pause = {0, 100000}; /* a loop is inside one accept batch: ~µs */
+        struct timespec pause = {0, 100000}; /* an accept batch (~µs) or a hand-over (a turn) */
         nanosleep(&pause, NULL);
     }
     if (!cancel_connects) return;
@@ -2127,6 +2127,7 @@ static t2t_bridge *t2t_forget_after_fork(void) {
     E->claimed = E->claim_told = 0; /* the claiming thread is the parent's; the fd is kept */
     for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next) { /* the parent's forwarders */
         lst->stopping = 1;
+        lst->in_accept = lst->handing = 0; /* counts of the parent's loops: none runs here */
         memset(lst->watching, 0, sizeof(lst->watching));
         pthread_mutex_init(&lst->lock, NULL);
     }
