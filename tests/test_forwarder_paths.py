@@ -4,6 +4,7 @@ changed while it runs move it between them without losing a client or an open br
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -435,67 +436,10 @@ def _unanswering_upstream(held: List[socket.socket]) -> socket.socket:
     return upstream
 
 
-def test_a_client_still_connecting_upstream_is_kept_across_reconfigure(backend):
-    """reconfigure() while a client's upstream connect is in flight (the upstream's accept
-    queue is full, so the SYN waits for its retransmission): the client is relayed once the
-    upstream answers, as reconfigure() promises ("clients already connecting keep theirs");
-    it is not given up on with the listener it came through."""
-    held: List[socket.socket] = []
-    fwd = None
-    serving = None
-    try:
-        upstream = _unanswering_upstream(held)
-        port = upstream.getsockname()[1]
-        bridge_class = None if backend.name == "cython" else backend.Bridge
-        fwd = tcptotcp.Forwarder("127.0.0.1:0", f"127.0.0.1:{port}", bridge_class=bridge_class, connect_timeout=20)
-        serving = threading.Thread(target=fwd.serve_forever, daemon=True)
-        serving.start()
-        client = socket.create_connection(fwd.address, timeout=10)
-        held.append(client)
-        client.sendall(b"hello")
-        time.sleep(0.3)  # the forwarder's SYN is in flight, unanswered
-        first_path = fwd._fast
-        assert (first_path is not None) == (backend.name == "cython")
-        fwd.reconfigure(f"127.0.0.1:{port}", connect_timeout=20)
-        assert _wait(lambda: fwd._fast is not first_path or first_path is None)
-        # Let the upstream answer: accept the fillers, then the forwarder's connection once a
-        # retransmitted SYN gets in; it is the one that carries the client's bytes.
-        upstream.settimeout(0.2)
-        relayed = None
-        deadline = time.monotonic() + 15
-        conns: List[socket.socket] = []
-        while relayed is None and time.monotonic() < deadline:
-            try:
-                conn, _ = upstream.accept()
-                held.append(conn)
-                conn.setblocking(False)
-                conns.append(conn)
-            except socket.timeout:
-                pass
-            for conn in conns:
-                try:
-                    if conn.recv(5, socket.MSG_PEEK) == b"hello":
-                        relayed = conn
-                except BlockingIOError:
-                    pass
-        assert relayed is not None, "the client was given up on: its bytes never reached the upstream"
-        relayed.setblocking(True)
-        assert recv_exactly(relayed, 5) == b"hello"
-        relayed.sendall(b"world")
-        assert recv_exactly(client, 5) == b"world"
-        assert fwd.stats.upstream_failures == 0
-    finally:
-        if fwd is not None:
-            fwd.close()
-        if serving is not None:
-            serving.join(10)
-        for sock in held:
-            sock.close()
-
-
-def test_close_gives_up_on_a_client_still_connecting_upstream(backend):
-    """close() while a client's upstream connect is in flight: close() returns promptly, the
-    client is closed (not left waiting behind a closed forwarder), and nothing stays active."""
+@contextlib.contextmanager
+def _client_connecting_upstream(backend) -> Iterator[Tuple[socket.socket, tcptotcp.Forwarder, socket.socket]]:
+    """(upstream, forwarder, client): the client sent b"hello" through the forwarder, whose
+    connect to the upstream is in flight (its SYN waits for a retransmission)."""
     held: List[socket.socket] = []
     fwd = None
     serving = None
@@ -511,6 +455,61 @@ def test_close_gives_up_on_a_client_still_connecting_upstream(backend):
         held.append(client)
         client.sendall(b"hello")
         time.sleep(0.3)  # the forwarder's SYN is in flight, unanswered
+        yield upstream, fwd, client
+    finally:
+        if fwd is not None:
+            fwd.close()
+        if serving is not None:
+            serving.join(10)
+        for sock in held:
+            sock.close()
+
+
+def test_a_client_still_connecting_upstream_is_kept_across_reconfigure(backend):
+    """reconfigure() while a client's upstream connect is in flight (the upstream's accept
+    queue is full, so the SYN waits for its retransmission): the client is relayed once the
+    upstream answers, as reconfigure() promises ("clients already connecting keep theirs");
+    it is not given up on with the listener it came through."""
+    with _client_connecting_upstream(backend) as (upstream, fwd, client):
+        first_path = fwd._fast
+        assert (first_path is not None) == (backend.name == "cython")
+        fwd.reconfigure(f"127.0.0.1:{upstream.getsockname()[1]}", connect_timeout=20)
+        assert _wait(lambda: fwd._fast is not first_path or first_path is None)
+        # Let the upstream answer: accept the fillers, then the forwarder's connection once a
+        # retransmitted SYN gets in; it is the one that carries the client's bytes.
+        upstream.settimeout(0.2)
+        relayed = None
+        deadline = time.monotonic() + 15
+        conns: List[socket.socket] = []
+        try:
+            while relayed is None and time.monotonic() < deadline:
+                try:
+                    conn, _ = upstream.accept()
+                    conn.setblocking(False)
+                    conns.append(conn)
+                except socket.timeout:
+                    pass
+                for conn in conns:
+                    try:
+                        if conn.recv(5, socket.MSG_PEEK) == b"hello":
+                            relayed = conn
+                    except BlockingIOError:
+                        pass
+            assert relayed is not None, "the client was given up on: its bytes never reached the upstream"
+            relayed.setblocking(True)
+            assert recv_exactly(relayed, 5) == b"hello"
+            relayed.sendall(b"world")
+            assert recv_exactly(client, 5) == b"world"
+            assert fwd.stats.upstream_failures == 0
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+def test_close_gives_up_on_a_client_still_connecting_upstream(backend):
+    """close() while a client's upstream connect is in flight: the client is closed at once
+    (not left waiting behind a closed forwarder), and nothing stays active."""
+    with _client_connecting_upstream(backend) as (_, fwd, client):
         fwd.close()
         assert not fwd._still_open()  # ended within close(), not left to its connect's report
         client.settimeout(5)
@@ -519,10 +518,3 @@ def test_close_gives_up_on_a_client_still_connecting_upstream(backend):
         except ConnectionResetError:
             pass  # closed with the client's bytes unread: a reset is as good as a FIN here
         assert fwd.stats.active == 0
-    finally:
-        if fwd is not None:
-            fwd.close()
-        if serving is not None:
-            serving.join(10)
-        for sock in held:
-            sock.close()
