@@ -401,6 +401,14 @@ static int t2t_wake_new(t2t_loop *L) {
 
 static void t2t_wake(t2t_loop *L) { t2t_signal_fd(L->wake_w); }
 
+/* Whether the caller must wake L for what it just queued (it holds L->lock): once per take of
+   L's inbox, which clears wake_pending. */
+static int t2t_wake_due(t2t_loop *L) {
+    int wake = !L->wake_pending;
+    L->wake_pending = 1;
+    return wake;
+}
+
 static void t2t_unwake(t2t_loop *L) { t2t_drain_fd(L->wake_r); }
 
 /* ---- pipes for splice ---------------------------------------------------------------------- */
@@ -887,6 +895,14 @@ static void t2t_idle_check(t2t_bridge *b) {
 
 static int t2t_ask(t2t_loop *L, t2t_bridge *b, int ask);
 
+/* Queue an ask for b in L's inbox, from any thread, and wake L if it needs it. */
+static void t2t_post(t2t_loop *L, t2t_bridge *b, int ask) {
+    pthread_mutex_lock(&L->lock);
+    int wake = t2t_ask(L, b, ask);
+    pthread_mutex_unlock(&L->lock);
+    if (wake) t2t_wake(L);
+}
+
 /* From the home loop to the borrower (a reference per queued bridge, as in t2t_ask). */
 static void t2t_lend_ask(t2t_bridge *b, int ask) {
     t2t_loop *X = b->lent_to;
@@ -898,8 +914,7 @@ static void t2t_lend_ask(t2t_bridge *b, int ask) {
         X->lend_inbox = b;
     }
     b->lend_asked |= (unsigned char)ask;
-    int wake = !X->wake_pending;
-    X->wake_pending = 1;
+    int wake = t2t_wake_due(X);
     pthread_mutex_unlock(&X->lock);
     if (wake) t2t_wake(X);
 }
@@ -1032,11 +1047,7 @@ static void t2t_give_back(t2t_loop *L) {
     while (L->returns) {
         t2t_bridge *b = L->returns;
         L->returns = b->return_next;
-        t2t_loop *home = b->loop;
-        pthread_mutex_lock(&home->lock);
-        int wake = t2t_ask(home, b, T2T_ASK_RETURN);
-        pthread_mutex_unlock(&home->lock);
-        if (wake) t2t_wake(home);
+        t2t_post(b->loop, b, T2T_ASK_RETURN);
     }
 }
 
@@ -1516,10 +1527,7 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&home->load, 1, __ATOMIC_RELAXED);
     b->loop = home;
-    pthread_mutex_lock(&home->lock);
-    int wake = t2t_ask(home, b, T2T_ASK_CONNECT);
-    pthread_mutex_unlock(&home->lock);
-    if (wake) t2t_wake(home);
+    t2t_post(home, b, T2T_ASK_CONNECT);
 }
 
 static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
@@ -1690,9 +1698,7 @@ static int t2t_ask(t2t_loop *L, t2t_bridge *b, int ask) {
     __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
     b->inbox_next = L->inbox;
     L->inbox = b;
-    int wake = !L->wake_pending;
-    L->wake_pending = 1;
-    return wake;
+    return t2t_wake_due(L);
 }
 
 /* Start the loops once; 0, or -1 with errno. */
@@ -1778,10 +1784,7 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     b->heap_index = SIZE_MAX;
     b->owner = owner;
     b->refs = 2; /* the caller's and the engine's (dropped once the done queue was taken) */
-    pthread_mutex_lock(&L->lock);
-    int wake = t2t_ask(L, b, T2T_ASK_START);
-    pthread_mutex_unlock(&L->lock);
-    if (wake) t2t_wake(L);
+    t2t_post(L, b, T2T_ASK_START);
     return b;
 }
 
@@ -1983,8 +1986,7 @@ static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
         t2t_loop *L = &E->loops[i];
         __atomic_store_n(&L->cancel_connects, 1, __ATOMIC_SEQ_CST);
         pthread_mutex_lock(&L->lock);
-        int wake = !L->wake_pending;
-        L->wake_pending = 1;
+        int wake = t2t_wake_due(L);
         pthread_mutex_unlock(&L->lock);
         if (wake) t2t_wake(L);
     }
@@ -1994,10 +1996,7 @@ static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
 static void t2t_stop(t2t_bridge *b) {
     t2t_loop *L = b->loop;
     if (__atomic_load_n(&b->state, __ATOMIC_ACQUIRE) == T2T_DONE) return;
-    pthread_mutex_lock(&L->lock);
-    int wake = t2t_ask(L, b, T2T_ASK_STOP);
-    pthread_mutex_unlock(&L->lock);
-    if (wake) t2t_wake(L);
+    t2t_post(L, b, T2T_ASK_STOP);
 }
 
 static unsigned long long t2t_bytes(t2t_bridge *b, int i) {
