@@ -5,6 +5,7 @@
 `tcptotcp` then falls back to `tcptotcp.pure` at import.
 `TCPTOTCP_REQUIRE_EXTENSIONS=1` turns a failed build into an error (CI, wheels).
 """
+import glob
 import os
 import sys
 
@@ -59,7 +60,7 @@ def _extensions():
     ext = Extension(
         "tcptotcp._core",
         ["src/tcptotcp/_core.pyx"],
-        depends=["src/tcptotcp/_loop.h"],
+        depends=sorted(glob.glob("src/tcptotcp/_loop*.h")) + ["src/tcptotcp/_loop.pxd"],
         extra_compile_args=["-O2"],
     )
     try:

@@ -22,70 +22,7 @@ from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
 
-cdef extern from "_loop.h" nogil:
-    ctypedef struct t2t_dir:
-        unsigned char spliced
-    ctypedef struct t2t_bridge:
-        t2t_dir dir[2]
-        int64_t started_ns
-        int64_t ended_ns
-        unsigned char reason
-        int error
-        t2t_bridge *done_next
-        t2t_bridge *open_next
-        void *owner
-        unsigned long long conn_id
-        unsigned char opened
-        unsigned char open_untaken
-        unsigned char refused
-        unsigned char timed_out
-        unsigned char lent_once
-    ctypedef struct t2t_listener:
-        pass
-    ctypedef struct t2t_access:
-        int active
-        int closed
-        const unsigned char *lists[4]
-        size_t counts[4]
-    ctypedef struct sockaddr_storage "struct sockaddr_storage":
-        pass
-    ctypedef struct sockaddr "struct sockaddr":
-        pass
-    ctypedef unsigned int socklen_t
-    t2t_listener *t2t_listen(int fd, const sockaddr *upstream, socklen_t upstream_len, const int *sockopts,
-                             int nsockopts, int64_t connect_timeout_ns, int64_t interval_ns, uint64_t idle_limit,
-                             int activity_both, int half_close, int may_splice, int max_active,
-                             unsigned long long first_id, const t2t_access *access)
-    int t2t_listener_fd(t2t_listener *lst)
-    int t2t_listener_active(t2t_listener *lst)
-    unsigned long long t2t_listener_next_id(t2t_listener *lst)
-    void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done)
-    void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
-    int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
-                        sockaddr_storage *out, socklen_t *length)
-    int t2t_sockaddr_unix(const char *path, size_t n, sockaddr_storage *out, socklen_t *length)
-    int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
-                 unsigned int *scope_id)
-    const int MAX_SOCKOPTS "T2T_MAX_SOCKOPTS"
-    const int HAVE_SPLICE "T2T_HAVE_SPLICE"
-    const int BUFFER_BYTES "T2T_BUFFER_BYTES"
-    const int MAX_LOOPS "T2T_MAX_LOOPS"
-    int t2t_engine_start(int nloops)
-    int t2t_loop_count()
-    int t2t_loop_load(int i)
-    t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit, int activity_both,
-                          int half_close, int may_splice, void *owner)
-    void t2t_stop(t2t_bridge *b)
-    void t2t_release(t2t_bridge *b)
-    unsigned long long t2t_bytes(t2t_bridge *b, int i)
-    t2t_bridge *t2t_done_take()
-    t2t_bridge *t2t_done_take_now()
-    int t2t_done_claim()
-    void t2t_done_unclaim()
-    t2t_bridge *t2t_forget_after_fork()
-    int t2t_pooled_pipes()
-    int t2t_bridges_open()
-    int t2t_engine_fds()
+from ._loop cimport *  # noqa: F403 (the engine's C API)
 
 BUFFER_SIZE = BUFFER_BYTES
 SPLICE_AVAILABLE = bool(HAVE_SPLICE)
