@@ -60,6 +60,22 @@ def engine(request) -> types.SimpleNamespace:
     return _make_backend(request.param)
 
 
+@pytest.fixture(params=["cython", "cython-pure-listener", "pure"])
+def forward_backend(request, monkeypatch) -> types.SimpleNamespace:
+    """`backend` for forwarder tests: each backend with its own listener, and the compiled core's
+    bridges behind the pure listener (TCPTOTCP_ACCEPT_IN_PYTHON=1), so that every forwarder test
+    runs over both listener implementations. `.listener` says which one serves ("loops" or
+    "python"); `.name` is the bridges' backend."""
+    if request.param == "cython-pure-listener":
+        ns = _make_backend("cython")
+        monkeypatch.setenv("TCPTOTCP_ACCEPT_IN_PYTHON", "1")
+        ns.listener = "python"
+        return ns
+    ns = _make_backend(request.param)
+    ns.listener = "loops" if request.param == "cython" else "python"
+    return ns
+
+
 @pytest.fixture
 def socket_dir():
     """A short directory for Unix socket paths (macOS caps them at 104 bytes; tmp_path is long)."""
@@ -72,5 +88,6 @@ def pytest_collection_modifyitems(items: list) -> None:
     """Mark every test of a compiled engine `core`: platforms without it deselect them."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("backend", params.get("engine")) in ("cython", "cython-copy"):
+        chosen = params.get("backend", params.get("engine", params.get("forward_backend")))
+        if chosen in ("cython", "cython-copy", "cython-pure-listener"):
             item.add_marker(pytest.mark.core)

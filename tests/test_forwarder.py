@@ -18,6 +18,12 @@ import tcptotcp
 from helpers import HAS_PROC, IPV6_OK, Background, recv_exactly, recv_until_eof
 
 
+@pytest.fixture
+def backend(forward_backend):
+    """Every test here runs over both listener implementations (see conftest.forward_backend)."""
+    return forward_backend
+
+
 class EchoServer:
     """A loopback echo upstream (TCP or Unix) serving each connection in a thread."""
 

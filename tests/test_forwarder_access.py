@@ -27,6 +27,13 @@ import pytest
 from helpers import IPV6_OK, recv_exactly
 from test_forwarder import EchoServer, ForwarderProcess, echo, forwarders  # noqa: F401  (fixtures)
 
+
+@pytest.fixture
+def backend(forward_backend):
+    """Every test here runs over both listener implementations (see conftest.forward_backend)."""
+    return forward_backend
+
+
 pytestmark = [pytest.mark.unix, pytest.mark.signals]
 
 needs_ipv6 = pytest.mark.skipif(not IPV6_OK, reason="no ::1 on this machine")

@@ -19,6 +19,12 @@ from helpers import HAS_PROC
 from test_forwarder import ForwarderProcess, forwarders  # noqa: F401  (fixture)
 
 
+@pytest.fixture
+def backend(forward_backend):
+    """Every test here runs over both listener implementations (see conftest.forward_backend)."""
+    return forward_backend
+
+
 def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

@@ -4,15 +4,14 @@ Top-level option keys are defaults for every ``[[forward]]``; a forward's own ke
 them. Process-wide keys (``backend``, ``log_level``, ``log_format``, ``metrics``) live only at
 the top level. Everything is checked before anything listens, and a mistake is reported on
 one line naming the file, the forward and the key, so a bad edit fails at start-up, not at
-the first client.
+the first client. The options, their types and bounds are ``_options``' table, the command
+line's too: the file and the command line refuse the same values with the same words.
 """
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import importlib
-import math
 import os
 import re
 import socket
@@ -20,74 +19,59 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
-from ._access import AccessList
+from . import _options
 from ._address import Address
+from ._options import FORWARD_NAMES, MAX_INT, PROCESS_NAMES, Option, OptionError, show
 
-# Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT; TCP_USER_TIMEOUT is an int of
-# milliseconds. Out-of-range values would otherwise fail in setsockopt() for every client.
-_MAX_KEEPALIVE_SECONDS = 32767
-_MAX_KEEPALIVE_COUNT = 127
-_MAX_USER_TIMEOUT = (2**31 - 1) // 1000
-_MAX_INT = 2**31 - 1  # a C int: listen()'s backlog
-
-PROCESS_KEYS = ("backend", "log_level", "log_format", "metrics")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+PROCESS_KEYS = PROCESS_NAMES
+_FORWARD = {name: _options.OPTIONS[name] for name in FORWARD_NAMES}
+_PROCESS = {name: _options.OPTIONS[name] for name in PROCESS_NAMES}
+_DEFAULT = _options.defaults()
 
 
 @dataclass(frozen=True)
 class ForwardSpec:
-    """One ``[[forward]]``: a listen address, its upstreams and its options (defaults as the CLI's)."""
+    """One ``[[forward]]``: a listen address, its upstreams and its options. The fields after
+    ``upstreams`` are ``_options.FORWARD_OPTIONS``, by name, with its defaults (the CLI's)."""
 
     listen: str
     upstreams: Tuple[str, ...]
-    rate_check: int = 5
-    idle_timeout: int = 7200
-    activity: str = "both"
-    half_close: bool = False
-    max_connections: int = 1024
-    connect_timeout: float = 10.0
-    allow: Tuple[str, ...] = ()
-    deny: Tuple[str, ...] = ()
-    balance: str = "first"
-    upstream_backoff: float = 10.0
-    send_proxy: Optional[str] = None
-    accept_proxy: bool = False
-    proxy_timeout: float = 5.0
-    backlog: int = 4096
-    keepalive: Optional[int] = None
-    keepalive_interval: Optional[int] = None
-    keepalive_count: Optional[int] = None
-    user_timeout: Optional[float] = None
-    reuse_port: bool = False
+    rate_check: int = _DEFAULT["rate_check"]
+    idle_timeout: int = _DEFAULT["idle_timeout"]
+    activity: str = _DEFAULT["activity"]
+    half_close: bool = _DEFAULT["half_close"]
+    max_connections: int = _DEFAULT["max_connections"]
+    connect_timeout: float = _DEFAULT["connect_timeout"]
+    allow: Tuple[str, ...] = _DEFAULT["allow"]
+    deny: Tuple[str, ...] = _DEFAULT["deny"]
+    balance: str = _DEFAULT["balance"]
+    upstream_backoff: float = _DEFAULT["upstream_backoff"]
+    send_proxy: Optional[str] = _DEFAULT["send_proxy"]
+    accept_proxy: bool = _DEFAULT["accept_proxy"]
+    proxy_timeout: float = _DEFAULT["proxy_timeout"]
+    backlog: int = _DEFAULT["backlog"]
+    keepalive: Optional[int] = _DEFAULT["keepalive"]
+    keepalive_interval: Optional[int] = _DEFAULT["keepalive_interval"]
+    keepalive_count: Optional[int] = _DEFAULT["keepalive_count"]
+    user_timeout: Optional[float] = _DEFAULT["user_timeout"]
+    reuse_port: bool = _DEFAULT["reuse_port"]
     # The addresses as load_config() parsed (and resolved) them while validating: passing these
     # to the Forwarder instead of the text avoids resolving every name a second time.
     # listen_address is None for fd:N and systemd:NAME listeners.
     listen_address: Optional[Address] = field(default=None, compare=False, repr=False)
     upstream_addresses: Tuple[Address, ...] = field(default=(), compare=False, repr=False)
 
+    def settings(self) -> Dict[str, Any]:
+        """The options by name (``_options.FORWARD_NAMES``)."""
+        return {name: getattr(self, name) for name in FORWARD_NAMES}
+
     def forwarder_kwargs(self) -> Dict[str, Any]:
         """The options as ``Forwarder`` keyword arguments (listen and upstreams are positional)."""
-        return {
-            "rate_check_seconds": self.rate_check,
-            "idle_timeout_seconds": self.idle_timeout,
-            "activity": self.activity,
-            "half_close": self.half_close,
-            "max_connections": self.max_connections,
-            "connect_timeout": self.connect_timeout,
-            "allow": self.allow,
-            "deny": self.deny,
-            "balance": self.balance,
-            "upstream_backoff": self.upstream_backoff,
-            "send_proxy": self.send_proxy,
-            "accept_proxy": self.accept_proxy,
-            "proxy_timeout": self.proxy_timeout,
-            "backlog": self.backlog,
-            "keepalive": self.keepalive,
-            "keepalive_interval": self.keepalive_interval,
-            "keepalive_count": self.keepalive_count,
-            "user_timeout": self.user_timeout,
-            "reuse_port": self.reuse_port,
-        }
+        return _options.forwarder_kwargs(self.settings())
+
+    def restart_changes(self, new: ForwardSpec) -> List[str]:
+        """The options (by name) whose change to `new` a running forward cannot take."""
+        return _options.restart_changes(self.settings(), new.settings())
 
 
 @dataclass(frozen=True)
@@ -142,85 +126,22 @@ class _Bad(Exception):
     """A value's problem, raised by a check; load_config() adds where it was."""
 
 
-def _show(value: object) -> str:
-    """A value as the message quotes it: TOML's true/false, short, on one line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _expected(what: str, value: object) -> _Bad:
-    return _Bad(f"expected {what}, got {_show(value)}")
+    return _Bad(f"expected {what}, got {show(value)}")
 
 
 _Check = Callable[[object], object]
 
 
-def _int(minimum: int, maximum: Optional[int] = None) -> _Check:
-    what = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+def _of(option: Option) -> _Check:
+    """The table's check of `option`, as a config file's values are checked: TOML has no null,
+    so ``false`` switches an optional setting off (e.g. a top-level default)."""
 
     def check(value: object) -> object:
-        # TOML's true is a Python int: a bool is never taken for a number.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _expected(what, value)
-        if value < minimum or (maximum is not None and value > maximum):
-            raise _expected(what, value)
-        return value
-
-    return check
-
-
-def _number(minimum: float, *, inclusive: bool, maximum: Optional[float] = None) -> _Check:
-    what = f"a number {'>=' if inclusive else '>'} {minimum:g}"
-    if maximum is not None:
-        what += f" and <= {maximum:g}"
-
-    def check(value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _expected(what, value)
-        number = float(value)
-        # TOML allows inf and nan; neither is a usable timeout.
-        if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
-            raise _expected(what, value)
-        if maximum is not None and number > maximum:
-            raise _expected(what, value)
-        return number
-
-    return check
-
-
-def _optional(check: _Check, what: str) -> _Check:
-    """TOML has no null: ``false`` switches an optional setting off (e.g. a top-level default)."""
-
-    def optional(value: object) -> object:
-        if value is False:
-            return None
         try:
-            return check(value)
-        except _Bad:
-            raise _expected(f"{what}, or false for none", value) from None
-
-    return optional
-
-
-def _bool(value: object) -> object:
-    if not isinstance(value, bool):
-        raise _expected("true or false", value)
-    return value
-
-
-def _choice(*options: str) -> _Check:
-    what = " or ".join(repr(option) for option in options)
-
-    def check(value: object) -> object:
-        if value not in options or not isinstance(value, str):
-            raise _expected(what, value)
-        return value
+            return option.check(value, off="false for none")
+        except OptionError as exc:
+            raise _Bad(exc.problem) from None
 
     return check
 
@@ -234,52 +155,16 @@ def _strings(value: object, *, empty: bool) -> Tuple[str, ...]:
     raise _expected("a string or a list of strings" if empty else "a string or a non-empty list of strings", value)
 
 
-def _networks(value: object) -> object:
-    entries = _strings(value, empty=True)
-    try:
-        AccessList(entries)
-    except ValueError as exc:
-        raise _Bad(str(exc)) from None
-    return entries
-
-
 def _string(value: object) -> object:
     if not isinstance(value, str):
         raise _expected("a string", value)
     return value
 
 
-# Per-forward options: the ForwardSpec field each sets, and its check.
-OPTIONS: Dict[str, _Check] = {
-    "rate_check": _int(0),
-    "idle_timeout": _int(0),
-    "activity": _choice("both", "any"),
-    "half_close": _bool,
-    "max_connections": _int(1),
-    "connect_timeout": _number(0, inclusive=False),
-    "allow": _networks,
-    "deny": _networks,
-    "balance": _choice("first", "roundrobin"),
-    "upstream_backoff": _number(0, inclusive=True),
-    "send_proxy": _optional(_choice("v1", "v2"), "'v1' or 'v2'"),
-    "accept_proxy": _bool,
-    "proxy_timeout": _number(0, inclusive=False),
-    "backlog": _int(1, _MAX_INT),
-    "keepalive": _optional(_int(1, _MAX_KEEPALIVE_SECONDS), f"an integer from 1 to {_MAX_KEEPALIVE_SECONDS}"),
-    "keepalive_interval": _optional(_int(1, _MAX_KEEPALIVE_SECONDS), f"an integer from 1 to {_MAX_KEEPALIVE_SECONDS}"),
-    "keepalive_count": _optional(_int(1, _MAX_KEEPALIVE_COUNT), f"an integer from 1 to {_MAX_KEEPALIVE_COUNT}"),
-    "user_timeout": _optional(
-        _number(0, inclusive=False, maximum=_MAX_USER_TIMEOUT), f"a number > 0 and <= {_MAX_USER_TIMEOUT}"
-    ),
-    "reuse_port": _bool,
-}
-
-_PROCESS_CHECKS: Dict[str, _Check] = {
-    "backend": _choice("auto", "cython", "pure"),
-    "log_level": _choice(*LOG_LEVELS),
-    "log_format": _choice("text", "json"),
-    "metrics": _string,  # an address: checked with the forwards' addresses
-}
+# The checks of the per-forward options (by the ForwardSpec field each sets) and of the
+# process-wide settings, from the one table.
+OPTIONS: Dict[str, _Check] = {name: _of(option) for name, option in _FORWARD.items()}
+_PROCESS_CHECKS: Dict[str, _Check] = {name: _of(option) for name, option in _PROCESS.items()}
 
 _FD = re.compile(r"fd:([0-9]+)\Z")
 # systemd's rule for socket names (FileDescriptorName=): printable ASCII without ':'.
@@ -371,7 +256,8 @@ class _Loader:
             elif key in OPTIONS:
                 defaults[key] = self.check(key, value, OPTIONS[key])
             elif key in _PROCESS_CHECKS:
-                process[key] = str(self.check(key, value, _PROCESS_CHECKS[key]))
+                checked = self.check(key, value, _PROCESS_CHECKS[key])
+                process[key] = None if checked is None else str(checked)
             elif key in ("listen", "upstream"):
                 raise self.error("belongs in a [[forward]] table", key=key)
             else:
@@ -394,7 +280,7 @@ class _Loader:
         if raw is None or raw == []:
             raise self.error("no [[forward]] table: nothing to forward")
         if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-            raise self.error(f"expected [[forward]] tables (double brackets), got {_show(raw)}", key="forward")
+            raise self.error(f"expected [[forward]] tables (double brackets), got {show(raw)}", key="forward")
         return raw
 
     def forward_table(self, index: int, raw: Dict[str, Any], defaults: Dict[str, object]) -> _Table:
@@ -455,7 +341,7 @@ class _Loader:
         """The parsed address and what makes two listeners the same socket (None: never clashes)."""
         if listen.startswith("fd:"):
             fd = _FD.match(listen)
-            if not fd or int(fd.group(1)) > _MAX_INT:
+            if not fd or int(fd.group(1)) > MAX_INT:
                 raise self.error(
                     f"{listen!r}: expected fd:N with N an inherited file descriptor number", table, "listen"
                 )

@@ -13,9 +13,12 @@ Same seam as the pure engine (``_pump.start``).
 
 import os
 import socket
+from errno import ECANCELED
 import threading
 
+from . import _events
 from ._bridge import REASONS, report_unraisable
+from ._events import Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno
@@ -26,6 +29,7 @@ from ._loop cimport *  # noqa: F403 (the engine's C API)
 
 BUFFER_SIZE = BUFFER_BYTES
 SPLICE_AVAILABLE = bool(HAVE_SPLICE)
+LISTENER_MAX_UPSTREAMS = MAX_UPSTREAMS
 
 # Index = t2t_reason: T2T_RUNNING, then the reasons in _bridge.REASONS' order.
 _REASONS = ("running",) + REASONS
@@ -217,12 +221,7 @@ def stats():
     }
 
 
-cdef object _peer_of(t2t_bridge *b):
-    """The client's address as Python's accept() gives it."""
-    cdef char host[128]
-    cdef int port
-    cdef unsigned int flowinfo, scope_id
-    cdef int family = t2t_peer(b, host, sizeof(host), &port, &flowinfo, &scope_id)
+cdef object _sockaddr_object(int family, char *host, int port, unsigned int flowinfo, unsigned int scope_id):
     text = host.decode("utf-8", "surrogateescape")
     if family == socket.AF_INET:
         return (text, port)
@@ -231,10 +230,110 @@ cdef object _peer_of(t2t_bridge *b):
     return text
 
 
+cdef object _peer_of(t2t_bridge *b, int listen_family):
+    """The client's address as Python's accept() gives it (the PROXY header's, once read)."""
+    cdef char host[128]
+    cdef int port
+    cdef unsigned int flowinfo, scope_id
+    cdef int family = t2t_peer(b, host, sizeof(host), &port, &flowinfo, &scope_id)
+    return Peer(family if family else listen_family, _sockaddr_object(family, host, port, flowinfo, scope_id))
+
+
+cdef object _failure_peer(t2t_failure *f, int listen_family):
+    cdef char host[128]
+    cdef int port
+    cdef unsigned int flowinfo, scope_id
+    cdef int family = t2t_failure_peer(f, host, sizeof(host), &port, &flowinfo, &scope_id)
+    return Peer(family if family else listen_family, _sockaddr_object(family, host, port, flowinfo, scope_id))
+
+
+cdef object _refusal_text(t2t_bridge *b):
+    if b.refusal == T2T_REFUSED_ACCESS:
+        return _events.NOT_ALLOWED
+    if b.refusal == T2T_REFUSED_PROXY_BAD:
+        return _events.PROXY_BAD.format(t2t_bridge_proxy_error(b).decode("utf-8", "replace"))
+    if b.refusal == T2T_REFUSED_PROXY_LONG:
+        return _events.PROXY_TOO_LONG
+    if b.refusal == T2T_REFUSED_PROXY_LATE:
+        return _events.PROXY_LATE
+    if b.refusal == T2T_REFUSED_PROXY_CLOSED:
+        return _events.PROXY_CLOSED
+    return _events.PROXY_NOT_READ.format(os.strerror(b.error))
+
+
+cdef t2t_config *_config_of(settings) except NULL:
+    """A t2t_config from a `ListenerSettings` (see _listener.py); the caller owns its reference."""
+    upstreams = settings.upstreams
+    if not 1 <= len(upstreams) <= MAX_UPSTREAMS:
+        raise ValueError(f"the loops take 1 to {MAX_UPSTREAMS} upstreams, not {len(upstreams)}")
+    if len(settings.sockopts) > MAX_SOCKOPTS:
+        raise ValueError(f"at most {MAX_SOCKOPTS} socket options")
+    cdef t2t_config *c = t2t_config_new(len(upstreams))
+    if c == NULL:
+        raise MemoryError()
+    cdef sockaddr_storage address
+    cdef socklen_t address_len = 0
+    cdef int rc
+    cdef t2t_access rules
+    try:
+        for i, (family, where, text) in enumerate(upstreams):
+            if family == socket.AF_UNIX:
+                path = os.fsencode(where)
+                rc = t2t_sockaddr_unix(path, len(path), &address, &address_len)
+            else:
+                host = where[0].encode("ascii")
+                flowinfo = where[2] if len(where) > 2 else 0
+                scope_id = where[3] if len(where) > 3 else 0
+                rc = t2t_sockaddr_ip(family, host, where[1], flowinfo, scope_id, &address, &address_len)
+            if rc != 0:
+                raise ValueError(f"not a numeric address: {where!r}")
+            name = text.encode("utf-8", "surrogateescape")
+            if t2t_config_upstream(c, i, <sockaddr *>&address, address_len, name, len(name)) != 0:
+                raise OSError(errno, os.strerror(errno))
+        for n, (level, option, value) in enumerate(settings.sockopts):
+            c.sockopts[n][0] = level
+            c.sockopts[n][1] = option
+            c.sockopts[n][2] = value
+        c.nsockopts = len(settings.sockopts)
+        plan = settings.plan
+        c.interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
+        c.idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
+        c.activity_both = plan.activity_both
+        c.half_close = plan.half_close
+        c.may_splice = settings.splice
+        c.roundrobin = settings.roundrobin
+        c.send_proxy = settings.send_proxy
+        c.accept_proxy = settings.accept_proxy
+        c.backoff_ns = int(settings.upstream_backoff * 1e9)
+        c.connect_timeout_ns = int(settings.connect_timeout * 1e9)
+        c.proxy_timeout_ns = int(settings.proxy_timeout * 1e9)
+        c.max_active = settings.max_connections
+        if settings.access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
+            closed, *tables = settings.access
+            if len(tables) != 4 or not all(isinstance(table, bytes) for table in tables):
+                raise ValueError("access: (closed, allow4, deny4, allow6, deny6), the lists as bytes")
+            memset(&rules, 0, sizeof(rules))
+            rules.active = 1
+            rules.closed = bool(closed)
+            for i, (table, width) in enumerate(zip(tables, (4, 4, 16, 16))):
+                if len(table) % (2 * width):
+                    raise ValueError("an access table holds (network, mask) pairs")
+                rules.lists[i] = <const unsigned char *>(<bytes>table)  # bytes: checked above
+                rules.counts[i] = len(table) // (2 * width)
+            if t2t_config_access(c, &rules) != 0:
+                raise MemoryError()
+    except BaseException:
+        t2t_config_release(c)
+        raise
+    return c
+
+
 cdef class Listener:
-    """Accepting and connecting in the loops (Linux): see `listen()`."""
+    """A forward's clients accepted, checked, connected and relayed in the loops: see `listen()`
+    and docs/contract.md ("The listener")."""
 
     cdef t2t_listener *_l
+    cdef int _family
 
     def fileno(self):
         """Readable when `take()` has something."""
@@ -242,31 +341,40 @@ cdef class Listener:
 
     @property
     def active(self):
-        """Clients accepted and not yet reported ended (or failed)."""
-        return t2t_listener_active(self._l)
+        """Clients accepted and not yet reported gone: reading a header, connecting or bridged."""
+        return t2t_listener_active(self._l) if self._l != NULL else 0
 
     @property
     def next_id(self):
         """The number the next client will get."""
         return t2t_listener_next_id(self._l)
 
+    def configure(self, settings):
+        """Settings for clients from now on; clients already accepted keep theirs."""
+        cdef t2t_config *c = _config_of(settings)
+        t2t_listener_configure(self._l, c)
+
     def take(self, bint brief=False):
-        """What happened since the last take: ``(opened, ended, gone)``. `opened` holds ``(id,
-        peer, relay)`` per bridge that started relaying; `ended` holds ``(id, peer, opened,
-        bytes_1_to_2, bytes_2_to_1, reason, seconds, errno, timed_out)`` per bridge that ended,
-        where `opened` is 1 for a bridge `opened` held in an earlier take, 2 for one that opened
-        and ended since the last take (it is in `ended` only: no relay object for a bridge
-        already gone), 0 when its upstream connect failed, and 3 when the access lists refused
-        the client. With `brief`, the bridges of kind 2 are only summed up in `gone`:
-        ``(count, bytes_1_to_2, bytes_2_to_1)``."""
+        """The events since the last take, in order per client (see _events). With `brief`,
+        bridges that opened and ended in between are summed up in one `Gone` record."""
         cdef t2t_bridge *opened_list
         cdef t2t_bridge *done_list
+        cdef t2t_failure *failed_list
         cdef t2t_bridge *b
+        cdef t2t_failure *f
         cdef Relay relay
         cdef unsigned long long gone_count = 0, gone_up = 0, gone_down = 0
         with nogil:
-            t2t_listener_take(self._l, &opened_list, &done_list)
-        opened = []
+            t2t_listener_take(self._l, &opened_list, &done_list, &failed_list)
+        events = []
+        # Failures first: each came before its client's opening or end.
+        while failed_list != NULL:
+            f = failed_list
+            failed_list = f.next
+            error = socket.timeout("timed out") if f.timed_out else OSError(f.error, os.strerror(f.error))
+            events.append(UpstreamFailed(f.conn_id, _failure_peer(f, self._family),
+                                         t2t_failure_upstream(f).decode("utf-8", "surrogateescape"), error))
+            t2t_failure_free(f)
         while opened_list != NULL:
             b = opened_list
             opened_list = b.open_next
@@ -275,82 +383,142 @@ cdef class Listener:
                 continue
             relay = Relay.__new__(Relay)
             relay._b = b  # the reference the opened list held is the relay's now
-            opened.append((b.conn_id, _peer_of(b), relay))
-        ended = []
+            events.append(Opened(b.conn_id, _peer_of(b, self._family),
+                                 t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"), relay))
         while done_list != NULL:
             b = done_list
             done_list = b.done_next
-            if b.open_untaken == 2 and brief:
+            if b.opened and b.open_untaken == 2 and brief:
                 gone_count += 1
                 gone_up += t2t_bytes(b, 0)
                 gone_down += t2t_bytes(b, 1)
+            elif b.opened:
+                events.append(Ended(b.conn_id, _peer_of(b, self._family),
+                                    t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"),
+                                    t2t_bytes(b, 0), t2t_bytes(b, 1), _REASONS[b.reason],
+                                    (b.ended_ns - b.started_ns) / 1e9, b.open_untaken != 2))
+            elif b.refusal:
+                events.append(Refused(b.conn_id, _peer_of(b, self._family), _refusal_text(b)))
+            elif b.error == ECANCELED:
+                events.append(Dropped(b.conn_id, _peer_of(b, self._family)))
             else:
-                opened_state = 3 if b.refused else 2 if b.open_untaken == 2 else b.opened
-                ended.append((b.conn_id, _peer_of(b), opened_state, t2t_bytes(b, 0), t2t_bytes(b, 1),
-                              _REASONS[b.reason], (b.ended_ns - b.started_ns) / 1e9, b.error, bool(b.timed_out)))
+                events.append(Unserved(b.conn_id, _peer_of(b, self._family), 0))
             t2t_release(b)
-        return opened, ended, (gone_count, gone_up, gone_down)
+        if gone_count:
+            events.append(Gone(gone_count, gone_up, gone_down))
+        return events
 
     def stop(self, bint cancel_connects=True):
         """Stop accepting; once it returns, the loops no longer touch the listening socket, and
-        opened bridges run on. Clients still connecting upstream end as failed (ECANCELED), so
-        that no bridge opens after it returned (the next take has them all); or, without
-        cancel_connects, they connect as usual and open later."""
+        opened bridges run on. Clients still connecting upstream (or sending their header) are
+        dropped (`Dropped`), so that no bridge opens after it returned (the next take has them
+        all); or, without cancel_connects, they go on as usual and open later."""
         with nogil:
             t2t_listener_stop(self._l, cancel_connects)
 
+    def close(self):
+        """Free the listener: after `stop()`, once `active` is 0 and the last `take()` was made.
+        Raises OSError (EBUSY) while clients remain."""
+        if self._l == NULL:
+            return
+        cdef int rc
+        with nogil:
+            rc = t2t_listener_free(self._l)
+        if rc != 0:
+            raise OSError(errno, os.strerror(errno))
+        self._l = NULL
 
-def listen(listener, upstream_family, upstream_sockaddr, sockopts, plan, connect_timeout, max_active, first_id,
-           *, bint splice=True, access=None):
+
+def listen(listener, settings, first_id):
     """Let the loops accept clients of `listener` (a listening socket the caller keeps open and
-    closes only after `Listener.stop()`) and relay each to the upstream at `upstream_sockaddr`
-    (numeric, as getaddrinfo gives it), setting `sockopts` ``[(level, name, int), ...]`` on each
-    upstream socket. Raises OSError (ENOSYS where the loops cannot accept: off Linux)."""
+    closes only after `Listener.stop()`) and serve each as `settings` say (a `ListenerSettings`:
+    numeric upstream addresses, as getaddrinfo gives them). Raises OSError or ValueError."""
     _ensure_engine()
-    cdef sockaddr_storage address
-    cdef socklen_t address_len = 0
-    cdef int options[8][3]
-    cdef int n = 0
-    cdef int rc
-    if len(sockopts) > MAX_SOCKOPTS:
-        raise ValueError(f"at most {MAX_SOCKOPTS} socket options")
-    for level, name, value in sockopts:
-        options[n][0] = level
-        options[n][1] = name
-        options[n][2] = value
-        n += 1
-    if upstream_family == socket.AF_UNIX:
-        path = os.fsencode(upstream_sockaddr)
-        rc = t2t_sockaddr_unix(path, len(path), &address, &address_len)
-    else:
-        host = upstream_sockaddr[0].encode("ascii")
-        flowinfo = upstream_sockaddr[2] if len(upstream_sockaddr) > 2 else 0
-        scope_id = upstream_sockaddr[3] if len(upstream_sockaddr) > 3 else 0
-        rc = t2t_sockaddr_ip(upstream_family, host, upstream_sockaddr[1], flowinfo, scope_id, &address,
-                             &address_len)
-    if rc != 0:
-        raise ValueError(f"not a numeric address: {upstream_sockaddr!r}")
-    cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
-    cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
-    cdef t2t_access rules
-    memset(&rules, 0, sizeof(rules))
-    tables = None
-    if access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
-        closed, *tables = access
-        if len(tables) != 4 or not all(isinstance(table, bytes) for table in tables):
-            raise ValueError("access: (closed, allow4, deny4, allow6, deny6), the lists as bytes")
-        rules.active = 1
-        rules.closed = bool(closed)
-        for i, (table, width) in enumerate(zip(tables, (4, 4, 16, 16))):
-            if len(table) % (2 * width):
-                raise ValueError("an access table holds (network, mask) pairs")
-            rules.lists[i] = <const unsigned char *>(<bytes>table)  # bytes: checked above
-            rules.counts[i] = len(table) // (2 * width)
+    cdef t2t_config *c = _config_of(settings)
     cdef Listener result = Listener.__new__(Listener)
-    result._l = t2t_listen(listener.fileno(), <sockaddr *>&address, address_len, &options[0][0], n,
-                           int(connect_timeout * 1e9), interval_ns, idle_limit, plan.activity_both, plan.half_close,
-                           splice, max_active, first_id, &rules)
+    result._family = listener.family
+    result._l = t2t_listen(listener.fileno(), c, first_id)
     if result._l == NULL:
         err = errno
+        t2t_config_release(c)
         raise OSError(err, os.strerror(err))
     return result
+
+
+# ---- PROXY protocol in C (tests) ----
+# _loop_proxy.h's parser and encoder, bound for tests/test_proxy_corpus.py, which holds them to
+# _proxy.parse/encode_v1/encode_v2: the same results, error texts and bytes.
+import ipaddress as _ipaddress
+
+cdef extern from "_loop_proxy.h" nogil:
+    enum:
+        T2T_PROXY_OUT_MAX
+        T2T_PROXY_ERROR_MAX
+    ctypedef struct proxy_sockaddr "struct sockaddr":
+        pass
+    ctypedef struct proxy_sockaddr_storage "struct sockaddr_storage":
+        pass
+    ctypedef struct t2t_proxy_header:
+        size_t length
+        int family
+        proxy_sockaddr_storage source
+        proxy_sockaddr_storage destination
+    int t2t_proxy_parse(const unsigned char *data, size_t n, t2t_proxy_header *out)
+    size_t t2t_proxy_error_text(int code, const t2t_proxy_header *h, const unsigned char *data, char *buf,
+                                size_t cap)
+    size_t t2t_proxy_encode(int version, int family, const proxy_sockaddr *source, const proxy_sockaddr *destination,
+                            unsigned char *out, size_t cap)
+    unsigned int t2t_proxy_sockaddr(const unsigned char *ip, size_t size, unsigned int port,
+                                    proxy_sockaddr_storage *out)
+    size_t t2t_proxy_address(const proxy_sockaddr_storage *sa, unsigned char *ip, unsigned int *port)
+
+
+cdef object _proxy_endpoint(const proxy_sockaddr_storage *sa):
+    cdef unsigned char ip[16]
+    cdef unsigned int port
+    cdef size_t size = t2t_proxy_address(sa, ip, &port)
+    if size == 0:
+        return None
+    return (_ipaddress.ip_address((<char *>ip)[:size]).compressed, port)  # as _proxy.parse words it
+
+
+def proxy_parse(data):
+    """_proxy.parse in C: None (a prefix), (length, family, source, destination), or ValueError."""
+    cdef bytes raw = bytes(data)
+    cdef t2t_proxy_header h
+    cdef char text[T2T_PROXY_ERROR_MAX]
+    cdef int got = t2t_proxy_parse(<const unsigned char *>raw, len(raw), &h)
+    if got < 0:
+        t2t_proxy_error_text(got, &h, <const unsigned char *>raw, text, sizeof(text))
+        raise ValueError(text.decode("ascii"))
+    if got == 0:
+        return None
+    return (h.length, h.family, _proxy_endpoint(&h.source), _proxy_endpoint(&h.destination))
+
+
+def proxy_encode(version, family, source, destination):
+    """_proxy.encode_v1 (version "v1") or encode_v2 ("v2") in C, from sockaddr tuples."""
+    cdef proxy_sockaddr_storage ends[2]
+    cdef const proxy_sockaddr *given[2]
+    cdef unsigned char out[T2T_PROXY_OUT_MAX]
+    # As _proxy: bad addresses matter only for an IP family with both given (the C sees the rest).
+    strict = family in (socket.AF_INET, socket.AF_INET6) and source is not None and destination is not None
+    for i, end in enumerate((source, destination)):
+        given[i] = NULL
+        try:
+            ip = _ipaddress.ip_address(end[0].partition("%")[0]).packed
+            port = end[1]
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ValueError(port)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            if strict:
+                raise ValueError(f"not an address and port: {end!r}") from None
+            continue
+        t2t_proxy_sockaddr(ip, len(ip), port, &ends[i])
+        given[i] = <const proxy_sockaddr *>&ends[i]
+    cdef int v = 1 if version == "v1" else 2 if version == "v2" else 0
+    cdef size_t n = t2t_proxy_encode(v, family, given[0], given[1], out, sizeof(out))
+    if n == 0:
+        raise ValueError(f"{version!r} header: addresses {source!r}, {destination!r} do not fit family {family!r}")
+    return (<char *>out)[:n]
+# ---- end PROXY protocol in C ----

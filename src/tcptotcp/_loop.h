@@ -83,6 +83,7 @@ enum {
     T2T_MAX_LOOPS = 64,
     T2T_ACCEPTS_PER_TURN = 64, /* then the loop serves its bridges before accepting more */
     T2T_MAX_SOCKOPTS = 8,
+    T2T_MAX_UPSTREAMS = 64, /* a forward's (a bit each in t2t_bridge.up_skip) */
 };
 #define T2T_ACCEPT_BACKOFF_NS 100000000LL /* out of fds: accept again after 100 ms */
 /* Draining unread input before close (a close with unread bytes sends RST, which destroys
@@ -95,7 +96,19 @@ enum {
 
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
 /* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend_maybe); waiting to get it back. */
-enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING };
+/* T2T_CONNECTING: a listener's client, connecting upstream (or writing our PROXY header);
+   T2T_HEADER: one reading the client's PROXY header (see _loop_listener.h). */
+enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING, T2T_HEADER };
+/* Why a client was closed without an upstream (t2t_bridge.refusal); _core.pyx words them. */
+enum t2t_refusal {
+    T2T_ADMITTED = 0,
+    T2T_REFUSED_ACCESS,       /* --allow/--deny */
+    T2T_REFUSED_PROXY_BAD,    /* a malformed PROXY header: error = the parser's code */
+    T2T_REFUSED_PROXY_LONG,   /* no header end within T2T_PROXY_IN_MAX bytes */
+    T2T_REFUSED_PROXY_LATE,   /* none complete within --proxy-timeout */
+    T2T_REFUSED_PROXY_CLOSED, /* closed before its header ended */
+    T2T_REFUSED_PROXY_READ,   /* reading it failed: error = errno */
+};
 enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8 };
 enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
 
@@ -118,6 +131,7 @@ typedef struct t2t_side {
        peer's FIN (or an error) came with the same edge: see t2t_pump. */
     unsigned char tcp, urgent, closing;
     unsigned char lent_tag; /* one of a bridge's lent_tags: its fd in the poller of the loop it lent to */
+    unsigned char polled;   /* a listener's client: its fd is in the poller (see t2t_poll_side) */
 } t2t_side;
 
 /* One direction: reads side[i], writes side[1 - i]. */
@@ -144,13 +158,17 @@ typedef struct t2t_bridge {
     size_t heap_index;
     struct t2t_bridge *inbox_next, *work_next, *again_next, *done_next, *prev, *next;
     void *owner; /* the Python object to tell when done (a strong reference, held by _core) */
-    /* A bridge a listener accepted (see t2t_listen): its client's address, its number, and
-       the upstream connect's deadline and outcome. */
+    /* A client a listener accepted (see t2t_listen): its settings, its number, its address (the
+       PROXY header's source once one was read), and its way to an upstream. */
     struct t2t_listener *listener;
+    struct t2t_config *cfg;   /* a reference */
+    struct t2t_proxying *px;  /* PROXY protocol work, until it opens (forwards that have it) */
     struct t2t_bridge *open_next;
     unsigned long long conn_id;
-    int64_t connect_deadline_ns;
-    unsigned char registered, opened, timed_out, refused;
+    int64_t connect_deadline_ns; /* connecting, or reading the client's header: gives up then */
+    uint64_t up_skip;            /* upstreams in back-off when it was admitted (a bit per index) */
+    unsigned char up_start, up_pos, up_index; /* tried in turn from up_start: up_pos so far; now up_index */
+    unsigned char registered, opened, timed_out, refusal; /* refusal: a t2t_refusal */
     /* Under the listener's lock: 1 while in its opened list; 2 once it ended before a take
        reported its opening (the take then reports it once, as ended; see t2t_listener_take). */
     unsigned char open_untaken;
@@ -191,11 +209,14 @@ typedef struct t2t_loop {
     int64_t now;
     int64_t retry_listeners_ns; /* a listener paused by EMFILE here may accept again then */
     int cancel_connects;     /* atomic: a closing listener asks to end its connecting bridges */
+    unsigned long long barrier_asked; /* under lock: turns asked to end (see t2t_barrier) */
+    unsigned long long barrier_done;  /* atomic, written under the engine's lock */
 } t2t_loop;
 
 typedef struct t2t_engine {
     pthread_mutex_t lock;    /* guards starting the loops, the done queue and the claim */
     pthread_cond_t done_cond;
+    pthread_cond_t barrier_cond; /* a loop finished a turn someone waits for (t2t_barrier) */
     t2t_bridge *done_head, *done_tail;
     t2t_loop *loops;
     int nloops;
@@ -204,7 +225,7 @@ typedef struct t2t_engine {
     int claimed, claim_told, claim_r, claim_w;
 } t2t_engine;
 
-static t2t_engine t2t_the_engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, NULL, 0,
+static t2t_engine t2t_the_engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, NULL, 0,
                                     0, 0, -1, -1};
 
 /* The engine by concern, one translation unit (each part uses only what the parts before it

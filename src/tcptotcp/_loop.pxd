@@ -17,7 +17,7 @@ cdef extern from "_loop.h" nogil:
         unsigned long long conn_id
         unsigned char opened
         unsigned char open_untaken
-        unsigned char refused
+        unsigned char refusal
         unsigned char timed_out
         unsigned char lent_once
     ctypedef struct t2t_listener:
@@ -27,26 +27,57 @@ cdef extern from "_loop.h" nogil:
         int closed
         const unsigned char *lists[4]
         size_t counts[4]
+    ctypedef struct t2t_config:
+        unsigned char roundrobin, send_proxy, accept_proxy
+        unsigned char activity_both, half_close, may_splice
+        int64_t backoff_ns, connect_timeout_ns, proxy_timeout_ns, interval_ns
+        uint64_t idle_limit
+        int max_active
+        int sockopts[8][3]
+        int nsockopts
+    ctypedef struct t2t_failure:
+        t2t_failure *next
+        int error
+        unsigned char timed_out
+        unsigned long long conn_id
     ctypedef struct sockaddr_storage "struct sockaddr_storage":
         pass
     ctypedef struct sockaddr "struct sockaddr":
         pass
     ctypedef unsigned int socklen_t
-    t2t_listener *t2t_listen(int fd, const sockaddr *upstream, socklen_t upstream_len, const int *sockopts,
-                             int nsockopts, int64_t connect_timeout_ns, int64_t interval_ns, uint64_t idle_limit,
-                             int activity_both, int half_close, int may_splice, int max_active,
-                             unsigned long long first_id, const t2t_access *access)
+    enum:
+        T2T_REFUSED_ACCESS
+        T2T_REFUSED_PROXY_BAD
+        T2T_REFUSED_PROXY_LONG
+        T2T_REFUSED_PROXY_LATE
+        T2T_REFUSED_PROXY_CLOSED
+        T2T_REFUSED_PROXY_READ
+    t2t_config *t2t_config_new(int nupstreams)
+    int t2t_config_upstream(t2t_config *c, int i, const sockaddr *address, socklen_t length, const char *text,
+                            size_t text_length)
+    int t2t_config_access(t2t_config *c, const t2t_access *access)
+    void t2t_config_release(t2t_config *c)
+    t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long first_id)
+    void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg)
     int t2t_listener_fd(t2t_listener *lst)
     int t2t_listener_active(t2t_listener *lst)
     unsigned long long t2t_listener_next_id(t2t_listener *lst)
-    void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done)
+    void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed)
     void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
+    int t2t_listener_free(t2t_listener *lst)
+    const char *t2t_failure_upstream(const t2t_failure *f)
+    void t2t_failure_free(t2t_failure *f)
+    int t2t_failure_peer(const t2t_failure *f, char *host, size_t n, int *port, unsigned int *flowinfo,
+                         unsigned int *scope_id)
+    const char *t2t_bridge_upstream(const t2t_bridge *b)
+    const char *t2t_bridge_proxy_error(const t2t_bridge *b)
     int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
                         sockaddr_storage *out, socklen_t *length)
     int t2t_sockaddr_unix(const char *path, size_t n, sockaddr_storage *out, socklen_t *length)
     int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
                  unsigned int *scope_id)
     const int MAX_SOCKOPTS "T2T_MAX_SOCKOPTS"
+    const int MAX_UPSTREAMS "T2T_MAX_UPSTREAMS"
     const int HAVE_SPLICE "T2T_HAVE_SPLICE"
     const int BUFFER_BYTES "T2T_BUFFER_BYTES"
     const int MAX_LOOPS "T2T_MAX_LOOPS"

@@ -57,6 +57,10 @@ static void *t2t_loop_main(void *arg) {
                 woken = 1;
                 continue;
             }
+            if (!side->bridge) { /* a listener's tag (see t2t_listen_tag) */
+                t2t_accept_some(L, (t2t_listen_tag *)side);
+                continue;
+            }
             if (side->lent_tag) { /* (never: no lending without splice) */
                 t2t_lent_event(L, side, 0);
                 continue;
@@ -89,6 +93,16 @@ static void *t2t_loop_main(void *arg) {
         t2t_run_timers(L);
         if (L->retry_listeners_ns && L->now >= L->retry_listeners_ns) t2t_retry_listeners(L);
         t2t_publish_done(L);
+        if (__atomic_load_n(&L->barrier_asked, __ATOMIC_RELAXED) != L->barrier_done) { /* (racy read: see below) */
+            t2t_engine *E = &t2t_the_engine;
+            pthread_mutex_lock(&L->lock);
+            unsigned long long asked = L->barrier_asked;
+            pthread_mutex_unlock(&L->lock);
+            pthread_mutex_lock(&E->lock);
+            __atomic_store_n(&L->barrier_done, asked, __ATOMIC_RELEASE);
+            pthread_cond_broadcast(&E->barrier_cond);
+            pthread_mutex_unlock(&E->lock);
+        }
     }
     return NULL;
 }
@@ -346,10 +360,10 @@ static t2t_bridge *t2t_forget_after_fork(void) {
     t2t_engine *E = &t2t_the_engine;
     pthread_mutex_init(&E->lock, NULL);
     pthread_cond_init(&E->done_cond, NULL);
+    pthread_cond_init(&E->barrier_cond, NULL);
     E->claimed = E->claim_told = 0; /* the claiming thread is the parent's; the fd is kept */
     for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next) { /* the parent's forwarders */
         lst->stopping = 1;
-        lst->in_accept = lst->handing = 0; /* counts of the parent's loops: none runs here */
         memset(lst->watching, 0, sizeof(lst->watching));
         pthread_mutex_init(&lst->lock, NULL);
     }

@@ -1,12 +1,20 @@
-/* ---- listeners: accepting and connecting in the loops -------------------------------------------
+/* ---- listeners: accepting, checking and connecting in the loops -------------------------------
 
-   The forwarder's fast path (Linux): every loop watches the listening socket (EPOLLEXCLUSIVE, so
-   a new client wakes one loop, not all), accepts, connects to the upstream without blocking and
-   relays the pair itself, unless it has clearly more bridges than another loop: then that loop
-   gets the client through its inbox (see t2t_accept_home). No Python per connection: Python learns of
-   each bridge when it opened and when it ended (or that its upstream failed), in batches,
-   through the listener's event fd. A listener is kept for the process once made: a loop may
-   still hold an event for it after it stopped. */
+   A forward's listener (docs/contract.md, "The listener"): every loop watches the listening
+   socket (on Linux EPOLLEXCLUSIVE, so a new client wakes one loop, not all), accepts, reads the
+   client's PROXY header if the forward wants one, checks the access lists, connects to an
+   upstream without blocking (in the forward's order, failing over, skipping upstreams in
+   back-off), sends our PROXY header, and relays the pair itself. A loop with clearly more bridges
+   than another hands a new client to that one through its inbox (see t2t_accept_home).
+
+   No Python per connection: Python learns of each client when it opened, ended, was refused, or
+   an upstream failed it, in batches, through the listener's event fd (t2t_listener_take).
+   Reloading swaps the listener's settings (t2t_config) whole: clients keep the settings they
+   were accepted with, and the connection limit stays one count per forward. A listener is
+   freed by t2t_listener_free once it stopped, its last client was reported and taken, and every
+   loop finished the turn in which it could still have seen the listening socket. */
+
+#include "_loop_proxy.h"
 
 typedef struct t2t_listen_tag {
     t2t_side side; /* side.bridge == NULL marks a listener's tag in the poller */
@@ -24,34 +32,139 @@ typedef struct t2t_access {
     size_t counts[4]; /* pairs per list */
 } t2t_access;
 
-typedef struct t2t_listener {
-    int fd; /* the listening socket: Python's, never closed here */
-    t2t_access access; /* its lists copied (kept for the process, like the listener) */
-    struct sockaddr_storage upstream;
-    socklen_t upstream_len;
-    int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) set on every upstream socket */
-    int nsockopts;
-    int64_t connect_timeout_ns, interval_ns;
+typedef struct t2t_upstream {
+    struct sockaddr_storage address;
+    socklen_t len;
+    unsigned char ip;      /* AF_INET/AF_INET6: the socket options apply; EAGAIN is not final */
+    int64_t backoff_until; /* atomic: skipped until then after a failed connect, unless all are */
+    char *text;            /* the forward's name for it, for Python's events */
+} t2t_upstream;
+
+/* A forward's settings for new clients. The listener holds the current one; each client holds
+   the one it was accepted with until it is freed. Read-only once made, but for back-off. */
+typedef struct t2t_config {
+    int refs; /* atomic */
+    t2t_access access;
+    t2t_upstream *upstreams;
+    int nupstreams; /* 1..T2T_MAX_UPSTREAMS */
+    unsigned char roundrobin, send_proxy, accept_proxy; /* send_proxy: 0, 1 (v1) or 2 (v2) */
+    unsigned char activity_both, half_close, may_splice;
+    int64_t backoff_ns, connect_timeout_ns, proxy_timeout_ns, interval_ns;
     uint64_t idle_limit;
-    unsigned char activity_both, half_close, may_splice, client_tcp, upstream_tcp;
     int max_active;
+    int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) on every IP upstream socket */
+    int nsockopts;
+} t2t_config;
+
+/* A client's PROXY protocol work: the header it sends us, and ours for the upstream. */
+typedef struct t2t_proxying {
+    unsigned char in[T2T_PROXY_IN_MAX]; /* its header's bytes taken so far (MSG_PEEK, then read) */
+    size_t in_len;
+    struct sockaddr_storage destination; /* what its header names as destination, if any */
+    socklen_t destination_len;
+    unsigned char out[T2T_PROXY_OUT_MAX];
+    size_t out_len, out_sent;
+    char error[T2T_PROXY_ERROR_MAX]; /* why its header was refused, as the pure parser says it */
+} t2t_proxying;
+
+/* One failed upstream connect, for Python's log and metrics (the client may go on to the next). */
+typedef struct t2t_failure {
+    struct t2t_failure *next;
+    t2t_config *cfg; /* a reference: names the upstream */
+    int upstream, error;
+    unsigned char timed_out;
+    unsigned long long conn_id;
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+} t2t_failure;
+
+typedef struct t2t_listener {
+    int fd; /* the listening socket: Python's, closed by Python once t2t_listener_stop returned */
+    t2t_config *cfg; /* under lock: for clients from now on */
+    unsigned char client_tcp;
+    int max_active; /* atomic: the current config's */
     int active;     /* atomic: accepted and not yet reported ended */
     int stopping;   /* atomic: accepts no more */
     int cancelling; /* atomic: and its clients not yet connected end as ECANCELED (a close) */
-    int in_accept;  /* atomic: loops inside t2t_accept_some for it */
-    int handing;    /* atomic: clients handed to another loop and not yet connected there */
     int armed;      /* atomic: watched by the loops */
     int64_t paused_until; /* atomic: EMFILE back-off */
     unsigned long long next_id; /* atomic */
-    pthread_mutex_t lock; /* guards the event lists and arming */
+    unsigned int next_upstream; /* atomic: round robin's turn, kept across reloads */
+    pthread_mutex_t lock; /* guards the event lists, arming and cfg */
     t2t_bridge *opened_head, *opened_tail, *done_head, *done_tail;
+    t2t_failure *failed_head, *failed_tail;
     int ev_r, ev_w, ev_told;
     unsigned char watching[T2T_MAX_LOOPS];
     t2t_listen_tag tags[T2T_MAX_LOOPS];
-    struct t2t_listener *next; /* the engine's list, for EMFILE retries */
+    struct t2t_listener *next; /* the engine's list, for EMFILE retries and the fork child */
 } t2t_listener;
 
 static t2t_listener *t2t_listeners; /* under the engine's lock */
+
+static void t2t_config_release(t2t_config *c) {
+    if (!c || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    for (int i = 0; i < 4; i++) free((void *)c->access.lists[i]);
+    for (int i = 0; i < c->nupstreams; i++) free(c->upstreams[i].text);
+    free(c->upstreams);
+    free(c);
+}
+
+/* A config for `nupstreams` upstreams, all else zero; its fields are then set by the caller
+   (_core.pyx), the upstreams and lists with the setters below. NULL with errno. */
+static t2t_config *t2t_config_new(int nupstreams) {
+    if (nupstreams < 1 || nupstreams > T2T_MAX_UPSTREAMS) {
+        errno = EINVAL;
+        return NULL;
+    }
+    t2t_config *c = (t2t_config *)calloc(1, sizeof(t2t_config));
+    if (c) c->upstreams = (t2t_upstream *)calloc((size_t)nupstreams, sizeof(t2t_upstream));
+    if (!c || !c->upstreams) {
+        free(c);
+        errno = ENOMEM;
+        return NULL;
+    }
+    c->refs = 1;
+    c->nupstreams = nupstreams;
+    return c;
+}
+
+static int t2t_config_upstream(t2t_config *c, int i, const struct sockaddr *address, socklen_t len,
+                               const char *text, size_t text_len) {
+    if (i < 0 || i >= c->nupstreams || len > sizeof(struct sockaddr_storage)) {
+        errno = EINVAL;
+        return -1;
+    }
+    t2t_upstream *u = &c->upstreams[i];
+    u->text = (char *)malloc(text_len + 1);
+    if (!u->text) {
+        errno = ENOMEM;
+        return -1;
+    }
+    memcpy(u->text, text, text_len);
+    u->text[text_len] = 0;
+    memcpy(&u->address, address, len);
+    u->len = len;
+    u->ip = address->sa_family == AF_INET || address->sa_family == AF_INET6;
+    return 0;
+}
+
+/* Copy the access lists in (see t2t_access); 0, or -1 with errno. */
+static int t2t_config_access(t2t_config *c, const t2t_access *access) {
+    c->access.active = 1;
+    c->access.closed = access->closed;
+    for (int i = 0; i < 4; i++) {
+        size_t width = i < T2T_ALLOW6 ? 4 : 16, bytes = access->counts[i] * 2 * width;
+        unsigned char *copy = bytes ? (unsigned char *)malloc(bytes) : NULL;
+        if (bytes && !copy) {
+            errno = ENOMEM;
+            return -1; /* what was copied is freed with the config */
+        }
+        if (bytes) memcpy(copy, access->lists[i], bytes);
+        c->access.lists[i] = copy;
+        c->access.counts[i] = access->counts[i];
+    }
+    return 0;
+}
 
 static int t2t_inside(const unsigned char *address, size_t width, const unsigned char *pairs, size_t count) {
     for (size_t i = 0; i < count; i++, pairs += 2 * width) {
@@ -83,33 +196,41 @@ static int t2t_permits(const t2t_access *a, const struct sockaddr_storage *peer)
     return !a->closed || t2t_inside(address, width, a->lists[allow], a->counts[allow]);
 }
 
+/* Start or stop watching the listening socket in loop i's poller; 0 or -1. */
+static int t2t_listener_watch(t2t_listener *lst, int i, int on) {
+    t2t_loop *L = &t2t_the_engine.loops[i];
+#if T2T_EPOLL
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    ev.data.ptr = &lst->tags[i].side;
+    return epoll_ctl(L->poller, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, lst->fd, &ev);
+#else
+    /* kqueue has no exclusive wake-up: every loop wakes, and those that lose the race get
+       EAGAIN from accept. Level-triggered, as the accept batch may stop short of the backlog. */
+    struct kevent ev;
+    EV_SET(&ev, lst->fd, EVFILT_READ, on ? EV_ADD : EV_DELETE, 0, 0, &lst->tags[i].side);
+    return kevent(L->poller, &ev, 1, NULL, 0, NULL);
+#endif
+}
+
 /* Watch the listener in every loop, or in none, as its state asks; the caller holds lst->lock. */
 static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
-#if T2T_EPOLL
     t2t_engine *E = &t2t_the_engine;
     int want = !__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST) &&
-               __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) < lst->max_active &&
+               __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) < __atomic_load_n(&lst->max_active, __ATOMIC_RELAXED) &&
                now >= __atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED);
     int watched = 0;
     for (int i = 0; i < E->nloops; i++) {
         if (want && !lst->watching[i]) {
-            struct epoll_event ev;
-            ev.events = EPOLLIN | EPOLLEXCLUSIVE;
-            ev.data.ptr = &lst->tags[i].side;
-            if (epoll_ctl(E->loops[i].poller, EPOLL_CTL_ADD, lst->fd, &ev) == 0) lst->watching[i] = 1;
+            if (t2t_listener_watch(lst, i, 1) == 0) lst->watching[i] = 1;
         } else if (!want && lst->watching[i]) {
-            struct epoll_event unused;
-            epoll_ctl(E->loops[i].poller, EPOLL_CTL_DEL, lst->fd, &unused);
+            t2t_listener_watch(lst, i, 0);
             lst->watching[i] = 0;
         }
         watched |= lst->watching[i];
     }
     /* Not armed while no loop could watch it: the next arming tries again. */
     __atomic_store_n(&lst->armed, want && watched, __ATOMIC_RELEASE);
-#else
-    (void)lst;
-    (void)now; /* t2t_listen is Linux only: no listener exists here */
-#endif
 }
 
 static void t2t_listener_arm(t2t_listener *lst, int64_t now) {
@@ -125,7 +246,7 @@ static void t2t_listener_tell_locked(t2t_listener *lst) {
     }
 }
 
-/* A listener's bridge ended, or never opened: give it to Python, free its slot. */
+/* A listener's client ended, or never opened: give it to Python, free its slot. */
 static void t2t_listener_report(t2t_bridge *b) {
     t2t_listener *lst = b->listener;
     pthread_mutex_lock(&lst->lock);
@@ -139,13 +260,13 @@ static void t2t_listener_report(t2t_bridge *b) {
     pthread_mutex_unlock(&lst->lock);
 }
 
-/* The upstream connect failed (or timed out, or the listener stopped meanwhile). */
-static void t2t_connect_failed(t2t_bridge *b, int error) {
+/* The client is done with without a bridge (refused, unserved, cancelled): told at this turn's end. */
+static void t2t_client_gone(t2t_bridge *b, int error) {
     t2t_loop *L = b->loop;
     t2t_heap_remove(L, b);
     for (int s = 0; s < 2; s++) {
         if (b->side[s].fd < 0) continue;
-        if (b->registered) t2t_poller_del(L, b->side[s].fd);
+        t2t_poller_del(L, b->side[s].fd);
         close(b->side[s].fd);
         b->side[s].fd = -1;
     }
@@ -154,6 +275,7 @@ static void t2t_connect_failed(t2t_bridge *b, int error) {
         else L->all = b->next;
         if (b->next) b->next->prev = b->prev;
         b->prev = b->next = NULL;
+        b->registered = 0;
     }
     b->reason = T2T_ERROR;
     b->error = error;
@@ -163,8 +285,85 @@ static void t2t_connect_failed(t2t_bridge *b, int error) {
     t2t_listener_defer(b);
 }
 
-/* Connected: relaying starts now (the idle rule's start), and Python hears of it. */
-static void t2t_connect_done(t2t_bridge *b) {
+static void t2t_refuse(t2t_bridge *b, int refusal, int error) {
+    b->refusal = (unsigned char)refusal;
+    t2t_client_gone(b, error);
+}
+
+/* Into the loop's list of its bridges (for cancelling, and the fork child). */
+static void t2t_link(t2t_bridge *b) {
+    if (b->registered) return;
+    t2t_loop *L = b->loop;
+    b->next = L->all;
+    if (L->all) L->all->prev = b;
+    L->all = b;
+    b->registered = 1;
+}
+
+/* Wait for one of b's sides in the poller (once: interest stays until its fd is closed). */
+static int t2t_poll_side(t2t_bridge *b, int s) {
+    if (b->side[s].polled) return 0;
+    if (t2t_poller_add(b->loop, b->side[s].fd, &b->side[s]) != 0) return errno;
+    b->side[s].polled = 1;
+    return 0;
+}
+
+static void t2t_wait_until(t2t_bridge *b, int64_t deadline) {
+    b->connect_deadline_ns = deadline;
+    if (b->heap_index != SIZE_MAX) t2t_heap_fix(b->loop, b->heap_index);
+    else if (t2t_heap_push(b->loop, b) != 0) t2t_client_gone(b, ENOMEM);
+}
+
+static void t2t_try_upstreams(t2t_bridge *b);
+
+/* Record a failed upstream connect for Python, and put that upstream in back-off. */
+static void t2t_upstream_failed(t2t_bridge *b, int error) {
+    t2t_listener *lst = b->listener;
+    t2t_config *c = b->cfg;
+    t2t_upstream *u = &c->upstreams[b->up_index];
+    t2t_failure *f = (t2t_failure *)calloc(1, sizeof(t2t_failure));
+    int64_t until = c->backoff_ns > 0 ? t2t_add(b->loop->now, c->backoff_ns) : 0;
+    pthread_mutex_lock(&lst->lock);
+    if (until) {
+        __atomic_store_n(&u->backoff_until, until, __ATOMIC_RELAXED);
+        if (lst->cfg != c) /* reloaded since: new clients look at the new config's */
+            for (int i = 0; i < lst->cfg->nupstreams; i++)
+                if (lst->cfg->upstreams[i].len == u->len && !memcmp(&lst->cfg->upstreams[i].address, &u->address, u->len))
+                    __atomic_store_n(&lst->cfg->upstreams[i].backoff_until, until, __ATOMIC_RELAXED);
+    }
+    if (f) { /* (out of memory: the failure goes unlogged, the client is still served or ended) */
+        __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+        f->cfg = c;
+        f->upstream = b->up_index;
+        f->error = error;
+        f->timed_out = error == ETIMEDOUT && b->timed_out;
+        f->conn_id = b->conn_id;
+        memcpy(&f->peer, &b->peer, b->peer_len);
+        f->peer_len = b->peer_len;
+        if (lst->failed_tail) lst->failed_tail->next = f;
+        else lst->failed_head = f;
+        lst->failed_tail = f;
+        t2t_listener_tell_locked(lst);
+    }
+    pthread_mutex_unlock(&lst->lock);
+}
+
+/* The upstream being tried failed: close it, report it, go on to the next. */
+static void t2t_fail_over(t2t_bridge *b, int error) {
+    if (b->side[1].fd >= 0) {
+        if (b->side[1].polled) t2t_poller_del(b->loop, b->side[1].fd);
+        close(b->side[1].fd);
+        b->side[1].fd = -1;
+    }
+    if (b->px) b->px->out_len = b->px->out_sent = 0; /* our header goes to the next one whole */
+    t2t_upstream_failed(b, error);
+    b->timed_out = 0;
+    t2t_try_upstreams(b);
+}
+
+/* Connected, and our PROXY header (if any) written: relaying starts now (the idle rule's
+   start), and Python hears of it. */
+static void t2t_open(t2t_bridge *b) {
     t2t_listener *lst = b->listener;
     t2t_loop *L = b->loop;
     /* Under the lock t2t_listener_stop takes after setting `cancelling`: a bridge that opened once
@@ -173,10 +372,12 @@ static void t2t_connect_done(t2t_bridge *b) {
     pthread_mutex_lock(&lst->lock);
     if (__atomic_load_n(&lst->cancelling, __ATOMIC_SEQ_CST)) {
         pthread_mutex_unlock(&lst->lock);
-        t2t_connect_failed(b, ECANCELED);
+        t2t_client_gone(b, ECANCELED);
         return;
     }
     t2t_heap_remove(L, b);
+    free(b->px);
+    b->px = NULL;
     b->state = T2T_RELAYING;
     b->started_ns = b->next_check_ns = L->now;
     b->opened = 1;
@@ -188,7 +389,9 @@ static void t2t_connect_done(t2t_bridge *b) {
     lst->opened_tail = b;
     t2t_listener_tell_locked(lst);
     pthread_mutex_unlock(&lst->lock);
-    int error = b->registered ? 0 : t2t_register(b);
+    t2t_link(b);
+    int error = t2t_poll_side(b, 0);
+    if (!error) error = t2t_poll_side(b, 1);
     if (error) {
         t2t_fail(b, error);
         return;
@@ -198,55 +401,223 @@ static void t2t_connect_done(t2t_bridge *b) {
     t2t_service(b); /* what the client sent while we connected */
 }
 
+/* Write what is left of our PROXY header; then open. A full socket buffer waits for room. */
+static void t2t_send_header(t2t_bridge *b) {
+    t2t_proxying *px = b->px;
+    while (px && px->out_sent < px->out_len) {
+        ssize_t n = send(b->side[1].fd, px->out + px->out_sent, px->out_len - px->out_sent, MSG_NOSIGNAL);
+        if (n > 0) {
+            px->out_sent += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && T2T_WOULD_BLOCK(errno)) {
+            b->side[1].writable = 0;
+            t2t_link(b); /* (a close cancels it meanwhile: see t2t_cancel_connects) */
+            int error = t2t_poll_side(b, 1);
+            if (error) t2t_fail_over(b, error);
+            else t2t_wait_until(b, t2t_add(b->loop->now, b->cfg->connect_timeout_ns));
+            return;
+        }
+        t2t_fail_over(b, n < 0 ? errno : EPIPE);
+        return;
+    }
+    t2t_open(b);
+}
+
+/* The upstream accepted the connection. */
+static void t2t_connected(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    __atomic_store_n(&c->upstreams[b->up_index].backoff_until, 0, __ATOMIC_RELAXED);
+    if (!c->send_proxy) {
+        t2t_open(b);
+        return;
+    }
+    t2t_proxying *px = b->px;
+    const struct sockaddr *source = NULL, *destination = NULL;
+    struct sockaddr_storage here;
+    int family = b->peer.ss_family;
+    if (family == AF_INET || family == AF_INET6) {
+        source = (const struct sockaddr *)&b->peer;
+        if (px->destination_len) {
+            destination = (const struct sockaddr *)&px->destination;
+        } else {
+            socklen_t len = sizeof(here);
+            if (getsockname(b->side[0].fd, (struct sockaddr *)&here, &len) != 0) {
+                t2t_fail_over(b, errno);
+                return;
+            }
+            destination = (const struct sockaddr *)&here;
+        }
+    }
+    px->out_len = t2t_proxy_encode(c->send_proxy, family, source, destination, px->out, sizeof(px->out));
+    px->out_sent = 0;
+    if (!px->out_len) { /* (addresses of another family than the client's: never, from accept) */
+        t2t_fail_over(b, EINVAL);
+        return;
+    }
+    t2t_send_header(b);
+}
+
+/* Writable while connecting: the connect's outcome, or room for the rest of our header. */
 static void t2t_connect_check(t2t_bridge *b) {
     if (!b->side[1].writable) return;
+    if (b->px && b->px->out_len) {
+        t2t_send_header(b);
+        return;
+    }
     int error = 0;
     socklen_t len = sizeof(error);
     if (getsockopt(b->side[1].fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
-    if (error) t2t_connect_failed(b, error);
-    else t2t_connect_done(b);
+    if (error) t2t_fail_over(b, error);
+    else t2t_connected(b);
 }
 
-/* Connect a listener's new bridge to the upstream, in its loop (b->loop). A client accepted
-   before the listener stopped is connected as usual, even if handed over after, unless the stop
-   cancels connects (see t2t_listener_stop). */
-static void t2t_connect_upstream(t2t_bridge *b) {
-    t2t_loop *L = b->loop;
-    t2t_listener *lst = b->listener;
-#if T2T_EPOLL
-    b->side[1].fd = socket(lst->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+static int t2t_new_socket(int family) {
+#if defined(SOCK_NONBLOCK) && defined(SOCK_CLOEXEC)
+    return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 #else
-    b->side[1].fd = -1;
-    errno = ENOSYS;
+    int fd = socket(family, SOCK_STREAM, 0);
+    if (fd >= 0 && (fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 || t2t_set_nonblocking(fd) != 0)) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
 #endif
-    if (b->side[1].fd < 0) {
-        t2t_connect_failed(b, errno);
+}
+
+/* Connect to the next upstream in the client's order; with none left, close the client. */
+static void t2t_try_upstreams(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    t2t_loop *L = b->loop;
+    if (__atomic_load_n(&b->listener->cancelling, __ATOMIC_SEQ_CST)) {
+        t2t_client_gone(b, ECANCELED);
         return;
     }
-    /* Asked, not assumed from the family: a preloaded library may make it MPTCP. */
-    b->side[1].tcp = (unsigned char)(lst->upstream_tcp && t2t_is_tcp(b->side[1].fd));
-    for (int i = 0; i < lst->nsockopts; i++)
-        setsockopt(b->side[1].fd, lst->sockopts[i][0], lst->sockopts[i][1], &lst->sockopts[i][2], sizeof(int));
-    int rc = connect(b->side[1].fd, (struct sockaddr *)&lst->upstream, lst->upstream_len);
-    if (rc != 0 && errno == EINPROGRESS) {
-        /* On a local upstream the handshake has usually completed inside connect() already:
-           asking again tells at once, and saves a trip through the poller. */
-        rc = connect(b->side[1].fd, (struct sockaddr *)&lst->upstream, lst->upstream_len);
-        if (rc != 0 && errno == EISCONN) rc = 0;
-        else if (rc != 0 && errno == EALREADY) errno = EINPROGRESS;
+    while (b->up_pos < c->nupstreams) {
+        int i = (b->up_start + b->up_pos++) % c->nupstreams;
+        if (b->up_skip & ((uint64_t)1 << i)) continue;
+        t2t_upstream *u = &c->upstreams[i];
+        b->up_index = (unsigned char)i;
+        /* A fresh side: nothing the last upstream's socket showed applies to this one. */
+        memset(&b->side[1], 0, sizeof(b->side[1]));
+        b->side[1].bridge = b;
+        b->side[1].fd = t2t_new_socket(u->address.ss_family);
+        if (b->side[1].fd < 0) {
+            t2t_upstream_failed(b, errno);
+            continue;
+        }
+        /* Asked, not assumed from the family: a preloaded library may make it MPTCP. */
+        b->side[1].tcp = (unsigned char)(u->ip && t2t_is_tcp(b->side[1].fd));
+        if (u->ip)
+            for (int k = 0; k < c->nsockopts; k++)
+                setsockopt(b->side[1].fd, c->sockopts[k][0], c->sockopts[k][1], &c->sockopts[k][2], sizeof(int));
+        int rc = connect(b->side[1].fd, (struct sockaddr *)&u->address, u->len);
+        if (rc != 0 && errno == EINPROGRESS) {
+            /* On a local upstream the handshake has usually completed inside connect() already:
+               asking again tells at once, and saves a trip through the poller. */
+            rc = connect(b->side[1].fd, (struct sockaddr *)&u->address, u->len);
+            if (rc != 0 && errno == EISCONN) rc = 0;
+            else if (rc != 0 && errno == EALREADY) errno = EINPROGRESS;
+        }
+        if (rc == 0) {
+            t2t_connected(b);
+            return;
+        }
+        int error = errno;
+        if (error == EINPROGRESS || (error == EAGAIN && u->ip)) { /* (a Unix socket's EAGAIN: a full backlog, final) */
+            t2t_link(b);
+            error = t2t_poll_side(b, 1);
+            if (!error) {
+                t2t_wait_until(b, t2t_add(L->now, c->connect_timeout_ns));
+                return;
+            }
+        }
+        close(b->side[1].fd);
+        b->side[1].fd = -1;
+        t2t_upstream_failed(b, error);
     }
-    if (rc == 0) {
-        t2t_connect_done(b);
+    t2t_client_gone(b, b->up_pos ? ECONNREFUSED : EINVAL); /* every upstream failed */
+}
+
+/* The order in which this client tries the upstreams: from the round robin's turn (or the
+   first), without those in back-off unless every one is. */
+static void t2t_admit(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    if (!t2t_permits(&c->access, &b->peer)) {
+        t2t_refuse(b, T2T_REFUSED_ACCESS, EACCES);
         return;
     }
-    if (errno != EINPROGRESS && !(errno == EAGAIN && lst->upstream.ss_family != AF_UNIX)) {
-        t2t_connect_failed(b, errno); /* (a Unix socket's EAGAIN is a full backlog: final) */
+    b->up_start = 0;
+    if (c->roundrobin && c->nupstreams > 1)
+        b->up_start = (unsigned char)(__atomic_fetch_add(&b->listener->next_upstream, 1, __ATOMIC_RELAXED) %
+                                      (unsigned int)c->nupstreams);
+    uint64_t skip = 0;
+    for (int i = 0; i < c->nupstreams; i++)
+        if (__atomic_load_n(&c->upstreams[i].backoff_until, __ATOMIC_RELAXED) > b->loop->now) skip |= (uint64_t)1 << i;
+    uint64_t all = c->nupstreams == 64 ? ~(uint64_t)0 : ((uint64_t)1 << c->nupstreams) - 1;
+    b->up_skip = skip == all ? 0 : skip;
+    b->up_pos = 0;
+    b->state = T2T_CONNECTING;
+    t2t_try_upstreams(b);
+}
+
+/* Readable while reading the client's PROXY header: every byte of it and none after it, so
+   what the client sent next stays in the socket for the bridge. */
+static void t2t_header_read(t2t_bridge *b) {
+    t2t_proxying *px = b->px;
+    if (!b->side[0].readable) return;
+    for (;;) {
+        ssize_t n = recv(b->side[0].fd, px->in + px->in_len, sizeof(px->in) - px->in_len, MSG_PEEK);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && T2T_WOULD_BLOCK(errno)) {
+            b->side[0].readable = 0;
+            return;
+        }
+        if (n < 0) {
+            t2t_refuse(b, T2T_REFUSED_PROXY_READ, errno);
+            return;
+        }
+        if (n == 0) {
+            t2t_refuse(b, T2T_REFUSED_PROXY_CLOSED, 0);
+            return;
+        }
+        size_t seen = px->in_len + (size_t)n;
+        t2t_proxy_header header;
+        int got = t2t_proxy_parse(px->in, seen, &header);
+        if (got < 0) {
+            t2t_proxy_error_text(got, &header, px->in, px->error, sizeof(px->error));
+            t2t_refuse(b, T2T_REFUSED_PROXY_BAD, -got);
+            return;
+        }
+        /* A prefix of a header is all header: take it. A whole one: take just its bytes. */
+        size_t take = got == 0 ? (size_t)n : (size_t)got - px->in_len;
+        ssize_t r;
+        do r = recv(b->side[0].fd, px->in + px->in_len, take, 0);
+        while (r < 0 && errno == EINTR);
+        if (r != (ssize_t)take) { /* peeked bytes are there to read: only an error stops it */
+            t2t_refuse(b, T2T_REFUSED_PROXY_READ, r < 0 ? errno : EIO);
+            return;
+        }
+        px->in_len += take;
+        if (got == 0) {
+            if (px->in_len >= T2T_PROXY_IN_MAX) {
+                t2t_refuse(b, T2T_REFUSED_PROXY_LONG, 0);
+                return;
+            }
+            continue; /* (a short peek; the next one says EAGAIN) */
+        }
+        if (header.has_addresses && (header.family == AF_INET || header.family == AF_INET6)) {
+            memcpy(&b->peer, &header.source, header.source_len);
+            b->peer_len = header.source_len;
+            memcpy(&px->destination, &header.destination, header.destination_len);
+            px->destination_len = header.destination_len;
+        }
+        t2t_admit(b);
         return;
     }
-    b->connect_deadline_ns = t2t_add(L->now, lst->connect_timeout_ns);
-    int error = t2t_register(b);
-    if (!error && t2t_heap_push(L, b) != 0) error = ENOMEM;
-    if (error) t2t_connect_failed(b, error);
 }
 
 /* A loop's bridges, where a direction lent to it counts as one. */
@@ -280,43 +651,72 @@ static t2t_loop *t2t_accept_home(t2t_loop *L) {
     return M && M != L && weight - least >= margin ? M : L;
 }
 
-/* End the bridges still connecting upstream for a listener that cancels its connects: their
-   connect may not report for seconds (a SYN waiting for its retransmission). */
+/* End the clients still connecting upstream (or reading their header) for a listener that
+   cancels: their connect may not report for seconds (a SYN waiting for its retransmission). */
 static void t2t_cancel_connects(t2t_loop *L) {
     for (t2t_bridge *b = L->all, *next; b; b = next) {
-        next = b->next; /* (t2t_connect_failed unlinks b) */
-        if (b->state == T2T_CONNECTING && b->listener &&
+        next = b->next; /* (t2t_client_gone unlinks b) */
+        if ((b->state == T2T_CONNECTING || b->state == T2T_HEADER) && b->listener &&
             __atomic_load_n(&b->listener->cancelling, __ATOMIC_SEQ_CST))
-            t2t_connect_failed(b, ECANCELED);
+            t2t_client_gone(b, ECANCELED);
     }
 }
 
-/* A client another loop handed to this one (see t2t_accept_home). */
-static void t2t_connect_handed(t2t_bridge *b) {
-    t2t_listener *lst = b->listener;
-    t2t_connect_upstream(b);
-    __atomic_sub_fetch(&lst->handing, 1, __ATOMIC_SEQ_CST);
+/* A new client, in the loop that keeps it. */
+static void t2t_client_begin(t2t_bridge *b) {
+    if (!b->cfg->accept_proxy) {
+        t2t_admit(b);
+        return;
+    }
+    b->state = T2T_HEADER;
+    t2t_link(b);
+    int error = t2t_poll_side(b, 0);
+    if (error) t2t_client_gone(b, error);
+    else t2t_wait_until(b, t2t_add(b->loop->now, b->cfg->proxy_timeout_ns));
 }
 
+/* A client another loop handed to this one (see t2t_accept_home). */
+static void t2t_connect_handed(t2t_bridge *b) { t2t_client_begin(b); }
+
+/* Give back a slot taken for a client that never came (or could not be kept). Re-arm: another
+   loop may have found the listener full meanwhile and stopped watching it. */
+static void t2t_listener_unreserve(t2t_listener *lst, int64_t now) {
+    __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm(lst, now);
+}
+
+/* A new client, its slot in lst->active already taken (see t2t_accept_some). */
 static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct sockaddr_storage *peer,
                            socklen_t peer_len) {
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b) {
         close(client);
+        t2t_listener_unreserve(lst, L->now);
         return;
     }
-    __atomic_add_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_lock(&lst->lock);
+    t2t_config *c = lst->cfg;
+    __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&lst->lock);
+    if ((c->accept_proxy || c->send_proxy) && !(b->px = (t2t_proxying *)calloc(1, sizeof(t2t_proxying)))) {
+        t2t_config_release(c);
+        free(b);
+        close(client);
+        t2t_listener_unreserve(lst, L->now);
+        return;
+    }
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
     b->loop = L;
     b->listener = lst;
+    b->cfg = c;
     b->conn_id = __atomic_fetch_add(&lst->next_id, 1, __ATOMIC_RELAXED);
     memcpy(&b->peer, peer, peer_len);
     b->peer_len = peer_len;
-    b->interval_ns = lst->interval_ns;
-    b->idle_limit = lst->idle_limit;
-    b->activity_both = lst->activity_both;
-    b->half_close = lst->half_close;
-    b->may_splice = lst->may_splice;
+    b->interval_ns = c->interval_ns;
+    b->idle_limit = c->idle_limit;
+    b->activity_both = c->activity_both;
+    b->half_close = c->half_close;
+    b->may_splice = c->may_splice;
     b->heap_index = SIZE_MAX;
     b->refs = 1; /* the engine's, until Python took its end */
     b->state = T2T_CONNECTING;
@@ -324,56 +724,61 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     b->side[0].fd = client;
     b->side[1].fd = -1;
     b->side[0].tcp = lst->client_tcp;
-    if (!t2t_permits(&lst->access, peer)) {
-        b->refused = 1;
-        t2t_connect_failed(b, EACCES);
-        return;
-    }
     t2t_loop *home = t2t_accept_home(L);
     if (home == L) {
-        t2t_connect_upstream(b);
+        t2t_client_begin(b);
         return;
     }
-    /* Nothing of L's holds it yet (not registered, no timer): it becomes home's outright.
-       Counted until home connected it, so that t2t_listener_stop still returns only once
-       every client it accepted is opened, connecting or failed. */
-    __atomic_add_fetch(&lst->handing, 1, __ATOMIC_SEQ_CST);
+    /* Nothing of L's holds it yet (not linked, polled or timed): it becomes home's outright.
+       Home begins it within the turn that takes its inbox, which t2t_listener_stop waits for. */
     __atomic_fetch_sub(&L->load, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&home->load, 1, __ATOMIC_RELAXED);
     b->loop = home;
     t2t_post(home, b, T2T_ASK_CONNECT);
 }
 
+static int t2t_accept_fd(int fd, struct sockaddr_storage *peer, socklen_t *peer_len) {
+#if defined(__linux__)
+    return accept4(fd, (struct sockaddr *)peer, peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+    int client = accept(fd, (struct sockaddr *)peer, peer_len);
+    if (client >= 0 && (fcntl(client, F_SETFD, FD_CLOEXEC) != 0 || t2t_set_nonblocking(client) != 0)) {
+        int saved = errno;
+        close(client);
+        errno = saved;
+        return -1;
+    }
+    return client;
+#endif
+}
+
 static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
     t2t_listener *lst = tag->lst;
-    __atomic_add_fetch(&lst->in_accept, 1, __ATOMIC_SEQ_CST);
     for (int i = 0; i < T2T_ACCEPTS_PER_TURN && !__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST); i++) {
-        if (__atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) >= lst->max_active) {
+        /* Take the client's slot before accepting it: loops accept side by side, and checking
+           first would let each of them take the last slot. */
+        if (__atomic_add_fetch(&lst->active, 1, __ATOMIC_ACQ_REL) > __atomic_load_n(&lst->max_active, __ATOMIC_RELAXED)) {
+            __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
             t2t_listener_arm(lst, L->now); /* full: leave clients in the backlog */
             break;
         }
         struct sockaddr_storage peer;
         socklen_t peer_len = sizeof(peer);
-#if T2T_EPOLL
-        int client = accept4(lst->fd, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-#else
-        int client = -1;
-        errno = ENOSYS;
-        (void)peer_len;
-#endif
+        int client = t2t_accept_fd(lst->fd, &peer, &peer_len);
         if (client < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            int error = errno;
+            if (error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM) {
                 /* Out of fds for now: wait a moment instead of spinning on a ready listener. */
                 __atomic_store_n(&lst->paused_until, L->now + T2T_ACCEPT_BACKOFF_NS, __ATOMIC_RELAXED);
-                t2t_listener_arm(lst, L->now);
                 L->retry_listeners_ns = L->now + T2T_ACCEPT_BACKOFF_NS;
             }
+            t2t_listener_unreserve(lst, L->now);
+            if (error == EINTR || error == ECONNABORTED) continue;
+            if (__atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED) > L->now) t2t_listener_arm(lst, L->now);
             break;
         }
         t2t_accept_one(L, lst, client, &peer, peer_len);
     }
-    __atomic_sub_fetch(&lst->in_accept, 1, __ATOMIC_SEQ_CST);
 }
 
 static void t2t_retry_listeners(t2t_loop *L) {
@@ -385,19 +790,34 @@ static void t2t_retry_listeners(t2t_loop *L) {
     pthread_mutex_unlock(&E->lock);
 }
 
-
-/* ---- listeners (see t2t_listen_tag) ---- */
-
-/* Accept on `fd` (a listening socket, left open for the caller) in every loop and relay each
-   client to `upstream`. NULL with errno (ENOSYS off Linux). */
-static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen_t upstream_len,
-                                const int *sockopts, int nsockopts, int64_t connect_timeout_ns,
-                                int64_t interval_ns, uint64_t idle_limit, int activity_both, int half_close,
-                                int may_splice, int max_active, unsigned long long first_id,
-                                const t2t_access *access) {
-#if T2T_EPOLL
+/* Wait until every loop finished a turn that began after this call: what a loop saw before
+   (an event of a listening socket no poller watches any more, a client posted to its inbox)
+   has then been handled. A loop acknowledges at its turn's end (see t2t_loop_main). */
+static void t2t_barrier(void) {
     t2t_engine *E = &t2t_the_engine;
-    if (upstream_len > sizeof(struct sockaddr_storage) || nsockopts > T2T_MAX_SOCKOPTS || !E->nloops) {
+    unsigned long long ticket[T2T_MAX_LOOPS];
+    for (int i = 0; i < E->nloops; i++) {
+        t2t_loop *L = &E->loops[i];
+        pthread_mutex_lock(&L->lock);
+        ticket[i] = ++L->barrier_asked;
+        int wake = t2t_wake_due(L);
+        pthread_mutex_unlock(&L->lock);
+        if (wake) t2t_wake(L);
+    }
+    pthread_mutex_lock(&E->lock);
+    for (int i = 0; i < E->nloops; i++)
+        while (__atomic_load_n(&E->loops[i].barrier_done, __ATOMIC_ACQUIRE) < ticket[i])
+            pthread_cond_wait(&E->barrier_cond, &E->lock);
+    pthread_mutex_unlock(&E->lock);
+}
+
+/* ---- listeners: the API for _core.pyx ---- */
+
+/* Accept on `fd` (a listening socket, left open for the caller) in every loop and serve each
+   client as `cfg` says; the listener takes the caller's reference to cfg. NULL with errno. */
+static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long first_id) {
+    t2t_engine *E = &t2t_the_engine;
+    if (!E->nloops) {
         errno = EINVAL;
         return NULL;
     }
@@ -413,37 +833,9 @@ static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen
         return NULL;
     }
     lst->fd = fd;
-    if (access && access->active) {
-        lst->access.active = 1;
-        lst->access.closed = access->closed;
-        for (int i = 0; i < 4; i++) {
-            size_t width = i < T2T_ALLOW6 ? 4 : 16, bytes = access->counts[i] * 2 * width;
-            unsigned char *copy = bytes ? (unsigned char *)malloc(bytes) : NULL;
-            if (bytes && !copy) {
-                for (int j = 0; j < i; j++) free((void *)lst->access.lists[j]);
-                close(lst->ev_r); /* an eventfd: one fd for both ends */
-                free(lst);
-                errno = ENOMEM;
-                return NULL;
-            }
-            if (bytes) memcpy(copy, access->lists[i], bytes);
-            lst->access.lists[i] = copy;
-            lst->access.counts[i] = access->counts[i];
-        }
-    }
-    memcpy(&lst->upstream, upstream, upstream_len);
-    lst->upstream_len = upstream_len;
-    memcpy(lst->sockopts, sockopts, sizeof(int) * 3 * (size_t)nsockopts);
-    lst->nsockopts = nsockopts;
-    lst->connect_timeout_ns = connect_timeout_ns;
-    lst->interval_ns = interval_ns;
-    lst->idle_limit = idle_limit;
-    lst->activity_both = (unsigned char)(activity_both != 0);
-    lst->half_close = (unsigned char)(half_close != 0);
-    lst->may_splice = (unsigned char)(may_splice != 0);
+    lst->cfg = cfg;
+    lst->max_active = cfg->max_active;
     lst->client_tcp = (unsigned char)t2t_is_tcp(fd);
-    lst->upstream_tcp = upstream->sa_family == AF_INET || upstream->sa_family == AF_INET6;
-    lst->max_active = max_active;
     lst->next_id = first_id;
     pthread_mutex_init(&lst->lock, NULL);
     for (int i = 0; i < T2T_MAX_LOOPS; i++) {
@@ -451,25 +843,39 @@ static t2t_listener *t2t_listen(int fd, const struct sockaddr *upstream, socklen
         lst->tags[i].lst = lst;
         lst->tags[i].loop = i;
     }
+    t2t_listener_arm(lst, t2t_now());
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) { /* not a socket the loops could watch */
+        pthread_mutex_destroy(&lst->lock);
+        close(lst->ev_r);
+        if (lst->ev_w != lst->ev_r) close(lst->ev_w);
+        free(lst);
+        errno = EINVAL;
+        return NULL; /* (cfg stays the caller's) */
+    }
     pthread_mutex_lock(&E->lock);
     lst->next = t2t_listeners;
     t2t_listeners = lst;
     pthread_mutex_unlock(&E->lock);
-    t2t_listener_arm(lst, t2t_now());
-    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) {
-        __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST); /* kept (see above), but inert */
-        errno = EINVAL; /* not a socket the loops could watch */
-        return NULL;
-    }
     return lst;
-#else
-    (void)fd, (void)upstream, (void)upstream_len, (void)sockopts, (void)nsockopts, (void)connect_timeout_ns;
-    (void)interval_ns, (void)idle_limit, (void)activity_both, (void)half_close, (void)may_splice;
-    (void)max_active, (void)first_id, (void)access;
-    errno = ENOSYS;
-    return NULL;
-#endif
 }
+
+/* Settings for clients from now on (a reload); takes the caller's reference to cfg. Clients
+   already accepted keep theirs. Back-off carries over to the same upstream addresses. */
+static void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg) {
+    pthread_mutex_lock(&lst->lock);
+    t2t_config *old = lst->cfg;
+    for (int i = 0; i < cfg->nupstreams; i++)
+        for (int j = 0; j < old->nupstreams; j++)
+            if (old->upstreams[j].len == cfg->upstreams[i].len &&
+                !memcmp(&old->upstreams[j].address, &cfg->upstreams[i].address, cfg->upstreams[i].len))
+                cfg->upstreams[i].backoff_until = __atomic_load_n(&old->upstreams[j].backoff_until, __ATOMIC_RELAXED);
+    lst->cfg = cfg;
+    __atomic_store_n(&lst->max_active, cfg->max_active, __ATOMIC_RELAXED);
+    t2t_listener_arm_locked(lst, t2t_now()); /* a higher limit may let it accept again */
+    pthread_mutex_unlock(&lst->lock);
+    t2t_config_release(old);
+}
+
 
 
 /* Addresses between Python's tuples and the kernel's structs (numeric hosts only). */
@@ -505,32 +911,45 @@ static int t2t_sockaddr_unix(const char *path, size_t n, struct sockaddr_storage
     return 0;
 }
 
-/* The family of a bridge's client; its host text (IP families) and port. */
-static int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
-                    unsigned int *scope_id) {
+/* The family of an address; its host text (IP families) or path (Unix), and port. */
+static int t2t_address_text(const struct sockaddr_storage *address, socklen_t address_len, char *host, size_t n,
+                            int *port, unsigned int *flowinfo, unsigned int *scope_id) {
     host[0] = 0;
     *port = 0;
     *flowinfo = *scope_id = 0;
-    int family = b->peer_len ? b->peer.ss_family : AF_UNSPEC;
+    int family = address_len ? address->ss_family : AF_UNSPEC;
     if (family == AF_INET) {
-        const struct sockaddr_in *a = (const struct sockaddr_in *)&b->peer;
+        const struct sockaddr_in *a = (const struct sockaddr_in *)address;
         inet_ntop(AF_INET, &a->sin_addr, host, (socklen_t)n);
         *port = ntohs(a->sin_port);
     } else if (family == AF_INET6) {
-        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&b->peer;
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)address;
         inet_ntop(AF_INET6, &a->sin6_addr, host, (socklen_t)n);
         *port = ntohs(a->sin6_port);
         *flowinfo = ntohl(a->sin6_flowinfo);
         *scope_id = a->sin6_scope_id;
     } else if (family == AF_UNIX) {
-        const struct sockaddr_un *a = (const struct sockaddr_un *)&b->peer;
-        size_t len = b->peer_len > offsetof(struct sockaddr_un, sun_path)
-                         ? b->peer_len - offsetof(struct sockaddr_un, sun_path) : 0;
+        const struct sockaddr_un *a = (const struct sockaddr_un *)address;
+        size_t len = address_len > offsetof(struct sockaddr_un, sun_path)
+                         ? address_len - offsetof(struct sockaddr_un, sun_path) : 0;
         if (len >= n) len = n - 1;
         memcpy(host, a->sun_path, len);
         host[len] = 0;
     }
     return family;
+}
+
+/* The fd that turns readable when t2t_listener_take has something. */
+
+/* A client's address (the PROXY header's source, once one was read). */
+static int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
+                    unsigned int *scope_id) {
+    return t2t_address_text(&b->peer, b->peer_len, host, n, port, flowinfo, scope_id);
+}
+
+static int t2t_failure_peer(const t2t_failure *f, char *host, size_t n, int *port, unsigned int *flowinfo,
+                            unsigned int *scope_id) {
+    return t2t_address_text(&f->peer, f->peer_len, host, n, port, flowinfo, scope_id);
 }
 
 /* The fd that turns readable when t2t_listener_take has something. */
@@ -542,11 +961,12 @@ static unsigned long long t2t_listener_next_id(t2t_listener *lst) {
     return __atomic_load_n(&lst->next_id, __ATOMIC_RELAXED);
 }
 
-/* Bridges opened and bridges ended (or failed to connect) since the last take, in order. Each
-   opened one carries a reference for the caller; each ended one the engine's, which the caller
-   releases once done with it. A bridge in both lists (most short ones, under load) is marked
+/* Clients opened, ended (or gone without a bridge) and failed upstream connects since the last
+   take, in order. Each opened one carries a reference for the caller; each ended one the
+   engine's, which the caller releases once done with it; the caller frees each failure with
+   t2t_failure_free. A bridge in both lists (most short ones, under load) is marked
    open_untaken == 2: the caller may report it once, as ended, and just release its opening. */
-static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done) {
+static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed) {
     pthread_mutex_lock(&lst->lock);
     if (lst->ev_told) {
         t2t_drain_fd(lst->ev_r);
@@ -558,23 +978,41 @@ static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge
         if (b->open_untaken == 1) b->open_untaken = 0; /* runs on: only ever written under the lock */
     *opened = lst->opened_head;
     *done = lst->done_head;
+    *failed = lst->failed_head;
     lst->opened_head = lst->opened_tail = lst->done_head = lst->done_tail = NULL;
+    lst->failed_head = lst->failed_tail = NULL;
     pthread_mutex_unlock(&lst->lock);
+}
+
+/* What was wrong with a refused client's PROXY header (T2T_REFUSED_PROXY_BAD). */
+static const char *t2t_bridge_proxy_error(const t2t_bridge *b) { return b->px ? b->px->error : ""; }
+
+static const char *t2t_failure_upstream(const t2t_failure *f) { return f->cfg->upstreams[f->upstream].text; }
+
+static void t2t_failure_free(t2t_failure *f) {
+    t2t_config_release(f->cfg);
+    free(f);
+}
+
+/* The upstream a bridge was connected to, as its forward names it (NULL for a plain bridge or
+   a client that never got one). */
+static const char *t2t_bridge_upstream(const t2t_bridge *b) {
+    return b->cfg && b->opened ? b->cfg->upstreams[b->up_index].text : NULL;
 }
 
 /* Stop accepting. Once this returns no loop touches the listening fd again, so the caller may
    close it. Bridges that opened run on. Clients accepted and not yet connected connect as usual
    and open later (a reconfigure: their events keep coming) or, with cancel_connects (a close),
-   end as failed (ECANCELED): then no bridge of it opens once this returned, and the next take
+   end as cancelled (ECANCELED): then no bridge of it opens once this returned, and the next take
    has every one that did. Called again with cancel_connects, it cancels what is still connecting. */
 static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
     if (cancel_connects) __atomic_store_n(&lst->cancelling, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST);
     t2t_listener_arm(lst, t2t_now());
-    while (__atomic_load_n(&lst->in_accept, __ATOMIC_SEQ_CST) || __atomic_load_n(&lst->handing, __ATOMIC_SEQ_CST)) {
-        struct timespec pause = {0, 100000}; /* an accept batch (~µs) or a hand-over (a turn) */
-        nanosleep(&pause, NULL);
-    }
+    /* The first turn ends every accept batch already running (and its hand-overs are posted);
+       the second, that each loop took its inbox: every client accepted is begun. */
+    t2t_barrier();
+    t2t_barrier();
     if (!cancel_connects) return;
     /* Those still connecting end now (their ends come with the next takes), not whenever
        their connect reports. */
@@ -589,4 +1027,44 @@ static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
     }
 }
 
-/* End a bridge with reason "stopped" (if it has not ended); from any thread, any number of times. */
+/* Free a stopped listener whose every client was reported and taken (active 0): its event fd,
+   its settings. 0, or -1 with EBUSY while it still has clients (nothing is freed then). */
+static int t2t_listener_free(t2t_listener *lst) {
+    t2t_engine *E = &t2t_the_engine;
+    if (!__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST) || __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE)) {
+        errno = EBUSY;
+        return -1;
+    }
+    pthread_mutex_lock(&E->lock);
+    for (t2t_listener **p = &t2t_listeners; *p; p = &(*p)->next)
+        if (*p == lst) {
+            *p = lst->next;
+            break;
+        }
+    pthread_mutex_unlock(&E->lock);
+    t2t_barrier(); /* a loop still in t2t_retry_listeners, or its report's arming, is done */
+    t2t_bridge *opened, *done;
+    t2t_failure *failed;
+    t2t_listener_take(lst, &opened, &done, &failed); /* (none, after the caller's last take) */
+    while (opened) {
+        t2t_bridge *b = opened;
+        opened = b->open_next;
+        t2t_release(b);
+    }
+    while (done) {
+        t2t_bridge *b = done;
+        done = b->done_next;
+        t2t_release(b);
+    }
+    while (failed) {
+        t2t_failure *f = failed;
+        failed = f->next;
+        t2t_failure_free(f);
+    }
+    close(lst->ev_r);
+    if (lst->ev_w != lst->ev_r) close(lst->ev_w);
+    pthread_mutex_destroy(&lst->lock);
+    t2t_config_release(lst->cfg);
+    free(lst);
+    return 0;
+}

@@ -51,7 +51,7 @@ static ssize_t t2t_splice(int from, int to, size_t n) {
 
 static int64_t t2t_deadline(const t2t_bridge *b) {
     if (b->state == T2T_RELAYING) return b->next_check_ns;
-    if (b->state == T2T_CONNECTING) return b->connect_deadline_ns;
+    if (b->state == T2T_CONNECTING || b->state == T2T_HEADER) return b->connect_deadline_ns;
     if (b->state == T2T_RECALLING) return T2T_NEVER; /* (not in the heap meanwhile) */
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
 }
@@ -326,9 +326,11 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
 }
 
 static void t2t_connect_check(t2t_bridge *b);
+static void t2t_header_read(t2t_bridge *b);
 static void t2t_lend_maybe(t2t_bridge *b);
 
 static void t2t_service(t2t_bridge *b) {
+    if (b->state == T2T_HEADER) t2t_header_read(b);
     if (b->state == T2T_CONNECTING) t2t_connect_check(b);
     if (b->state == T2T_RELAYING) {
         t2t_pump(b->loop, b, 0);

@@ -23,8 +23,16 @@ static void t2t_begin(t2t_bridge *b) {
     if (b->state == T2T_RELAYING && t2t_heap_push(b->loop, b) != 0) t2t_fail(b, ENOMEM);
 }
 
+struct t2t_config;
+static void t2t_config_release(struct t2t_config *c);
+
 static void t2t_release(t2t_bridge *b) {
-    if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) free(b);
+    if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    if (b->listener) {
+        free(b->px);
+        t2t_config_release(b->cfg);
+    }
+    free(b);
 }
 
 static void t2t_connect_handed(t2t_bridge *b);
@@ -66,14 +74,17 @@ static void t2t_take_inbox(t2t_loop *L) {
     if (cancel) t2t_cancel_connects(L);
 }
 
-static void t2t_connect_failed(t2t_bridge *b, int error);
+static void t2t_fail_over(t2t_bridge *b, int error);
+static void t2t_refuse(t2t_bridge *b, int refusal, int error);
 
 static void t2t_run_timers(t2t_loop *L) {
     while (L->heap_len && t2t_deadline(L->heap[0]) <= L->now) {
         t2t_bridge *b = L->heap[0];
         if (b->state == T2T_CONNECTING) {
             b->timed_out = 1;
-            t2t_connect_failed(b, ETIMEDOUT);
+            t2t_fail_over(b, ETIMEDOUT);
+        } else if (b->state == T2T_HEADER) {
+            t2t_refuse(b, T2T_REFUSED_PROXY_LATE, ETIMEDOUT);
         } else if (b->state == T2T_RELAYING) {
             t2t_idle_check(b);
             if (b->state == T2T_RELAYING) t2t_heap_fix(L, 0);

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import socket
 import sys
 import threading
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import pure
-from ._access import parse_network
 from ._activation import inherited_listeners, is_inherited_address
 from ._address import Address
 from ._backend import BACKEND
@@ -25,6 +23,7 @@ from ._bridge import Bridge
 from ._config import Config, ConfigError, ForwardSpec, load_config
 from ._jsonlog import JsonFormatter
 from ._metrics import Metrics, MetricsUnavailable, parse_hostport
+from ._options import ACCESS, FORWARD_OPTIONS, OPERATION, OPTIONS, Option, OptionError, check_forward
 from ._service import Service
 from ._version import __version__
 from .forwarder import raise_fd_limit
@@ -55,32 +54,33 @@ def _backend_bridge(name: str) -> type[Bridge]:
     return DefaultBridge
 
 
-def _nonnegative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
+def _argument_type(option: Option) -> Any:
+    """argparse's `type` for `option`: the table's parse and check, so that the command line
+    refuses what a config file refuses, in the same words."""
+
+    def parse(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(exc.problem) from None
+
+    parse.__name__ = option.name  # (argparse names the type in some messages)
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
-    return value
+def _add_option(group: Any, option: Option, *, default: Any) -> None:
+    """`option`'s flag(s), as the table declares them."""
+    if option.type is bool:
+        group.add_argument(*option.flags, dest=option.name, action="store_true", help=option.help)
+        return
+    kwargs: Dict[str, Any] = dict(dest=option.name, type=_argument_type(option), default=default, help=option.help)
+    if option.choices:
+        kwargs["choices"] = option.choices
+    if option.metavar is not None:
+        kwargs["metavar"] = option.metavar
+    if option.repeatable:
+        kwargs["action"] = "append"
+    group.add_argument(*option.flags, **kwargs)
 
 
 def forward_parser() -> argparse.ArgumentParser:
@@ -106,108 +106,15 @@ def forward_parser() -> argparse.ArgumentParser:
         "for failover or --balance roundrobin",
     )
     p.add_argument("--config", metavar="FILE", help="read the forwards from a TOML file (SIGHUP reloads it)")
-    p.add_argument(
-        "--rate-check",
-        type=_nonnegative,
-        default=5,
-        metavar="N",
-        help="seconds between idle checks (default 5; 0 means 1)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=_nonnegative,
-        default=7200,
-        metavar="N",
-        help="keep-alive seconds; a bridge ends after (N // rate + 1) * rate idle "
-        "seconds (default 7200; below 2 means 2)",
-    )
-    p.add_argument(
-        "--activity",
-        choices=("both", "any"),
-        default="both",
-        help="traffic that keeps a bridge alive: both directions (default) or any",
-    )
-    p.add_argument("--half-close", action="store_true", help="forward a FIN and keep the other direction open")
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="bridges at once; further clients wait in the backlog (default 1024)",
-    )
-    p.add_argument(
-        "--backlog",
-        type=int,
-        default=4096,
-        metavar="N",
-        help="listen backlog: clients the kernel queues before they are accepted (default 4096, "
-        "capped by net.core.somaxconn)",
-    )
-    p.add_argument(
-        "--connect-timeout",
-        type=_positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="give up on an upstream after this long (default 10)",
-    )
-    access = p.add_argument_group("who gets in, where they go")
-    access.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="NET",
-        help="only clients in this network (CIDR or one address; repeatable)",
-    )
-    access.add_argument(
-        "--deny", action="append", default=[], metavar="NET", help="refuse clients in this network (repeatable)"
-    )
-    access.add_argument(
-        "--balance",
-        choices=("first", "roundrobin"),
-        default="first",
-        help="first: the first upstream that accepts (failover, default); roundrobin: each client starts at the next",
-    )
-    access.add_argument(
-        "--upstream-backoff",
-        type=_nonnegative_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="skip an upstream this long after its connect failed, unless all are (default 10)",
-    )
-    access.add_argument(
-        "--send-proxy",
-        choices=("v1", "v2"),
-        help="send each upstream a PROXY protocol header with the client's address first",
-    )
-    access.add_argument(
-        "--accept-proxy", action="store_true", help="every client must begin with a PROXY protocol header (v1 or v2)"
-    )
-    access.add_argument(
-        "--proxy-timeout",
-        type=_positive_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="with --accept-proxy: the header must be complete within this long (default 5)",
-    )
-    ops = p.add_argument_group("operation")
-    ops.add_argument(
-        "--keepalive",
-        type=_positive_int,
-        metavar="IDLE",
-        help="TCP keepalive on both sockets of every bridge after IDLE seconds without traffic",
-    )
-    ops.add_argument("--keepalive-interval", type=_positive_int, metavar="SECONDS", help="between keepalive probes")
-    ops.add_argument("--keepalive-count", type=_positive_int, metavar="N", help="unanswered probes before giving up")
-    ops.add_argument(
-        "--user-timeout",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="TCP_USER_TIMEOUT: end a bridge whose peer leaves data unacknowledged this long",
-    )
-    ops.add_argument(
-        "--reuse-port", action="store_true", help="SO_REUSEPORT: several processes share the port, the kernel spreads"
-    )
-    ops.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    # The forward options, from the one table (see _options), in its order.
+    groups: Dict[Optional[str], Any] = {None: p}
+    for group in (ACCESS, OPERATION):
+        groups[group] = p.add_argument_group(group)
+    for option in FORWARD_OPTIONS:
+        _add_option(groups[option.group], option, default=[] if option.repeatable else option.default)
+    # Process-wide settings: None when not given, so that a config file's setting applies.
+    ops = groups[OPERATION]
+    _add_option(ops, OPTIONS["metrics"], default=None)
     ops.add_argument(
         "--drain",
         type=float,
@@ -215,21 +122,8 @@ def forward_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM let open bridges finish for this long (default 0)",
     )
-    ops.add_argument(
-        "--backend",
-        choices=("auto", "cython", "pure"),
-        default=None,
-        help="engine: the compiled core where available (auto), or force one",
-    )
-    ops.add_argument(
-        "--log-level",
-        default=None,
-        choices=("debug", "info", "warning", "error"),
-        help="default info: a line per connection opened and closed",
-    )
-    ops.add_argument(
-        "--log-format", default=None, choices=("text", "json"), help="json: one JSON object per line (default text)"
-    )
+    for name in ("backend", "log_level", "log_format"):
+        _add_option(ops, OPTIONS[name], default=None)
     p.add_argument("--version", action="version", version=f"tcptotcp {__version__} ({BACKEND})")
     return p
 
@@ -243,39 +137,18 @@ def _specs_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Li
         upstreams = tuple(Address.parse(text) for text in args.upstreams)
     except ValueError as exc:
         p.error(str(exc))
-    for net in args.allow + args.deny:
-        try:
-            parse_network(net)
-        except ValueError as exc:
-            p.error(str(exc))
     if (args.allow or args.deny) and listen_address is not None and listen_address.family == socket.AF_UNIX:
         p.error("--allow/--deny need an IP listener: clients of a unix: listener have no address")
-    if args.max_connections < 1:
-        p.error("--max-connections must be at least 1")
+    try:  # (argparse checked each value already: this makes lists tuples)
+        settings = check_forward({option.name: getattr(args, option.name) for option in FORWARD_OPTIONS})
+    except OptionError as exc:  # pragma: no cover - argparse's types refuse these first
+        p.error(str(exc))
     spec = ForwardSpec(
         listen=args.listen,
         upstreams=tuple(args.upstreams),
-        rate_check=args.rate_check,
-        idle_timeout=args.idle_timeout,
-        activity=args.activity,
-        half_close=args.half_close,
-        max_connections=args.max_connections,
-        connect_timeout=args.connect_timeout,
-        allow=tuple(args.allow),
-        deny=tuple(args.deny),
-        balance=args.balance,
-        upstream_backoff=args.upstream_backoff,
-        send_proxy=args.send_proxy,
-        accept_proxy=args.accept_proxy,
-        proxy_timeout=args.proxy_timeout,
-        backlog=max(1, args.backlog),
-        keepalive=args.keepalive,
-        keepalive_interval=args.keepalive_interval,
-        keepalive_count=args.keepalive_count,
-        user_timeout=args.user_timeout,
-        reuse_port=args.reuse_port,
         listen_address=listen_address,
         upstream_addresses=upstreams,
+        **settings,
     )
     return [spec]
 
@@ -305,10 +178,10 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     else:
         specs = _specs_from_args(p, args)
     # The command line wins over the file for process-wide settings.
-    backend = args.backend or (config and config.backend) or "auto"
-    level = args.log_level or (config and config.log_level) or "info"
-    log_format = args.log_format or (config and config.log_format) or "text"
-    metrics_at = args.metrics or (config and config.metrics)
+    backend = args.backend or (config and config.backend) or OPTIONS["backend"].default
+    level = args.log_level or (config and config.log_level) or OPTIONS["log_level"].default
+    log_format = args.log_format or (config and config.log_format) or OPTIONS["log_format"].default
+    metrics_at = args.metrics or (config and config.metrics) or OPTIONS["metrics"].default
     _setup_logging(level, log_format)
     log = logging.getLogger("tcptotcp")
     raise_fd_limit()

@@ -1,0 +1,110 @@
+"""What a listener reports (docs/contract.md, "The listener"): one record type per event.
+
+Both listener implementations (the loops' ``_core.Listener`` and the pure ``_listener``) give
+these from ``take()``; the forwarder's recorder turns each into stats, metrics and a log line.
+A client is accepted once and ends in exactly one of `Ended`, `Refused`, `Unserved` and `Dropped`;
+`Opened` comes before its `Ended` unless the two happened between the same two takes, in which
+case `Ended.announced` is False and the `Opened` is not given. `UpstreamFailed` is one failed
+connect attempt (a client may fail over several upstreams before it is served).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, NamedTuple, Tuple
+
+from ._address import format_sockaddr
+
+#: Why a client was refused, in the words of the log and the ``refused`` event.
+NOT_ALLOWED = "not allowed by --allow/--deny"
+PROXY_TOO_LONG = "PROXY header too long"
+PROXY_LATE = "no complete PROXY header in time"
+PROXY_CLOSED = "closed before its PROXY header ended"
+PROXY_BAD = "bad PROXY header: {}"
+PROXY_NOT_READ = "PROXY header not read: {}"
+
+
+class Peer:
+    """A client's address (the PROXY header's source once one was read), formatted only if a
+    log line is written."""
+
+    __slots__ = ("family", "sockaddr")
+
+    def __init__(self, family: int, sockaddr: Any) -> None:
+        self.family = family
+        self.sockaddr = sockaddr
+
+    def __str__(self) -> str:
+        return format_sockaddr(self.family, self.sockaddr)
+
+    @property
+    def host(self) -> Any:
+        """The host part, for access lists (None for a client without an IP address)."""
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            return self.sockaddr[0]
+        return None
+
+
+class Opened(NamedTuple):
+    """A client's bridge started relaying. `relay` has ``stop()`` and ``counts()``."""
+
+    conn_id: int
+    peer: Peer
+    upstream: str
+    relay: Any
+
+
+class Ended(NamedTuple):
+    """An opened bridge ended; `announced` is False when its `Opened` was never given."""
+
+    conn_id: int
+    peer: Peer
+    upstream: str
+    bytes_up: int
+    bytes_down: int
+    reason: str
+    seconds: float
+    announced: bool
+
+
+class Refused(NamedTuple):
+    """Closed before anything was connected upstream: `why` is one of the texts above."""
+
+    conn_id: int
+    peer: Peer
+    why: str
+
+
+class UpstreamFailed(NamedTuple):
+    """One connect attempt to `upstream` failed; the client goes on to the next one, if any."""
+
+    conn_id: int
+    peer: Peer
+    upstream: str
+    error: OSError
+
+
+class Unserved(NamedTuple):
+    """Every upstream failed the client (each one reported as `UpstreamFailed`); it was closed."""
+
+    conn_id: int
+    peer: Peer
+    upstreams: int  # how many the forward had
+
+
+class Dropped(NamedTuple):
+    """Given up on by a cancelling stop while its header was read or its upstream connected."""
+
+    conn_id: int
+    peer: Peer
+
+
+class Gone(NamedTuple):
+    """With ``take(brief=True)``: bridges that opened and ended between two takes, summed up."""
+
+    bridges: int
+    bytes_up: int
+    bytes_down: int
+
+
+Counts = Tuple[int, int]

@@ -1,0 +1,768 @@
+"""The listener seam (docs/contract.md, "The listener"): a forward's accept pipeline.
+
+A listener accepts the clients of one listening socket, reads each one's PROXY header (with
+``accept_proxy``), checks the access lists, connects to an upstream without blocking (in the
+forward's order, failing over, skipping upstreams in back-off), sends our PROXY header (with
+``send_proxy``) and hands the pair over to relaying. It reports what happened as `_events`
+records, taken in batches; the forwarder does the rest (counting, metrics, log lines).
+
+Two implementations, one interface (``configure``, ``fileno``, ``take``, ``active``,
+``next_id``, ``stop``, ``close``):
+- `LoopListener`: the compiled engine's loops do it all, in C, with no Python per connection;
+- `PureListener`: the same in one Python thread with a selector, bridging each pair with any
+  ``Bridge`` class (the pure engine's threads, or the compiled core's loops).
+`open_listener` picks one: the loops, unless a capability they need is missing (then it says
+which, for the log).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
+
+from . import _events, _proxy
+from ._access import AccessList
+from ._address import Address
+from ._backend import Bridge as DefaultBridge
+from ._backend import core, env_flag
+from ._bridge import Bridge, BridgeResult, Plan, plan_of
+from ._events import Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+
+log = logging.getLogger("tcptotcp")
+
+# Accept errors that mean "out of a resource right now": back off instead of spinning.
+RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_BACKOFF_SECONDS = 0.1
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket born non-blocking: no ioctl (not Windows)
+_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # macOS: TCP_KEEPALIVE
+_PROXY_VERSIONS = {None: 0, "v1": 1, "v2": 2}
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """What decides how a new client is served; ``Forwarder.reconfigure`` swaps it whole."""
+
+    upstreams: Tuple[Address, ...]
+    bridge_args: Dict[str, Any] = field(hash=False)
+    max_connections: int = 1024
+    connect_timeout: float = 10.0
+    access: AccessList = field(default_factory=AccessList)
+    balance: str = "first"
+    upstream_backoff: float = 10.0
+    send_proxy: Optional[str] = None
+    accept_proxy: bool = False
+    proxy_timeout: float = 5.0
+    keepalive: Optional[int] = None
+    keepalive_interval: Optional[int] = None
+    keepalive_count: Optional[int] = None
+    user_timeout: Optional[float] = None
+
+    @property
+    def plan(self) -> Plan:
+        args = self.bridge_args
+        return plan_of(
+            args["rate_check_seconds"], args["keep_alive_delay_time_seconds"], args["activity"], args["half_close"]
+        )
+
+
+def no_delay(sock: socket.socket) -> None:
+    """Forward each read at once: the sending peer already made its own Nagle choice, and a
+    relay that delays a message's tail behind a delayed ACK adds 40 ms to request/response."""
+    if sock.family in _IP_FAMILIES:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _fresh_socket_option(family: int, option: int) -> int:
+    """A TCP option's value on a new socket: the system's default (its sysctl), to go back to."""
+    with socket.socket(family, socket.SOCK_STREAM) as fresh:
+        return fresh.getsockopt(socket.IPPROTO_TCP, option)
+
+
+def dead_peer_sockopts(options: ForwardOptions, family: int, reset: bool = False) -> List[Tuple[int, int, int]]:
+    """(level, name, value) for the keepalive and user timeout options on a socket of `family`;
+    with `reset` (a listener, whose accepted sockets inherit what it has), options that are None
+    go back to a fresh socket's."""
+    if family not in _IP_FAMILIES:
+        return []
+    opts: List[Tuple[int, int, int]] = []
+    if options.keepalive is not None:
+        opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        if _KEEPIDLE is not None:
+            opts.append((socket.IPPROTO_TCP, _KEEPIDLE, options.keepalive))
+        for name, value in (("TCP_KEEPINTVL", options.keepalive_interval), ("TCP_KEEPCNT", options.keepalive_count)):
+            option = getattr(socket, name, None)
+            if option is None:
+                continue
+            if value is None and reset:
+                value = _fresh_socket_option(family, option)
+            if value is not None:
+                opts.append((socket.IPPROTO_TCP, option, value))
+    elif reset:
+        opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0))
+    if options.user_timeout is not None:
+        # Unacknowledged data older than this ends the connection (ETIMEDOUT): a peer that
+        # vanished without FIN or RST is noticed even while bytes are in flight.
+        opts.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.user_timeout * 1000)))
+    elif reset and hasattr(socket, "TCP_USER_TIMEOUT"):
+        opts.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0))  # 0: the system's default
+    return opts
+
+
+def upstream_sockopts(options: ForwardOptions) -> List[Tuple[int, int, int]]:
+    """Every IP upstream socket's options (the loops skip them for a Unix upstream)."""
+    return [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)] + dead_peer_sockopts(options, socket.AF_INET)
+
+
+def prepare_listening_socket(sock: socket.socket, options: ForwardOptions) -> None:
+    """Accepted sockets inherit these from the listener: no syscalls per client."""
+    no_delay(sock)  # each read forwarded at once (see no_delay)
+    # reset: a reconfigure() that drops an option must take it off the listener too.
+    for level, name, value in dead_peer_sockopts(options, sock.family, reset=True):
+        sock.setsockopt(level, name, value)
+
+
+class LoopSettings(NamedTuple):
+    """ForwardOptions as `_core.listen` takes them: numbers and numeric addresses only."""
+
+    upstreams: Tuple[Tuple[int, Any, str], ...]  # (family, sockaddr, the forward's name for it)
+    roundrobin: bool
+    upstream_backoff: float
+    send_proxy: int  # 0, 1 or 2
+    accept_proxy: bool
+    proxy_timeout: float
+    connect_timeout: float
+    sockopts: List[Tuple[int, int, int]]
+    plan: Plan
+    splice: bool
+    max_connections: int
+    access: Optional[Tuple[Any, ...]]
+
+
+def loop_settings(options: ForwardOptions) -> LoopSettings:
+    return LoopSettings(
+        upstreams=tuple((u.family, u.sockaddr, u.text) for u in options.upstreams),
+        roundrobin=options.balance == "roundrobin",
+        upstream_backoff=options.upstream_backoff,
+        send_proxy=_PROXY_VERSIONS[options.send_proxy],
+        accept_proxy=options.accept_proxy,
+        proxy_timeout=options.proxy_timeout,
+        connect_timeout=options.connect_timeout,
+        sockopts=upstream_sockopts(options),
+        plan=options.plan,
+        splice=True,
+        max_connections=options.max_connections,
+        access=options.access.tables() if options.access else None,
+    )
+
+
+class LoopListener:
+    """The loops' listener (`_core.Listener`) behind the seam's interface."""
+
+    def __init__(self, sock: socket.socket, options: ForwardOptions, first_id: int) -> None:
+        assert core is not None
+        self._core = core.listen(sock, loop_settings(options), first_id)
+
+    def configure(self, options: ForwardOptions) -> None:
+        self._core.configure(loop_settings(options))
+
+    def fileno(self) -> int:
+        fd: int = self._core.fileno()
+        return fd
+
+    @property
+    def active(self) -> int:
+        count: int = self._core.active
+        return count
+
+    @property
+    def next_id(self) -> int:
+        number: int = self._core.next_id
+        return number
+
+    def take(self, brief: bool = False) -> List[Any]:
+        events: List[Any] = self._core.take(brief)
+        return events
+
+    def stop(self, cancel_connects: bool = True) -> None:
+        self._core.stop(cancel_connects)
+
+    def close(self) -> None:
+        self._core.close()
+
+
+def loops_lack(options: ForwardOptions, bridge_class: Type[Bridge]) -> Optional[Tuple[str, bool]]:
+    """Why the loops cannot serve this forward, and whether that is a fall-back worth an
+    operator's attention (the loops lack a capability) rather than a choice: None when they can."""
+    if core is None:
+        return ("the compiled core is not installed", False)
+    if bridge_class is not DefaultBridge:
+        return (f"bridges of {bridge_class.__name__} run outside the loops", False)
+    if env_flag("TCPTOTCP_ACCEPT_IN_PYTHON"):
+        return ("TCPTOTCP_ACCEPT_IN_PYTHON is set", False)
+    if len(options.upstreams) > core.LISTENER_MAX_UPSTREAMS:
+        return (f"the loops take at most {core.LISTENER_MAX_UPSTREAMS} upstreams", True)
+    return None
+
+
+def open_listener(
+    sock: socket.socket, options: ForwardOptions, bridge_class: Type[Bridge], first_id: int = 1
+) -> Union[LoopListener, PureListener]:
+    """The loops' listener where they can serve the forward, else the pure one (and the log says why)."""
+    lacking = loops_lack(options, bridge_class)
+    if lacking is None:
+        try:
+            return LoopListener(sock, options, first_id)
+        except (OSError, ValueError) as exc:
+            lacking = (f"the loops cannot watch this socket ({exc})", True)
+    why, fall_back = lacking
+    log.log(logging.WARNING if fall_back else logging.DEBUG, "accepting in Python: %s", why)
+    return PureListener(sock, options, bridge_class, first_id)
+
+
+class _Client:
+    """A client between accept and its bridge: reading its PROXY header, or connecting."""
+
+    __slots__ = (
+        "conn_id",
+        "fd",
+        "peer",
+        "options",
+        "destination",
+        "header",
+        "tries",
+        "upstream",
+        "upstream_sock",
+        "to_send",
+        "deadline",
+    )
+
+    def __init__(self, conn_id: int, fd: int, peer: Peer, options: ForwardOptions) -> None:
+        self.conn_id = conn_id
+        self.fd = fd  # the accepted client, as a bare fd until its bridge adopts it
+        self.peer = peer  # its address: the PROXY header's source once one was read
+        self.options = options  # as they were when it arrived
+        self.destination: Optional[Any] = None  # the address it connected to (PROXY header's)
+        self.header = b""  # PROXY header bytes read so far
+        self.tries: List[Address] = []  # upstreams still to try
+        self.upstream: Optional[Address] = None
+        self.upstream_sock: Optional[socket.socket] = None
+        self.to_send = b""  # our PROXY header, not yet all sent upstream
+        self.deadline = 0.0
+
+
+class _PureRelay:
+    """A pure listener's bridge as `Opened.relay`: ``stop()`` and ``counts()``."""
+
+    __slots__ = ("bridge",)
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def stop(self) -> None:
+        self.bridge.stop()
+
+    def counts(self) -> Tuple[int, int]:
+        return self.bridge.counts
+
+
+class PureListener:
+    """The listener in one Python thread: a selector loop that accepts, checks, connects and
+    starts a ``bridge_class`` bridge per client; its events are queued for `take()`."""
+
+    def __init__(
+        self, sock: socket.socket, options: ForwardOptions, bridge_class: Type[Bridge], first_id: int = 1
+    ) -> None:
+        self._sock = sock
+        self._family = sock.family
+        self.options = options
+        self._bridge_class = bridge_class
+        self._next_id = first_id
+        self._lock = threading.Lock()
+        self._events: List[Any] = []
+        self._active = 0
+        self._stopping = False  # accepts no more
+        self._cancelling = False  # and gives up on clients still on their way
+        self._stopped = threading.Event()  # the thread no longer touches the listening socket
+        self._pending: Dict[int, Tuple[_Client, str]] = {}  # fd watched -> (client, what for)
+        self._timers: List[Tuple[float, int, _Client]] = []  # (deadline, conn_id, client)
+        self._backoff: Dict[str, float] = {}  # upstream text -> monotonic time it may be tried again
+        self._next_upstream = 0  # round robin's turn
+        self._accept_paused_until = 0.0
+        self._ev_r, self._ev_w = socket.socketpair()  # readable: take() has something
+        self._wake_r, self._wake_w = socket.socketpair()  # the thread has something to look at
+        for s in (self._ev_r, self._ev_w, self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._told = False
+        self._thread = threading.Thread(target=self._run, name="tcptotcp-accept", daemon=True)
+        self._thread.start()
+
+    # -- the seam ------------------------------------------------------------------------
+
+    def configure(self, options: ForwardOptions) -> None:
+        self.options = options  # one assignment: the thread sees the old or the new, whole
+        self._wake()
+
+    def fileno(self) -> int:
+        return self._ev_r.fileno()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    def take(self, brief: bool = False) -> List[Any]:
+        with self._lock:
+            events, self._events = self._events, []
+            self._told = False
+            try:
+                while self._ev_r.recv(4096):
+                    pass
+            except OSError:
+                pass
+        # A bridge that opened and ended since the last take is reported once, as ended
+        # (as the loops' listener does).
+        opened_now = {e.conn_id for e in events if type(e) is Opened}
+        both = {e.conn_id for e in events if type(e) is Ended and e.conn_id in opened_now}
+        if not both:
+            return events
+        out: List[Any] = []
+        count = up = down = 0
+        for e in events:
+            if e.conn_id in both:
+                if type(e) is Opened:
+                    continue
+                if type(e) is Ended:
+                    if brief:
+                        count, up, down = count + 1, up + e.bytes_up, down + e.bytes_down
+                        continue
+                    e = e._replace(announced=False)
+            out.append(e)
+        if count:
+            out.append(Gone(count, up, down))
+        return out
+
+    def stop(self, cancel_connects: bool = True) -> None:
+        with self._lock:
+            self._stopping = True
+            self._cancelling = self._cancelling or cancel_connects
+        self._wake()
+        if threading.current_thread() is not self._thread and not self._stopped.wait(10.0):
+            log.error("the accept thread did not stop in time")
+        if cancel_connects:
+            self._wake()  # (it drops what is pending at once, and exits)
+
+    def close(self) -> None:
+        if self._active:
+            raise OSError(errno.EBUSY, "the listener still has clients")
+        self.stop(cancel_connects=True)
+        self._thread.join(5.0)
+        for s in (self._ev_r, self._ev_w, self._wake_r, self._wake_w):
+            s.close()
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _emit(self, event: Any, gone: bool = False) -> None:
+        with self._lock:
+            self._events.append(event)
+            if gone:
+                self._active -= 1
+            if not self._told:
+                self._told = True
+                try:
+                    self._ev_w.send(b"x")
+                except OSError:
+                    pass
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed
+
+    def _claim_results(self) -> Optional[int]:
+        """On the compiled engine, this thread finishes ended bridges itself (an fd to watch):
+        no hand-off to the results thread per client, and no GIL traffic between the two."""
+        if core is None or getattr(self._bridge_class, "engine_name", "") != "cython":
+            return None
+        fd: Optional[int] = core.claim_results()  # None while another thread holds it
+        return fd
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            results = self._claim_results()
+            if results is not None:
+                selector.register(results, selectors.EVENT_READ)
+            listening = False
+            try:
+                while True:
+                    if self._cancelling:
+                        for client, _ in list(self._pending.values()):
+                            self._drop_client(selector, client)
+                    if self._stopping and not self._stopped.is_set():
+                        if listening:
+                            selector.unregister(self._sock)
+                            listening = False
+                        self._stopped.set()
+                    if self._stopping and not self._pending:
+                        return  # (bridges still open end through their callbacks)
+                    want = not self._stopping and self._may_accept()
+                    if want != listening:
+                        if want:
+                            selector.register(self._sock, selectors.EVENT_READ)
+                        else:
+                            selector.unregister(self._sock)
+                        listening = want
+                    for key, _ in selector.select(self._select_timeout()):
+                        if key.fileobj is self._sock:
+                            self._accept_some(selector)
+                        elif key.fileobj is self._wake_r:
+                            self._drain_wake()
+                        elif key.fileobj is results:
+                            core.deliver_results()  # type: ignore[union-attr]
+                        else:
+                            self._ready(selector, key.fd)
+                    self._expire(selector)
+            finally:
+                self._stopped.set()
+                if results is not None:
+                    core.release_results()  # type: ignore[union-attr]
+
+    def _may_accept(self) -> bool:
+        # At the connection limit, leave clients in the backlog rather than accepting and
+        # dropping them; after EMFILE, wait a moment instead of spinning.
+        return self._active < self.options.max_connections and time.monotonic() >= self._accept_paused_until
+
+    def _select_timeout(self) -> Optional[float]:
+        timeout = 1.0
+        if self._timers:
+            timeout = min(timeout, self._timers[0][0] - time.monotonic())
+        if self._accept_paused_until > time.monotonic():
+            timeout = min(timeout, self._accept_paused_until - time.monotonic())
+        return max(0.0, timeout)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    # -- one client: accept, check, connect, hand over ------------------------------------
+
+    def _accept_some(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(64):  # then let the other events of this turn run
+            if not self._may_accept():
+                return
+            try:
+                # The bare fd: no socket object, no blocking-mode syscall; its bridge adopts it.
+                fd, sockaddr = self._sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    log.error("accept failed: %s; backing off", exc.strerror)
+                    self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+                    return
+                raise
+            self._accept_paused_until = 0.0
+            conn_id = self._next_id
+            self._next_id += 1
+            client = _Client(conn_id, fd, Peer(self._family, sockaddr), self.options)
+            with self._lock:
+                self._active += 1
+            if client.options.accept_proxy:
+                self._watch(selector, client, fd, selectors.EVENT_READ, "header")
+                self._set_timer(client, client.options.proxy_timeout)
+            else:
+                self._admit(selector, client)
+
+    def _admit(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        access = client.options.access
+        if access and not access.permits(client.peer.host):
+            self._refuse(client, _events.NOT_ALLOWED)
+            return
+        client.tries = self._upstream_order(client.options)
+        self._try_next_upstream(selector, client)
+
+    def _upstream_order(self, options: ForwardOptions) -> List[Address]:
+        ups = list(options.upstreams)
+        if options.balance == "roundrobin" and len(ups) > 1:
+            start = self._next_upstream % len(ups)
+            self._next_upstream = start + 1
+            ups = ups[start:] + ups[:start]
+        if self._backoff:
+            now = time.monotonic()
+            ready = [u for u in ups if self._backoff.get(u.text, 0.0) <= now]
+            if ready:  # when every upstream is in back-off, all are tried
+                ups = ready
+        return ups
+
+    def _try_next_upstream(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        while client.tries:
+            upstream = client.tries.pop(0)
+            client.upstream = upstream
+            try:
+                sock = socket.socket(upstream.family, socket.SOCK_STREAM | _NONBLOCK)
+                if not _NONBLOCK:
+                    sock.setblocking(False)
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+                self._upstream_failed(client, exc)
+                continue
+            try:
+                if upstream.family in _IP_FAMILIES:
+                    for level, name, value in upstream_sockopts(client.options):
+                        sock.setsockopt(level, name, value)
+                err = sock.connect_ex(upstream.sockaddr)
+                if err == errno.EINPROGRESS:
+                    # On a local upstream the handshake has usually completed inside connect()
+                    # already; asking again (0 once connected) saves a trip through the selector.
+                    err = sock.connect_ex(upstream.sockaddr)
+                    if err in (errno.EALREADY, errno.EINPROGRESS):
+                        err = errno.EINPROGRESS
+                    elif err == errno.EISCONN:
+                        err = 0
+            except OSError as exc:
+                sock.close()
+                self._upstream_failed(client, exc)
+                continue
+            client.upstream_sock = sock
+            if err == 0:
+                self._connected(selector, client)
+                return
+            if err == errno.EINPROGRESS or (err == errno.EAGAIN and upstream.family != socket.AF_UNIX):
+                # (A Unix socket's EAGAIN is a full backlog: that connect never completes.)
+                self._watch(selector, client, sock.fileno(), selectors.EVENT_WRITE, "connect")
+                self._set_timer(client, client.options.connect_timeout)
+                return
+            client.upstream_sock = None
+            sock.close()
+            self._upstream_failed(client, OSError(err, os.strerror(err)))
+        # Every upstream failed.
+        client.deadline = 0.0  # a connect timer of the last attempt may still be queued: void it
+        os.close(client.fd)
+        self._emit(Unserved(client.conn_id, client.peer, len(client.options.upstreams)), gone=True)
+
+    def _upstream_failed(self, client: _Client, exc: OSError) -> None:
+        upstream = client.upstream
+        assert upstream is not None
+        if client.options.upstream_backoff > 0:
+            self._backoff[upstream.text] = time.monotonic() + client.options.upstream_backoff
+        self._emit(UpstreamFailed(client.conn_id, client.peer, upstream.text, exc))
+
+    def _fail_over(self, selector: selectors.BaseSelector, client: _Client, exc: OSError) -> None:
+        """The upstream being connected failed: close it, report it, try the next one."""
+        sock = client.upstream_sock
+        assert sock is not None
+        client.upstream_sock = None
+        sock.close()
+        self._upstream_failed(client, exc)
+        self._try_next_upstream(selector, client)
+
+    def _connected(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        sock = client.upstream_sock
+        assert sock is not None and client.upstream is not None
+        self._backoff.pop(client.upstream.text, None)
+        if client.options.send_proxy:
+            client.to_send = self._proxy_header(client)
+            try:
+                sent = sock.send(client.to_send)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._fail_over(selector, client, exc)
+                return
+            client.to_send = client.to_send[sent:]
+            if client.to_send:  # the upstream's buffer is full already: wait for room
+                self._watch(selector, client, sock.fileno(), selectors.EVENT_WRITE, "send")
+                self._set_timer(client, client.options.connect_timeout)
+                return
+        self._bridge(client)
+
+    def _proxy_header(self, client: _Client) -> bytes:
+        family = client.peer.family
+        source = client.peer.sockaddr if family in _IP_FAMILIES else None
+        destination = client.destination
+        if destination is None and source is not None:
+            with socket.socket(family, socket.SOCK_STREAM, 0, client.fd) as view:
+                try:
+                    destination = view.getsockname()
+                finally:
+                    view.detach()  # the fd stays the client's
+        encode = _proxy.encode_v1 if client.options.send_proxy == "v1" else _proxy.encode_v2
+        return encode(family, source, destination)
+
+    def _read_header(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """Read the client's PROXY header: every byte of it and none after it, so what the
+        client sent next stays in the socket for the bridge."""
+        with socket.socket(self._family, socket.SOCK_STREAM, 0, client.fd) as view:
+            try:
+                try:
+                    seen = view.recv(_proxy.MAX_HEADER_BYTES - len(client.header), socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    self._unwatch(selector, client.fd)
+                    self._refuse(client, _events.PROXY_NOT_READ.format(exc.strerror or exc))
+                    return
+                if not seen:
+                    self._unwatch(selector, client.fd)
+                    self._refuse(client, _events.PROXY_CLOSED)
+                    return
+                try:
+                    header = _proxy.parse(client.header + seen)
+                except _proxy.ProxyHeaderError as exc:
+                    self._unwatch(selector, client.fd)
+                    self._refuse(client, _events.PROXY_BAD.format(exc))
+                    return
+                # A prefix of a header is all header: take it. A whole one: take just its bytes.
+                take = len(seen) if header is None else header.length - len(client.header)
+                client.header += view.recv(take)
+            finally:
+                view.detach()
+        if header is None:
+            if len(client.header) >= _proxy.MAX_HEADER_BYTES:
+                self._unwatch(selector, client.fd)
+                self._refuse(client, _events.PROXY_TOO_LONG)
+            return
+        self._unwatch(selector, client.fd)
+        client.deadline = 0.0  # its timer is void
+        if header.source is not None and header.family in _IP_FAMILIES:
+            client.peer = Peer(header.family, header.source)
+            client.destination = header.destination
+        self._admit(selector, client)
+
+    def _ready(self, selector: selectors.BaseSelector, fd: int) -> None:
+        client, what = self._pending[fd]
+        if what == "header":
+            self._read_header(selector, client)
+            return
+        sock = client.upstream_sock
+        assert sock is not None
+        if what == "connect":
+            self._unwatch(selector, fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail_over(selector, client, OSError(err, os.strerror(err)))
+            else:
+                self._connected(selector, client)
+            return
+        try:  # "send": the rest of our PROXY header
+            sent = sock.send(client.to_send)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._unwatch(selector, fd)
+            self._fail_over(selector, client, exc)
+            return
+        client.to_send = client.to_send[sent:]
+        if not client.to_send:
+            self._unwatch(selector, fd)
+            self._bridge(client)
+
+    def _watch(self, selector: selectors.BaseSelector, client: _Client, fd: int, events: int, what: str) -> None:
+        self._pending[fd] = (client, what)
+        selector.register(fd, events)
+
+    def _unwatch(self, selector: selectors.BaseSelector, fd: int) -> None:
+        del self._pending[fd]
+        selector.unregister(fd)
+
+    def _set_timer(self, client: _Client, seconds: float) -> None:
+        client.deadline = time.monotonic() + seconds
+        heapq.heappush(self._timers, (client.deadline, client.conn_id, client))
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            deadline, _, client = heapq.heappop(self._timers)
+            if client.deadline != deadline:
+                continue  # moved on (or gone) since this timer was set
+            client.deadline = 0.0
+            if client.upstream_sock is None:  # still on its PROXY header
+                self._unwatch(selector, client.fd)
+                self._refuse(client, _events.PROXY_LATE)
+                continue
+            self._unwatch(selector, client.upstream_sock.fileno())
+            self._fail_over(selector, client, socket.timeout("timed out"))
+
+    def _drop_client(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """A cancelling stop with a client still pending: give up on it."""
+        for fd in [fd for fd, (c, _) in self._pending.items() if c is client]:
+            self._unwatch(selector, fd)
+        if client.upstream_sock is not None:
+            client.upstream_sock.close()
+        client.deadline = 0.0
+        os.close(client.fd)
+        self._emit(Dropped(client.conn_id, client.peer), gone=True)
+
+    def _refuse(self, client: _Client, why: str) -> None:
+        client.deadline = 0.0
+        os.close(client.fd)
+        self._emit(Refused(client.conn_id, client.peer, why), gone=True)
+
+    def _bridge(self, client: _Client) -> None:
+        upstream, sock = client.upstream, client.upstream_sock
+        assert upstream is not None and sock is not None
+        client.deadline = 0.0
+        if self._cancelling:  # (a stop that cancels: nothing opens once it returned)
+            sock.close()
+            os.close(client.fd)
+            self._emit(Dropped(client.conn_id, client.peer), gone=True)
+            return
+        conn_id, peer = client.conn_id, client.peer
+        # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
+        try:
+            bridge = self._bridge_class.from_fds(client.fd, sock.fileno(), **client.options.bridge_args)
+        except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
+            os.close(client.fd)
+            sock.close()
+            if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+                self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+            self._emit(Refused(conn_id, peer, f"bridge not started: {exc}"), gone=True)
+            return
+        upstream_fd = sock.detach()  # the bridge's now
+        bridge.add_done_callback(lambda result: self._bridge_ended(conn_id, peer, upstream.text, result))
+        self._emit(Opened(conn_id, peer, upstream.text, _PureRelay(bridge)))  # before any end of it
+        try:
+            bridge.start()
+        except Exception as exc:  # out of threads
+            log.error("#%d %s: bridge not started: %s", conn_id, peer, exc)
+            if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+                self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
+            for fd in (client.fd, upstream_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._emit(Ended(conn_id, peer, upstream.text, 0, 0, "error", 0.0, True), gone=True)
+
+    def _bridge_ended(self, conn_id: int, peer: Peer, upstream: str, result: BridgeResult) -> None:
+        """From the thread that finishes bridges, once per bridge."""
+        self._emit(
+            Ended(
+                conn_id,
+                peer,
+                upstream,
+                result.bytes_1_to_2,
+                result.bytes_2_to_1,
+                result.reason,
+                result.seconds,
+                True,
+            ),
+            gone=True,
+        )
