@@ -230,20 +230,12 @@ cdef object _sockaddr_object(int family, char *host, int port, unsigned int flow
     return text
 
 
-cdef object _peer_of(t2t_bridge *b, int listen_family):
-    """The client's address as Python's accept() gives it (the PROXY header's, once read)."""
+cdef object _peer_of(const sockaddr_storage *address, socklen_t address_len, int listen_family):
+    """A client's address as Python's accept() gives it (the PROXY header's, once read)."""
     cdef char host[128]
     cdef int port
     cdef unsigned int flowinfo, scope_id
-    cdef int family = t2t_peer(b, host, sizeof(host), &port, &flowinfo, &scope_id)
-    return Peer(family if family else listen_family, _sockaddr_object(family, host, port, flowinfo, scope_id))
-
-
-cdef object _failure_peer(t2t_failure *f, int listen_family):
-    cdef char host[128]
-    cdef int port
-    cdef unsigned int flowinfo, scope_id
-    cdef int family = t2t_failure_peer(f, host, sizeof(host), &port, &flowinfo, &scope_id)
+    cdef int family = t2t_address_text(address, address_len, host, sizeof(host), &port, &flowinfo, &scope_id)
     return Peer(family if family else listen_family, _sockaddr_object(family, host, port, flowinfo, scope_id))
 
 
@@ -372,7 +364,7 @@ cdef class Listener:
             f = failed_list
             failed_list = f.next
             error = socket.timeout("timed out") if f.timed_out else OSError(f.error, os.strerror(f.error))
-            events.append(UpstreamFailed(f.conn_id, _failure_peer(f, self._family),
+            events.append(UpstreamFailed(f.conn_id, _peer_of(&f.peer, f.peer_len, self._family),
                                          t2t_failure_upstream(f).decode("utf-8", "surrogateescape"), error))
             t2t_failure_free(f)
         while opened_list != NULL:
@@ -383,7 +375,7 @@ cdef class Listener:
                 continue
             relay = Relay.__new__(Relay)
             relay._b = b  # the reference the opened list held is the relay's now
-            events.append(Opened(b.conn_id, _peer_of(b, self._family),
+            events.append(Opened(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family),
                                  t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"), relay))
         while done_list != NULL:
             b = done_list
@@ -393,16 +385,16 @@ cdef class Listener:
                 gone_up += t2t_bytes(b, 0)
                 gone_down += t2t_bytes(b, 1)
             elif b.opened:
-                events.append(Ended(b.conn_id, _peer_of(b, self._family),
+                events.append(Ended(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family),
                                     t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"),
                                     t2t_bytes(b, 0), t2t_bytes(b, 1), _REASONS[b.reason],
                                     (b.ended_ns - b.started_ns) / 1e9, b.open_untaken != 2))
             elif b.refusal:
-                events.append(Refused(b.conn_id, _peer_of(b, self._family), _refusal_text(b)))
+                events.append(Refused(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family), _refusal_text(b)))
             elif b.error == ECANCELED:
-                events.append(Dropped(b.conn_id, _peer_of(b, self._family)))
+                events.append(Dropped(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family)))
             else:
-                events.append(Unserved(b.conn_id, _peer_of(b, self._family), 0))
+                events.append(Unserved(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family), 0))
             t2t_release(b)
         if gone_count:
             events.append(Gone(gone_count, gone_up, gone_down))

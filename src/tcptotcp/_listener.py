@@ -130,6 +130,36 @@ def prepare_listening_socket(sock: socket.socket, options: ForwardOptions) -> No
         sock.setsockopt(level, name, value)
 
 
+class Wakeup:
+    """A socket pair to wake a selector loop: `set()` from any thread (a signal handler too),
+    `clear()` from the loop once woken; `fileno()` to watch."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def set(self) -> None:
+        try:
+            self._w.send(b"x")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed
+
+    def clear(self) -> None:
+        try:
+            while self._r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
 class LoopSettings(NamedTuple):
     """ForwardOptions as `_core.listen` takes them: numbers and numeric addresses only."""
 
@@ -297,10 +327,8 @@ class PureListener:
         self._backoff: Dict[str, float] = {}  # upstream text -> monotonic time it may be tried again
         self._next_upstream = 0  # round robin's turn
         self._accept_paused_until = 0.0
-        self._ev_r, self._ev_w = socket.socketpair()  # readable: take() has something
-        self._wake_r, self._wake_w = socket.socketpair()  # the thread has something to look at
-        for s in (self._ev_r, self._ev_w, self._wake_r, self._wake_w):
-            s.setblocking(False)
+        self._events_ready = Wakeup()  # take() has something
+        self._wakeup = Wakeup()  # the thread has something to look at
         self._told = False
         self._thread = threading.Thread(target=self._run, name="tcptotcp-accept", daemon=True)
         self._thread.start()
@@ -312,7 +340,7 @@ class PureListener:
         self._wake()
 
     def fileno(self) -> int:
-        return self._ev_r.fileno()
+        return self._events_ready.fileno()
 
     @property
     def active(self) -> int:
@@ -326,11 +354,7 @@ class PureListener:
         with self._lock:
             events, self._events = self._events, []
             self._told = False
-            try:
-                while self._ev_r.recv(4096):
-                    pass
-            except OSError:
-                pass
+            self._events_ready.clear()
         # A bridge that opened and ended since the last take is reported once, as ended
         # (as the loops' listener does).
         opened_now = {e.conn_id for e in events if type(e) is Opened}
@@ -368,8 +392,8 @@ class PureListener:
             raise OSError(errno.EBUSY, "the listener still has clients")
         self.stop(cancel_connects=True)
         self._thread.join(5.0)
-        for s in (self._ev_r, self._ev_w, self._wake_r, self._wake_w):
-            s.close()
+        self._events_ready.close()
+        self._wakeup.close()
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -380,16 +404,10 @@ class PureListener:
                 self._active -= 1
             if not self._told:
                 self._told = True
-                try:
-                    self._ev_w.send(b"x")
-                except OSError:
-                    pass
+                self._events_ready.set()
 
     def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed
+        self._wakeup.set()
 
     def _claim_results(self) -> Optional[int]:
         """On the compiled engine, this thread finishes ended bridges itself (an fd to watch):
@@ -401,7 +419,7 @@ class PureListener:
 
     def _run(self) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ)
+            selector.register(self._wakeup, selectors.EVENT_READ)
             results = self._claim_results()
             if results is not None:
                 selector.register(results, selectors.EVENT_READ)
@@ -428,8 +446,8 @@ class PureListener:
                     for key, _ in selector.select(self._select_timeout()):
                         if key.fileobj is self._sock:
                             self._accept_some(selector)
-                        elif key.fileobj is self._wake_r:
-                            self._drain_wake()
+                        elif key.fileobj is self._wakeup:
+                            self._wakeup.clear()
                         elif key.fileobj is results:
                             core.deliver_results()  # type: ignore[union-attr]
                         else:
@@ -452,13 +470,6 @@ class PureListener:
         if self._accept_paused_until > time.monotonic():
             timeout = min(timeout, self._accept_paused_until - time.monotonic())
         return max(0.0, timeout)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
 
     # -- one client: accept, check, connect, hand over ------------------------------------
 

@@ -3,6 +3,11 @@ from libc.stdint cimport int64_t, uint64_t
 
 
 cdef extern from "_loop.h" nogil:
+    ctypedef struct sockaddr_storage "struct sockaddr_storage":
+        pass
+    ctypedef struct sockaddr "struct sockaddr":
+        pass
+    ctypedef unsigned int socklen_t
     ctypedef struct t2t_dir:
         unsigned char spliced
     ctypedef struct t2t_bridge:
@@ -20,6 +25,8 @@ cdef extern from "_loop.h" nogil:
         unsigned char refusal
         unsigned char timed_out
         unsigned char lent_once
+        sockaddr_storage peer
+        socklen_t peer_len
     ctypedef struct t2t_listener:
         pass
     ctypedef struct t2t_access:
@@ -40,11 +47,8 @@ cdef extern from "_loop.h" nogil:
         int error
         unsigned char timed_out
         unsigned long long conn_id
-    ctypedef struct sockaddr_storage "struct sockaddr_storage":
-        pass
-    ctypedef struct sockaddr "struct sockaddr":
-        pass
-    ctypedef unsigned int socklen_t
+        sockaddr_storage peer
+        socklen_t peer_len
     enum:
         T2T_REFUSED_ACCESS
         T2T_REFUSED_PROXY_BAD
@@ -67,15 +71,13 @@ cdef extern from "_loop.h" nogil:
     int t2t_listener_free(t2t_listener *lst)
     const char *t2t_failure_upstream(const t2t_failure *f)
     void t2t_failure_free(t2t_failure *f)
-    int t2t_failure_peer(const t2t_failure *f, char *host, size_t n, int *port, unsigned int *flowinfo,
-                         unsigned int *scope_id)
     const char *t2t_bridge_upstream(const t2t_bridge *b)
     const char *t2t_bridge_proxy_error(const t2t_bridge *b)
     int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
                         sockaddr_storage *out, socklen_t *length)
     int t2t_sockaddr_unix(const char *path, size_t n, sockaddr_storage *out, socklen_t *length)
-    int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
-                 unsigned int *scope_id)
+    int t2t_address_text(const sockaddr_storage *address, socklen_t address_len, char *host, size_t n, int *port,
+                         unsigned int *flowinfo, unsigned int *scope_id)
     const int MAX_SOCKOPTS "T2T_MAX_SOCKOPTS"
     const int MAX_UPSTREAMS "T2T_MAX_UPSTREAMS"
     const int HAVE_SPLICE "T2T_HAVE_SPLICE"

@@ -940,19 +940,6 @@ static int t2t_address_text(const struct sockaddr_storage *address, socklen_t ad
 }
 
 /* The fd that turns readable when t2t_listener_take has something. */
-
-/* A client's address (the PROXY header's source, once one was read). */
-static int t2t_peer(const t2t_bridge *b, char *host, size_t n, int *port, unsigned int *flowinfo,
-                    unsigned int *scope_id) {
-    return t2t_address_text(&b->peer, b->peer_len, host, n, port, flowinfo, scope_id);
-}
-
-static int t2t_failure_peer(const t2t_failure *f, char *host, size_t n, int *port, unsigned int *flowinfo,
-                            unsigned int *scope_id) {
-    return t2t_address_text(&f->peer, f->peer_len, host, n, port, flowinfo, scope_id);
-}
-
-/* The fd that turns readable when t2t_listener_take has something. */
 static int t2t_listener_fd(t2t_listener *lst) { return lst->ev_r; }
 
 static int t2t_listener_active(t2t_listener *lst) { return __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE); }

@@ -26,7 +26,7 @@ from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge
 from ._events import Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
-from ._listener import ForwardOptions, LoopListener, PureListener, open_listener, prepare_listening_socket
+from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
 from ._options import check_forward, forwarder_kwargs
 
 __all__ = ["Forwarder", "ForwarderStats", "ForwardOptions", "raise_fd_limit"]
@@ -193,9 +193,7 @@ class Forwarder:
         self._closing = threading.Event()
         self._draining = False  # close(drain_seconds > 0) in progress: let bridges run
         self._serving = threading.Lock()  # held while serve_forever() runs
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()  # serve_forever() has something to look at
         if listen_socket is not None:
             self._sock = listen_socket
             self._sock.setblocking(False)
@@ -264,8 +262,7 @@ class Forwarder:
             sock.setblocking(False)
         except BaseException:
             sock.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._wakeup.close()
             raise
         return sock
 
@@ -320,15 +317,15 @@ class Forwarder:
                 if self._listener is None:
                     self._listener = open_listener(self._sock, self.options, self.bridge_class)
                 listener = self._listener
-            selector.register(self._wake_r, selectors.EVENT_READ)
+            selector.register(self._wakeup, selectors.EVENT_READ)
             selector.register(listener, selectors.EVENT_READ)
             watching, resume_at = True, 0.0
             try:
                 while not self._closing.is_set():
                     timeout = 1.0 if watching else max(0.0, resume_at - time.monotonic())
                     for key, _ in selector.select(timeout):
-                        if key.fileobj is self._wake_r:
-                            self._drain_wake()
+                        if key.fileobj is self._wakeup:
+                            self._wakeup.clear()
                         else:
                             self._take(listener)
                             # Take at most every _BATCH seconds: under load each take then holds
@@ -343,19 +340,6 @@ class Forwarder:
                 # Before close() closes the listening socket. Clients on their way go on: their
                 # events still come (close() cancels them).
                 listener.stop(cancel_connects=False)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed
 
     # -- the recorder: each event once into stats, metrics and log lines -------------------
 
@@ -499,7 +483,7 @@ class Forwarder:
     def request_stop(self) -> None:
         """Make ``serve_forever()`` return soon; safe from a signal handler or any thread."""
         self._closing.set()
-        self._wake()
+        self._wakeup.set()
 
     def stop_accepting(self) -> None:
         """Stop accepting and close the listener; open bridges run on to their own end."""
@@ -509,8 +493,7 @@ class Forwarder:
         else:
             self._serving.release()
         self._close_listener()
-        self._wake_r.close()  # (only serve_forever() is ever woken)
-        self._wake_w.close()
+        self._wakeup.close()  # (only serve_forever() is ever woken)
         if self._pump is None and not self._pump_stop.is_set() and self._listener is not None:
             # Bridges run on (a forward a reload removed), but serve_forever() no longer takes
             # their events: without this their ends would wait for close().
@@ -562,8 +545,7 @@ class Forwarder:
 
     def _close_sockets(self) -> None:
         self._sock.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     def close(self, drain_seconds: float = 0.0) -> None:
         """Stop accepting; let open bridges finish for up to `drain_seconds`, then stop them."""
@@ -591,8 +573,7 @@ class Forwarder:
             while listener.active and time.monotonic() < stop_waiting:
                 self._pump_events(0.01)
             self._finish_listener()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     def _still_open(self) -> bool:
         return self._active() > 0
