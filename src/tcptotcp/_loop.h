@@ -120,6 +120,10 @@ typedef struct t2t_pipe {
 struct t2t_bridge;
 struct t2t_listener;
 
+/* What a poller event's tag is (t2t_side.kind): a side of a bridge, a side lent to this loop
+   (see t2t_lend_maybe), a listening socket (see t2t_listen_tag), or the loop's wake fd. */
+enum t2t_tag_kind { T2T_TAG_SIDE = 0, T2T_TAG_LENT, T2T_TAG_LISTENER, T2T_TAG_WAKE };
+
 typedef struct t2t_side {
     struct t2t_bridge *bridge;
     int fd;
@@ -130,7 +134,7 @@ typedef struct t2t_side {
     /* A short recv proves a TCP socket empty, unless recv stopped at an urgent mark or the
        peer's FIN (or an error) came with the same edge: see t2t_pump. */
     unsigned char tcp, urgent, closing;
-    unsigned char lent_tag; /* one of a bridge's lent_tags: its fd in the poller of the loop it lent to */
+    unsigned char kind;     /* a t2t_tag_kind: T2T_TAG_LENT for a bridge's lent_tags */
     unsigned char polled;   /* a listener's client: its fd is in the poller (see t2t_poll_side) */
 } t2t_side;
 

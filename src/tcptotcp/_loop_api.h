@@ -31,18 +31,23 @@ static void *t2t_loop_main(void *arg) {
 #if T2T_EPOLL
             t2t_side *side = (t2t_side *)events[e].data.ptr;
             uint32_t got = events[e].events;
-            if (!side) {
+#else
+            t2t_side *side = (t2t_side *)events[e].udata;
+            uint32_t got = 0; /* (only epoll's lent events use it: no lending without splice) */
+#endif
+            if (side->kind == T2T_TAG_WAKE) {
                 woken = 1;
                 continue;
             }
-            if (!side->bridge) { /* a listener's tag (see t2t_listen_tag) */
+            if (side->kind == T2T_TAG_LISTENER) {
                 t2t_accept_some(L, (t2t_listen_tag *)side);
                 continue;
             }
-            if (side->lent_tag) {
+            if (side->kind == T2T_TAG_LENT) {
                 t2t_lent_event(L, side, got);
                 continue;
             }
+#if T2T_EPOLL
             /* While direction 1 is lent, side 0's output and side 1's input are the borrower's. */
             t2t_bridge *b = side->bridge;
             int reads = !b->lent_to || side == &b->side[0];
@@ -52,19 +57,6 @@ static void *t2t_loop_main(void *arg) {
             if (reads && (got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) side->closing = 1;
             if (writes && (got & (EPOLLOUT | EPOLLHUP | EPOLLERR))) side->writable = 1;
 #else
-            t2t_side *side = (t2t_side *)events[e].udata;
-            if (!side) {
-                woken = 1;
-                continue;
-            }
-            if (!side->bridge) { /* a listener's tag (see t2t_listen_tag) */
-                t2t_accept_some(L, (t2t_listen_tag *)side);
-                continue;
-            }
-            if (side->lent_tag) { /* (never: no lending without splice) */
-                t2t_lent_event(L, side, 0);
-                continue;
-            }
             if (events[e].filter == EVFILT_READ) side->readable = 1;
             else side->writable = 1;
             if (events[e].flags & (EV_EOF | EV_ERROR)) side->readable = side->writable = side->closing = 1;

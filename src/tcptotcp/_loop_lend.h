@@ -60,7 +60,7 @@ static void t2t_lend_maybe(t2t_bridge *b) {
     for (int s = 0; s < 2; s++) {
         b->lent_tags[s].bridge = b;
         b->lent_tags[s].fd = b->side[s].fd;
-        b->lent_tags[s].lent_tag = 1;
+        b->lent_tags[s].kind = T2T_TAG_LENT;
     }
     __atomic_fetch_add(&X->lent, 1, __ATOMIC_RELAXED);
     t2t_lend_ask(b, T2T_LEND_START);

@@ -17,7 +17,7 @@
 #include "_loop_proxy.h"
 
 typedef struct t2t_listen_tag {
-    t2t_side side; /* side.bridge == NULL marks a listener's tag in the poller */
+    t2t_side side; /* side.kind == T2T_TAG_LISTENER */
     struct t2t_listener *lst;
     int loop;
 } t2t_listen_tag;
@@ -840,6 +840,7 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
     pthread_mutex_init(&lst->lock, NULL);
     for (int i = 0; i < T2T_MAX_LOOPS; i++) {
         lst->tags[i].side.fd = -1;
+        lst->tags[i].side.kind = T2T_TAG_LISTENER;
         lst->tags[i].lst = lst;
         lst->tags[i].loop = i;
     }

@@ -176,16 +176,19 @@ static void t2t_drain_fd(int fd) {
     }
 }
 
+/* Every loop's wake fd has this tag. */
+static t2t_side t2t_wake_tag = {.kind = T2T_TAG_WAKE};
+
 static int t2t_wake_new(t2t_loop *L) {
     if (t2t_signal_new(&L->wake_r, &L->wake_w) != 0) return -1;
 #if T2T_EPOLL
     struct epoll_event ev;
     ev.events = EPOLLIN;
-    ev.data.ptr = NULL;
+    ev.data.ptr = &t2t_wake_tag;
     return epoll_ctl(L->poller, EPOLL_CTL_ADD, L->wake_r, &ev);
 #else
     struct kevent ev;
-    EV_SET(&ev, L->wake_r, EVFILT_READ, EV_ADD, 0, 0, NULL);
+    EV_SET(&ev, L->wake_r, EVFILT_READ, EV_ADD, 0, 0, &t2t_wake_tag);
     return kevent(L->poller, &ev, 1, NULL, 0, NULL);
 #endif
 }
