@@ -20,12 +20,11 @@ from ._activation import is_inherited_address, listener_socket, resolve_listen
 from ._bridge import Bridge
 from ._config import ForwardSpec
 from ._jsonlog import JsonFormatter
+from ._options import RESTART_NAMES
 from .forwarder import Forwarder
 
 log = logging.getLogger("tcptotcp")
 
-# Options a running listener cannot change: they are the socket's own.
-_LISTENER_OPTIONS = ("backlog", "reuse_port")
 _JSON = JsonFormatter()
 
 
@@ -168,10 +167,10 @@ class Service:
         made = self._make_all([spec for _, spec in added])  # binds first: a port in use fails the reload whole
         for key, spec in changed:
             old = self.specs[key]
-            stuck = [k for k in _LISTENER_OPTIONS if getattr(old, k) != getattr(spec, k)]
+            stuck = old.restart_changes(spec)  # the listening socket's own: a restart's
             if stuck:
                 log.warning("%s: %s change only with a restart", spec.listen, " and ".join(stuck))
-            kwargs = {k: v for k, v in spec.forwarder_kwargs().items() if k not in _LISTENER_OPTIONS}
+            kwargs = {k: v for k, v in spec.forwarder_kwargs().items() if k not in RESTART_NAMES}
             self.forwards[key].reconfigure(spec.upstream_addresses or spec.upstreams, **kwargs)
             self.specs[key] = spec
         removed_listens = []
