@@ -103,8 +103,8 @@ def test_reconfigure_changes_every_forward_shape_and_keeps_open_bridges(backend)
 
 @pytest.mark.signals
 def test_accept_in_python_on_request(forwarders, monkeypatch):  # noqa: F811
-    """TCPTOTCP_ACCEPT_IN_PYTHON=1 keeps the compiled core's forwarder on its own thread's
-    accept path: checksummed clients and a refused upstream, as on the loops' path."""
+    """TCPTOTCP_ACCEPT_IN_PYTHON=1 puts the compiled core's forwarder on the pure
+    listener: checksummed clients and a refused upstream, as on the loops' listener."""
     monkeypatch.setenv("TCPTOTCP_ACCEPT_IN_PYTHON", "1")
     echo = EchoServer()
     dead = socket.socket()
