@@ -1,9 +1,10 @@
 """Type stub for the compiled engine (see _core.pyx and _loop.h)."""
 
 import socket
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ._bridge import Plan
+from ._listener import LoopSettings
 
 BUFFER_SIZE: int
 SPLICE_AVAILABLE: bool
@@ -33,32 +34,22 @@ def loop_threads() -> int: ...
 def stats() -> Dict[str, Union[int, List[int]]]: ...
 
 class Listener:
-    """Accepting and connecting in the loops (Linux)."""
+    """A forward's listener in the loops (docs/contract.md, "The listener")."""
 
     def fileno(self) -> int: ...
     @property
     def active(self) -> int: ...
     @property
     def next_id(self) -> int: ...
-    def take(
-        self, brief: bool = False
-    ) -> Tuple[
-        List[Tuple[int, object, Relay]],
-        List[Tuple[int, object, int, int, int, str, float, int, bool]],
-        Tuple[int, int, int],
-    ]: ...
+    def configure(self, settings: LoopSettings) -> None: ...
+    def take(self, brief: bool = False) -> List[Any]: ...  # _events records
     def stop(self, cancel_connects: bool = True) -> None: ...
+    def close(self) -> None: ...
 
-def listen(
-    listener: socket.socket,
-    upstream_family: int,
-    upstream_sockaddr: object,
-    sockopts: List[Tuple[int, int, int]],
-    plan: Plan,
-    connect_timeout: float,
-    max_active: int,
-    first_id: int,
-    *,
-    splice: bool = ...,
-    access: Optional[Tuple[bool, bytes, bytes, bytes, bytes]] = ...,
-) -> Listener: ...
+LISTENER_MAX_UPSTREAMS: int
+
+def listen(listener: socket.socket, settings: LoopSettings, first_id: int) -> Listener: ...
+
+# Tests only: the C PROXY protocol parser and encoder (_loop_proxy.h).
+def proxy_parse(data: bytes) -> Optional[Tuple[int, int, object, object]]: ...
+def proxy_encode(version: str, family: int, source: object, destination: object) -> bytes: ...
