@@ -36,6 +36,9 @@ CHILD = textwrap.dedent(
             self.sent = self.got = 0
             self.digest = hashlib.sha256()
             self.quiet = threading.Event()
+            # Before the threads: set by _recv while _send's sendall() ran, it left that sendall
+            # blocking on a non-blocking fd, spinning on EAGAIN (a core lost to the relay).
+            self.sock.settimeout(20)
             self.read_error = None
             self.threads = [threading.Thread(target=self._send), threading.Thread(target=self._recv)]
             for t in self.threads:
@@ -59,7 +62,6 @@ CHILD = textwrap.dedent(
                 pass  # the bridge ended and closed: what it took is counted
 
         def _recv(self):
-            self.sock.settimeout(20)
             try:
                 while True:
                     piece = self.sock.recv(1 << 20)
@@ -97,7 +99,11 @@ CHILD = textwrap.dedent(
             a, b = Peer(t.peer_a, a_data), Peer(t.peer_b, b_data)
         elif case == "b_closes":  # the lent direction's peer is done: the bridge ends "closed"
             b_data = os.urandom(SIZE)
-            a, b = Peer(t.peer_a, shut=False), Peer(t.peer_b, b_data)  # (a's EOF would end it too)
+            a = Peer(t.peer_a, shut=False)  # (a's EOF would end it too)
+            # b's 24 MiB and its FIN must not all pass before a's bytes flowed (the end would come
+            # before "flowing"): b starts once a's bytes flow, and its FIN waits for "flowing".
+            wait_until(lambda: bridge.counts[0] >= 1 << 20)
+            b = Peer(t.peer_b, b_data, shut=False)
         else:  # both stream until the bridge ends
             a, b = Peer(t.peer_a, shut=case != "idle"), Peer(t.peer_b, shut=case != "idle")
         flowing = wait_until(lambda: min(bridge.counts) >= 8 << 20)
@@ -113,6 +119,7 @@ CHILD = textwrap.dedent(
             b.quiet.set()
         if case == "b_closes":
             wait_until(lambda: b.sent == SIZE, 20)
+            t.peer_b.shutdown(socket.SHUT_WR)  # b is done: its EOF ends the bridge
             a.quiet.set()  # EOF reached: a stops streaming once the bridge ended
         started = time.monotonic()
         result = bridge.wait(20)

@@ -209,12 +209,14 @@ class Bridge:
         An exception in the waiting thread (KeyboardInterrupt) stops the bridge and is
         raised once both sockets are closed.
         """
-        self._launch()
+        launched: List[bool] = []  # [True] once the engine relays
         try:
+            self._launch(launched)  # in the try: an interrupt just after the start stops it too
             result = self.wait()
         except BaseException:
-            self.stop()
-            self._wait_through_interrupts()
+            if launched:
+                self.stop()
+                self._wait_through_interrupts()
             raise
         assert result is not None
         return result
@@ -315,7 +317,8 @@ class Bridge:
 
     # -- inside -------------------------------------------------------------------------
 
-    def _launch(self) -> None:
+    def _launch(self, launched: Optional[List[bool]] = None) -> None:
+        """Start the engine; `launched` (run()'s) gets True as soon as the engine relays."""
         with self._lock:
             if self._launched:
                 raise RuntimeError("a Bridge runs only once")
@@ -333,6 +336,8 @@ class Bridge:
         relay: Optional[Relay] = None
         try:
             relay = engine(s1, s2, self._plan, self._on_end)
+            if launched is not None:
+                launched.append(True)
             with self._lock:
                 self._relay = relay
                 stop = self._stop_asked
