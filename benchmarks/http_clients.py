@@ -226,6 +226,9 @@ def http_get(port: int, prefix: bytes = b"", timeout: float = 10.0) -> Dict[str,
     r: Dict[str, Any] = {"outcome": "", "status": None, "headers": {}, "body": b"", "local_port": 0}
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except ConnectionResetError:  # accepted and reset at once (a connection-time reject)
+        r["outcome"] = "reset"
+        return r
     except OSError as exc:
         r["outcome"] = f"connect-refused ({exc})"
         return r
