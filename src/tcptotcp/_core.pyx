@@ -18,7 +18,7 @@ import threading
 
 from . import _events
 from ._bridge import REASONS, report_unraisable
-from ._events import Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno
@@ -30,6 +30,7 @@ from ._loop cimport *  # noqa: F403 (the engine's C API)
 BUFFER_SIZE = BUFFER_BYTES
 SPLICE_AVAILABLE = bool(HAVE_SPLICE)
 LISTENER_MAX_UPSTREAMS = MAX_UPSTREAMS
+ACCEPT_BACKOFF_SECONDS = ACCEPT_BACKOFF_NS / 1e9
 
 # Index = t2t_reason: T2T_RUNNING, then the reasons in _bridge.REASONS' order.
 _REASONS = ("running",) + REASONS
@@ -356,9 +357,12 @@ cdef class Listener:
         cdef t2t_failure *f
         cdef Relay relay
         cdef unsigned long long gone_count = 0, gone_up = 0, gone_down = 0
+        cdef int accept_error = 0
         with nogil:
-            t2t_listener_take(self._l, &opened_list, &done_list, &failed_list)
+            t2t_listener_take(self._l, &opened_list, &done_list, &failed_list, &accept_error)
         events = []
+        if accept_error:
+            events.append(AcceptPaused(OSError(accept_error, os.strerror(accept_error)), ACCEPT_BACKOFF_SECONDS))
         # Failures first: each came before its client's opening or end.
         while failed_list != NULL:
             f = failed_list

@@ -99,6 +99,14 @@ class Dropped(NamedTuple):
     peer: Peer
 
 
+class AcceptPaused(NamedTuple):
+    """accept() ran out of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM): the listener accepts
+    again after `seconds` instead of spinning on a ready socket. Not about one client."""
+
+    error: OSError
+    seconds: float
+
+
 class Gone(NamedTuple):
     """With ``take(brief=True)``: bridges that opened and ended between two takes, summed up."""
 

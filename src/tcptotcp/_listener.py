@@ -34,7 +34,7 @@ from ._address import Address
 from ._backend import Bridge as DefaultBridge
 from ._backend import core, env_flag
 from ._bridge import Bridge, BridgeResult, Plan, plan_of
-from ._events import Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 log = logging.getLogger("tcptotcp")
 
@@ -364,7 +364,7 @@ class PureListener:
         out: List[Any] = []
         count = up = down = 0
         for e in events:
-            if e.conn_id in both:
+            if getattr(e, "conn_id", None) in both:
                 if type(e) is Opened:
                     continue
                 if type(e) is Ended:
@@ -484,7 +484,7 @@ class PureListener:
                 return
             except OSError as exc:
                 if exc.errno in RESOURCE_ERRNOS:
-                    log.error("accept failed: %s; backing off", exc.strerror)
+                    self._emit(AcceptPaused(exc, _BACKOFF_SECONDS))
                     self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
                     return
                 raise

@@ -66,7 +66,8 @@ cdef extern from "_loop.h" nogil:
     int t2t_listener_fd(t2t_listener *lst)
     int t2t_listener_active(t2t_listener *lst)
     unsigned long long t2t_listener_next_id(t2t_listener *lst)
-    void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed)
+    void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed,
+                           int *accept_error)
     void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
     int t2t_listener_free(t2t_listener *lst)
     const char *t2t_failure_upstream(const t2t_failure *f)
@@ -80,6 +81,7 @@ cdef extern from "_loop.h" nogil:
                          unsigned int *flowinfo, unsigned int *scope_id)
     const int MAX_SOCKOPTS "T2T_MAX_SOCKOPTS"
     const int MAX_UPSTREAMS "T2T_MAX_UPSTREAMS"
+    const long long ACCEPT_BACKOFF_NS "T2T_ACCEPT_BACKOFF_NS"
     const int HAVE_SPLICE "T2T_HAVE_SPLICE"
     const int BUFFER_BYTES "T2T_BUFFER_BYTES"
     const int MAX_LOOPS "T2T_MAX_LOOPS"

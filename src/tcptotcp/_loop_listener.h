@@ -93,6 +93,7 @@ typedef struct t2t_listener {
     pthread_mutex_t lock; /* guards the event lists, arming and cfg */
     t2t_bridge *opened_head, *opened_tail, *done_head, *done_tail;
     t2t_failure *failed_head, *failed_tail;
+    int accept_error; /* accept() ran out of a resource (EMFILE...) since the last take */
     int ev_r, ev_w, ev_told;
     unsigned char watching[T2T_MAX_LOOPS];
     t2t_listen_tag tags[T2T_MAX_LOOPS];
@@ -768,9 +769,14 @@ static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
         if (client < 0) {
             int error = errno;
             if (error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM) {
-                /* Out of fds for now: wait a moment instead of spinning on a ready listener. */
+                /* Out of fds for now: wait a moment instead of spinning on a ready listener,
+                   and tell Python (once per take, however many loops paused). */
                 __atomic_store_n(&lst->paused_until, L->now + T2T_ACCEPT_BACKOFF_NS, __ATOMIC_RELAXED);
                 L->retry_listeners_ns = L->now + T2T_ACCEPT_BACKOFF_NS;
+                pthread_mutex_lock(&lst->lock);
+                lst->accept_error = error;
+                t2t_listener_tell_locked(lst);
+                pthread_mutex_unlock(&lst->lock);
             }
             t2t_listener_unreserve(lst, L->now);
             if (error == EINTR || error == ECONNABORTED) continue;
@@ -950,11 +956,12 @@ static unsigned long long t2t_listener_next_id(t2t_listener *lst) {
 }
 
 /* Clients opened, ended (or gone without a bridge) and failed upstream connects since the last
-   take, in order. Each opened one carries a reference for the caller; each ended one the
+   take, in order, and the error of an accept paused for lack of a resource (0: none). Each opened one carries a reference for the caller; each ended one the
    engine's, which the caller releases once done with it; the caller frees each failure with
    t2t_failure_free. A bridge in both lists (most short ones, under load) is marked
    open_untaken == 2: the caller may report it once, as ended, and just release its opening. */
-static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed) {
+static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed,
+                              int *accept_error) {
     pthread_mutex_lock(&lst->lock);
     if (lst->ev_told) {
         t2t_drain_fd(lst->ev_r);
@@ -967,6 +974,8 @@ static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge
     *opened = lst->opened_head;
     *done = lst->done_head;
     *failed = lst->failed_head;
+    *accept_error = lst->accept_error;
+    lst->accept_error = 0;
     lst->opened_head = lst->opened_tail = lst->done_head = lst->done_tail = NULL;
     lst->failed_head = lst->failed_tail = NULL;
     pthread_mutex_unlock(&lst->lock);
@@ -1033,7 +1042,8 @@ static int t2t_listener_free(t2t_listener *lst) {
     t2t_barrier(); /* a loop still in t2t_retry_listeners, or its report's arming, is done */
     t2t_bridge *opened, *done;
     t2t_failure *failed;
-    t2t_listener_take(lst, &opened, &done, &failed); /* (none, after the caller's last take) */
+    int accept_error;
+    t2t_listener_take(lst, &opened, &done, &failed, &accept_error); /* (none, after the caller's last take) */
     while (opened) {
         t2t_bridge *b = opened;
         opened = b->open_next;

@@ -25,7 +25,7 @@ from ._access import AccessList
 from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge
-from ._events import Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
 from ._options import check_forward, forwarder_kwargs
 
@@ -406,6 +406,12 @@ class Forwarder:
                     e.peer,
                     e.why,
                     extra=_event("refused", id=e.conn_id, client=str(e.peer), why=e.why),
+                )
+            elif kind is AcceptPaused:
+                log.error(
+                    "accept failed: %s; backing off",
+                    e.error.strerror or e.error,
+                    extra=_event("accept_failed", error=str(e.error), seconds=e.seconds),
                 )
             elif kind is Gone:
                 with self._lock:
