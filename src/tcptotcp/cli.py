@@ -206,20 +206,9 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     service = Service(
         _backend_bridge(backend), inherited=inherited, metrics=metrics, json_lines=log_format == "json", wake=wake
     )
-    try:
-        service.start(specs)
-    except ValueError as exc:
-        print(f"tcptotcp: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"tcptotcp: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    if metrics is not None and metrics.address is not None:
-        host, port = metrics.address
-        shown = f"[{host}]" if ":" in host else host
-        service.announce("metrics", f"metrics on http://{shown}:{port}/metrics", address=f"{shown}:{port}")
-
-    # Signal handlers only note what was asked; this thread does it.
+    # Signal handlers only note what was asked; this thread does it. Installed before the forwards
+    # start: a SIGHUP sent once "listening on" was printed must not find the default action
+    # (which ends the process).
     asked: List[int] = []
     status = 0
 
@@ -233,6 +222,19 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for name in ("SIGHUP", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
+    try:
+        service.start(specs)
+    except ValueError as exc:
+        print(f"tcptotcp: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"tcptotcp: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if metrics is not None and metrics.address is not None:
+        host, port = metrics.address
+        shown = f"[{host}]" if ":" in host else host
+        service.announce("metrics", f"metrics on http://{shown}:{port}/metrics", address=f"{shown}:{port}")
+
     try:
         while True:
             wake.wait(1.0)
