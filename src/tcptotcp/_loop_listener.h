@@ -474,11 +474,9 @@ static void t2t_connect_check(t2t_bridge *b) {
     else t2t_connected(b);
 }
 
-static int t2t_new_socket(int family) {
-#if defined(SOCK_NONBLOCK) && defined(SOCK_CLOEXEC)
-    return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-#else
-    int fd = socket(family, SOCK_STREAM, 0);
+/* Where a new fd cannot be born close-on-exec and non-blocking (no SOCK_NONBLOCK, no accept4):
+   make it so, or close it. -1 (with errno) for -1 or a failure. */
+static int t2t_cloexec_nonblocking(int fd) {
     if (fd >= 0 && (fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 || t2t_set_nonblocking(fd) != 0)) {
         int saved = errno;
         close(fd);
@@ -486,6 +484,13 @@ static int t2t_new_socket(int family) {
         return -1;
     }
     return fd;
+}
+
+static int t2t_new_socket(int family) {
+#if defined(SOCK_NONBLOCK) && defined(SOCK_CLOEXEC)
+    return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+#else
+    return t2t_cloexec_nonblocking(socket(family, SOCK_STREAM, 0));
 #endif
 }
 
@@ -742,14 +747,7 @@ static int t2t_accept_fd(int fd, struct sockaddr_storage *peer, socklen_t *peer_
 #if defined(__linux__)
     return accept4(fd, (struct sockaddr *)peer, peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
 #else
-    int client = accept(fd, (struct sockaddr *)peer, peer_len);
-    if (client >= 0 && (fcntl(client, F_SETFD, FD_CLOEXEC) != 0 || t2t_set_nonblocking(client) != 0)) {
-        int saved = errno;
-        close(client);
-        errno = saved;
-        return -1;
-    }
-    return client;
+    return t2t_cloexec_nonblocking(accept(fd, (struct sockaddr *)peer, peer_len));
 #endif
 }
 
