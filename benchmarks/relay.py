@@ -56,7 +56,7 @@ fwd = tcptotcp.Forwarder(
     half_close=True,
     max_connections=4096,
     rate_check_seconds=60,
-    idle_timeout_seconds=3600,
+    idle_timeout=3600,
     backlog=4096,
 )
 threading.Thread(target=fwd.serve_forever, daemon=True).start()

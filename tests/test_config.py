@@ -173,7 +173,7 @@ def test_forwarder_kwargs(tmp_path: Path) -> None:
     spec = load(tmp_path, FULL).forwards[0]
     assert spec.forwarder_kwargs() == {
         "rate_check_seconds": 2,
-        "idle_timeout_seconds": 600,
+        "idle_timeout": 600,
         "activity": "any",
         "half_close": True,
         "max_connections": 50,

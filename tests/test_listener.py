@@ -86,7 +86,7 @@ def test_max_connections_is_one_count_per_forward_across_reloads(backend):
             held.append(c)
             c.sendall(b"held %d" % i)
             assert recv_exactly(c, 6) == b"held %d" % i
-        fwd.reconfigure(f"127.0.0.1:{server.address[1]}", max_connections=3, idle_timeout_seconds=600)
+        fwd.reconfigure(f"127.0.0.1:{server.address[1]}", max_connections=3, idle_timeout=600)
         waiting = []
         for _ in range(2):  # the kernel completes their handshake; the forward must not take them
             c = socket.create_connection(fwd.address, timeout=10)
@@ -131,13 +131,13 @@ def test_a_hundred_reconfigures_leave_fds_threads_and_memory_flat(backend):
     fwd = served.fwd
     try:
         for i in range(20):  # warm up: the engine's threads, pooled pipes, allocator arenas
-            fwd.reconfigure(upstream, idle_timeout_seconds=1000 + i)
+            fwd.reconfigure(upstream, idle_timeout=1000 + i)
             assert _echoes(fwd.address, b"warm %d" % i)
         assert _wait(lambda: fwd.stats.active == 0)
         ours = lambda: _fds() - len(server._conns)  # noqa: E731  (the echo server keeps its ends open)
         fds, threads, rss = ours(), threading.active_count(), _rss_kib()
         for i in range(100):
-            fwd.reconfigure(upstream, idle_timeout_seconds=2000 + i, max_connections=100 + i)
+            fwd.reconfigure(upstream, idle_timeout=2000 + i, max_connections=100 + i)
             if i % 10 == 0:
                 assert _echoes(fwd.address, b"reload %d" % i)
         assert _wait(lambda: fwd.stats.active == 0)
@@ -287,3 +287,36 @@ def test_a_proxy_header_that_never_ends_is_refused_in_time(proxy_forward):
         assert c.recv(1) == b""
         assert 1.5 < time.monotonic() - started < 8  # --proxy-timeout 2
     assert _wait(lambda: fwd.stats.refused == 1)
+
+
+def test_idle_timeout_seconds_is_a_deprecated_name_of_idle_timeout(backend):
+    """0.1's keyword still works, warns, and reaches the bridge's plan: a bridge idle past it ends."""
+    server = EchoServer()
+    upstream = f"127.0.0.1:{server.address[1]}"
+    bridge_class = None if backend.name == "cython" else backend.Bridge
+    with pytest.raises(TypeError, match="give idle_timeout only"):
+        tcptotcp.Forwarder("127.0.0.1:0", upstream, idle_timeout=5, idle_timeout_seconds=5)
+    with pytest.warns(DeprecationWarning, match="idle_timeout_seconds is now idle_timeout"):
+        fwd = tcptotcp.Forwarder(
+            "127.0.0.1:0", upstream, bridge_class=bridge_class, rate_check_seconds=1, idle_timeout_seconds=600
+        )
+    thread = threading.Thread(target=fwd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert fwd.options.idle_timeout == 600
+        with pytest.warns(DeprecationWarning):
+            fwd.reconfigure(upstream, idle_timeout_seconds=2)
+        assert fwd.options.idle_timeout == 2 and fwd.options.plan.idle_limit == 2
+        with socket.create_connection(fwd.address, timeout=10) as c:
+            c.sendall(b"ping")
+            assert recv_exactly(c, 4) == b"ping"
+            started = time.monotonic()
+            c.settimeout(15)
+            assert c.recv(1) == b""  # ended by the idle rule: (2 // 1 + 1) * 1 s, give or take a check
+            assert time.monotonic() - started < 10
+        assert _wait(lambda: fwd.stats.active == 0)
+    finally:
+        fwd.close()
+        thread.join(10)
+        server.close()
+    assert not thread.is_alive()

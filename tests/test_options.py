@@ -26,7 +26,7 @@ from tcptotcp.forwarder import Forwarder
 MINIMAL = '[[forward]]\nlisten = "127.0.0.1:8080"\nupstream = "127.0.0.1:80"\n'
 CLI_ADDRESSES = ["127.0.0.1:8080", "127.0.0.1:80"]
 # Forwarder keyword-only parameters that are not forward options.
-NOT_OPTIONS = {"bridge_class", "listen_socket", "metrics"}
+NOT_OPTIONS = {"bridge_class", "listen_socket", "metrics", *_options.DEPRECATED_KEYWORDS}
 
 
 # -- the two front doors ---------------------------------------------------------------------
@@ -317,7 +317,7 @@ def test_tcptotcp_help_runs() -> None:
 
 
 def test_check_forward_takes_names_and_forwarder_keywords() -> None:
-    by_keyword = _options.check_forward({"idle_timeout_seconds": 60, "rate_check_seconds": 2, "allow": ["10.0.0.0/8"]})
+    by_keyword = _options.check_forward({"idle_timeout": 60, "rate_check_seconds": 2, "allow": ["10.0.0.0/8"]})
     by_name = _options.check_forward({"idle_timeout": 60, "rate_check": 2, "allow": "10.0.0.0/8"})
     assert (
         by_keyword == by_name == {**_options.defaults(), "idle_timeout": 60, "rate_check": 2, "allow": ("10.0.0.0/8",)}
@@ -343,7 +343,7 @@ def test_forwarder_kwargs_from_settings(tmp_path: Path) -> None:
     kwargs = _options.forwarder_kwargs(spec.settings())
     assert kwargs == spec.forwarder_kwargs()
     assert set(kwargs) == {p.name for p in forwarder_options()}
-    assert (kwargs["idle_timeout_seconds"], kwargs["rate_check_seconds"], kwargs["backlog"]) == (60, 5, 9)
+    assert (kwargs["idle_timeout"], kwargs["rate_check_seconds"], kwargs["backlog"]) == (60, 5, 9)
     # and back: Forwarder's keywords check as they are
     assert _options.check_forward(kwargs) == spec.settings()
 

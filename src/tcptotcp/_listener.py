@@ -52,7 +52,10 @@ class ForwardOptions:
     """What decides how a new client is served; ``Forwarder.reconfigure`` swaps it whole."""
 
     upstreams: Tuple[Address, ...]
-    bridge_args: Dict[str, Any] = field(hash=False)
+    rate_check: int = 5
+    idle_timeout: int = 7200
+    activity: str = "both"
+    half_close: bool = False
     max_connections: int = 1024
     connect_timeout: float = 10.0
     access: AccessList = field(default_factory=AccessList)
@@ -68,10 +71,7 @@ class ForwardOptions:
 
     @property
     def plan(self) -> Plan:
-        args = self.bridge_args
-        return plan_of(
-            args["rate_check_seconds"], args["keep_alive_delay_time_seconds"], args["activity"], args["half_close"]
-        )
+        return plan_of(self.rate_check, self.idle_timeout, self.activity, self.half_close)
 
 
 def no_delay(sock: socket.socket) -> None:
@@ -738,7 +738,15 @@ class PureListener:
         conn_id, peer = client.conn_id, client.peer
         # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
         try:
-            bridge = self._bridge_class.from_fds(client.fd, sock.fileno(), **client.options.bridge_args)
+            options = client.options
+            bridge = self._bridge_class.from_fds(
+                client.fd,
+                sock.fileno(),
+                rate_check_seconds=options.rate_check,
+                keep_alive_delay_time_seconds=options.idle_timeout,
+                activity=options.activity,
+                half_close=options.half_close,
+            )
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             os.close(client.fd)
             sock.close()

@@ -6,7 +6,8 @@ arguments all take their options from this table, and check values with the one
 same words. Each record says:
 
 - ``name``: the TOML key, the ``ForwardSpec`` field and the key of a settings dict;
-- ``keyword``: ``Forwarder``'s keyword argument (``idle_timeout_seconds`` for ``idle_timeout``);
+- ``keyword``: ``Forwarder``'s keyword argument (``rate_check_seconds`` for ``rate_check``, as
+  ``connect()`` names it);
 - ``flags``: the command line's spelling (``--idle-timeout``);
 - ``type``, ``default``, bounds (``minimum``/``maximum``, ``min_inclusive``), ``choices``;
 - ``optional``: None switches it off (TOML, which has no null, writes ``false``);
@@ -229,7 +230,6 @@ FORWARD_OPTIONS: Tuple[Option, ...] = (
         int,
         7200,
         "keep-alive seconds; a bridge ends after (N // rate + 1) * rate idle seconds (default 7200; below 2 means 2)",
-        keyword="idle_timeout_seconds",
         metavar="N",
         minimum=0,
     ),
@@ -445,16 +445,19 @@ FORWARD_NAMES: Tuple[str, ...] = tuple(option.name for option in FORWARD_OPTIONS
 PROCESS_NAMES: Tuple[str, ...] = tuple(option.name for option in PROCESS_OPTIONS)
 #: Per-forward options a running forward cannot take (a reload warns and keeps the old value).
 RESTART_NAMES: Tuple[str, ...] = tuple(option.name for option in FORWARD_OPTIONS if option.restart)
-# A forward option by its name or by its Forwarder keyword.
+#: Forwarder keywords of earlier releases, still taken (``Forwarder`` warns), by the option's name.
+DEPRECATED_KEYWORDS: Dict[str, str] = {"idle_timeout_seconds": "idle_timeout"}
+# A forward option by its name, its Forwarder keyword or a deprecated keyword.
 _BY_EITHER: Dict[str, Option] = {
     **{option.keyword: option for option in FORWARD_OPTIONS},
     **{option.name: option for option in FORWARD_OPTIONS},
 }
+_BY_EITHER.update({old: _BY_EITHER[name] for old, name in DEPRECATED_KEYWORDS.items()})
 
 
 def forward_option(name: str) -> Option:
-    """A per-forward option by its name (``idle_timeout``) or Forwarder keyword
-    (``idle_timeout_seconds``); OptionError if there is none."""
+    """A per-forward option by its name (``rate_check``) or Forwarder keyword
+    (``rate_check_seconds``); OptionError if there is none."""
     try:
         return _BY_EITHER[name]
     except KeyError:

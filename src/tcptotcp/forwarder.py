@@ -18,6 +18,7 @@ import selectors
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -27,7 +28,7 @@ from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge
 from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
-from ._options import check_forward, forwarder_kwargs
+from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs
 
 __all__ = ["Forwarder", "ForwarderStats", "ForwardOptions", "raise_fd_limit"]
 
@@ -55,6 +56,9 @@ class ForwarderStats:
 
 # ForwardOptions fields taken as the caller gave them (checked in Forwarder._options).
 _AS_GIVEN = (
+    "idle_timeout",
+    "activity",
+    "half_close",
     "max_connections",
     "connect_timeout",
     "balance",
@@ -67,6 +71,16 @@ _AS_GIVEN = (
     "keepalive_count",
     "user_timeout",
 )
+
+
+def _deprecated_keyword(old: str, value: Any, current: Any, default: Any) -> Any:
+    """The value of a keyword argument given by its old name, with a warning; a TypeError if
+    the new name was given too."""
+    new = DEPRECATED_KEYWORDS[old]
+    if current != default:
+        raise TypeError(f"{old} and {new} are one option: give {new} only")
+    warnings.warn(f"Forwarder's {old} is now {new}", DeprecationWarning, stacklevel=3)
+    return value
 
 
 class _Open:
@@ -132,7 +146,7 @@ class Forwarder:
         upstream: Union[str, Address, Sequence[Union[str, Address]]],
         *,
         rate_check_seconds: int = 5,
-        idle_timeout_seconds: int = 7200,
+        idle_timeout: int = 7200,
         activity: str = "both",
         half_close: bool = False,
         max_connections: int = 1024,
@@ -153,7 +167,10 @@ class Forwarder:
         reuse_port: bool = False,
         listen_socket: Optional[socket.socket] = None,
         metrics: Optional[Any] = None,
+        idle_timeout_seconds: Optional[int] = None,
     ) -> None:
+        if idle_timeout_seconds is not None:  # its name in 0.1
+            idle_timeout = _deprecated_keyword("idle_timeout_seconds", idle_timeout_seconds, idle_timeout, 7200)
         self._inherited = listen_socket is not None
         if listen_socket is not None:
             family, sockaddr = listen_socket.family, listen_socket.getsockname()
@@ -163,7 +180,7 @@ class Forwarder:
             self.listen = _as_address(listen, passive=True)
         self._settings: Dict[str, Any] = dict(
             rate_check_seconds=rate_check_seconds,
-            idle_timeout_seconds=idle_timeout_seconds,
+            idle_timeout=idle_timeout,
             activity=activity,
             half_close=half_close,
             max_connections=max_connections,
@@ -219,13 +236,8 @@ class Forwarder:
             raise ValueError(f"allow/deny need an IP listener: clients of {self.listen.text} have no address")
         return ForwardOptions(
             upstreams=_upstream_list(upstream),
-            bridge_args=dict(
-                rate_check_seconds=kw["rate_check_seconds"],
-                keep_alive_delay_time_seconds=kw["idle_timeout_seconds"],
-                activity=kw["activity"],
-                half_close=kw["half_close"],
-            ),
             access=access,
+            rate_check=kw["rate_check_seconds"],
             **{name: kw[name] for name in _AS_GIVEN},
         )
 
@@ -233,6 +245,9 @@ class Forwarder:
         """New options (the constructor's, less the listener's own) for clients from now on;
         clients already connecting or bridged keep theirs. The connection limit stays one count
         for the forward: bridges opened before count against the new limit."""
+        for old, name in DEPRECATED_KEYWORDS.items():
+            if old in options:
+                options[name] = _deprecated_keyword(old, options.pop(old), options.get(name), None)
         unknown = set(options) - set(self._settings)
         if unknown:
             raise TypeError(f"reconfigure() got unexpected options: {', '.join(sorted(unknown))}")
