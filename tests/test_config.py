@@ -63,6 +63,14 @@ allow = ["10.0.0.0/8", "::1"]
 deny = "10.9.0.0/16"
 balance = "roundrobin"
 upstream_backoff = 0
+max_fails = 3
+fail_window = 30
+check_interval = 2
+check_rise = 4
+check_fall = 5
+max_per_client = 10
+rate_per_client = 100
+client_prefix6 = 48
 send_proxy = "v1"
 accept_proxy = true
 proxy_timeout = 2.5
@@ -94,6 +102,10 @@ allow = "192.0.2.7"
 deny = []
 balance = "first"
 upstream_backoff = 1.5
+max_fails = 1
+check_interval = false
+max_per_client = false
+client_prefix6 = 128
 send_proxy = false
 accept_proxy = false
 proxy_timeout = 1
@@ -129,6 +141,14 @@ def test_full_file(tmp_path: Path) -> None:
         deny=("10.9.0.0/16",),
         balance="roundrobin",
         upstream_backoff=0.0,
+        max_fails=3,
+        fail_window=30.0,
+        check_interval=2.0,
+        check_rise=4,
+        check_fall=5,
+        max_per_client=10,
+        rate_per_client=100,
+        client_prefix6=48,
         send_proxy="v1",
         accept_proxy=True,
         proxy_timeout=2.5,
@@ -152,6 +172,14 @@ def test_full_file(tmp_path: Path) -> None:
         deny=(),
         balance="first",
         upstream_backoff=1.5,
+        max_fails=1,
+        fail_window=30.0,
+        check_interval=None,
+        check_rise=4,
+        check_fall=5,
+        max_per_client=None,
+        rate_per_client=100,
+        client_prefix6=128,
         send_proxy=None,
         accept_proxy=False,
         proxy_timeout=1.0,
@@ -182,6 +210,14 @@ def test_forwarder_kwargs(tmp_path: Path) -> None:
         "deny": ("10.9.0.0/16",),
         "balance": "roundrobin",
         "upstream_backoff": 0.0,
+        "max_fails": 3,
+        "fail_window": 30.0,
+        "check_interval": 2.0,
+        "check_rise": 4,
+        "check_fall": 5,
+        "max_per_client": 10,
+        "rate_per_client": 100,
+        "client_prefix6": 48,
         "send_proxy": "v1",
         "accept_proxy": True,
         "proxy_timeout": 2.5,
@@ -270,7 +306,7 @@ BAD_VALUES = [
     ("half_close = 1", "half_close", "expected true or false, got 1"),
     ('accept_proxy = "yes"', "accept_proxy", "expected true or false"),
     ("reuse_port = 0", "reuse_port", "expected true or false"),
-    ('balance = "random"', "balance", "expected 'first' or 'roundrobin', got 'random'"),
+    ('balance = "random"', "balance", "expected 'first' or 'roundrobin' or 'leastconn' or 'source', got 'random'"),
     ('send_proxy = "v3"', "send_proxy", "expected 'v1' or 'v2', or false for none, got 'v3'"),
     ("send_proxy = true", "send_proxy", "got true"),
     ("keepalive = 0", "keepalive", "expected an integer from 1 to 32767, or false for none, got 0"),
@@ -371,7 +407,7 @@ def test_missing_upstream(tmp_path: Path) -> None:
 def test_upstream_of_the_wrong_type(tmp_path: Path, value: str) -> None:
     exc = error(tmp_path, f'[[forward]]\nlisten = "127.0.0.1:8080"\nupstream = {value}\n')
     assert_where(exc, "upstream", forward=1, listen="127.0.0.1:8080")
-    assert "expected a string or a non-empty list of strings" in str(exc)
+    assert 'expected a string, a table {address = "HOST:PORT", weight = W}, or a non-empty list of them' in str(exc)
 
 
 def test_listen_of_the_wrong_type(tmp_path: Path) -> None:

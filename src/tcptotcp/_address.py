@@ -17,6 +17,14 @@ class Address:
     family: int
     sockaddr: SockAddr
     text: str
+    weight: int = 1  # an upstream's, for balancing (see parse_upstream)
+
+    @classmethod
+    def parse_upstream(cls, text: str) -> Address:
+        """An upstream: an address with an optional weight, ``HOST:PORT@W``."""
+        address, weight = split_weight(text)
+        parsed = cls.parse(address)
+        return parsed if weight == 1 else cls(parsed.family, parsed.sockaddr, parsed.text, weight)
 
     @classmethod
     def parse(cls, text: str, *, passive: bool = False) -> Address:
@@ -45,6 +53,20 @@ class Address:
         except socket.gaierror as exc:
             raise ValueError(f"{text!r}: cannot resolve {host!r} ({exc.strerror})") from None
         return cls(family, sockaddr, text)
+
+
+MAX_WEIGHT = 1000  # an upstream's weight: 1 to this (the loops' T2T_MAX_WEIGHT)
+
+
+def split_weight(text: str) -> Tuple[str, int]:
+    """An upstream's ``HOST:PORT@W`` as its address and weight W (1 to 1000); 1 without ``@W``."""
+    address, sep, weight_text = text.rpartition("@")
+    if not sep or not weight_text.isdigit() or not address:
+        return text, 1
+    weight = int(weight_text)
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"{text!r}: weight {weight} is out of range (1 to {MAX_WEIGHT})")
+    return address, weight
 
 
 def format_sockaddr(family: int, sockaddr: Any) -> str:

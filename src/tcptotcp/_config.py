@@ -10,6 +10,7 @@ line's too: the file and the command line refuse the same values with the same w
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 from . import _options
-from ._address import Address
+from ._address import MAX_WEIGHT, Address, split_weight
 from ._options import FORWARD_NAMES, MAX_INT, PROCESS_NAMES, Option, OptionError, show
 
 PROCESS_KEYS = PROCESS_NAMES
@@ -46,6 +47,14 @@ class ForwardSpec:
     deny: Tuple[str, ...] = _DEFAULT["deny"]
     balance: str = _DEFAULT["balance"]
     upstream_backoff: float = _DEFAULT["upstream_backoff"]
+    max_fails: int = _DEFAULT["max_fails"]
+    fail_window: float = _DEFAULT["fail_window"]
+    check_interval: Optional[float] = _DEFAULT["check_interval"]
+    check_rise: int = _DEFAULT["check_rise"]
+    check_fall: int = _DEFAULT["check_fall"]
+    max_per_client: Optional[int] = _DEFAULT["max_per_client"]
+    rate_per_client: Optional[int] = _DEFAULT["rate_per_client"]
+    client_prefix6: int = _DEFAULT["client_prefix6"]
     send_proxy: Optional[str] = _DEFAULT["send_proxy"]
     accept_proxy: bool = _DEFAULT["accept_proxy"]
     proxy_timeout: float = _DEFAULT["proxy_timeout"]
@@ -153,6 +162,26 @@ def _strings(value: object, *, empty: bool) -> Tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value) and (value or empty):
         return tuple(value)
     raise _expected("a string or a list of strings" if empty else "a string or a non-empty list of strings", value)
+
+
+def _upstreams(value: object) -> Tuple[str, ...]:
+    """An upstream or a list of them: each a string (``HOST:PORT``, ``HOST:PORT@W``) or a table
+    ``{address = "HOST:PORT", weight = W}``, as strings."""
+    items = value if isinstance(value, list) else [value]
+    texts: List[str] = []
+    for item in items:
+        if isinstance(item, dict) and set(item) <= {"address", "weight"} and isinstance(item.get("address"), str):
+            weight = item.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+                raise _expected(f"a weight from 1 to {MAX_WEIGHT}", weight)
+            texts.append(item["address"] if weight == 1 else f"{item['address']}@{weight}")
+        elif isinstance(item, str):
+            texts.append(item)
+        else:
+            raise _expected('a string, a table {address = "HOST:PORT", weight = W}, or a non-empty list of them', value)
+    if not texts:
+        raise _expected('a string, a table {address = "HOST:PORT", weight = W}, or a non-empty list of them', value)
+    return tuple(texts)
 
 
 def _string(value: object) -> object:
@@ -290,7 +319,7 @@ class _Loader:
             if key == "listen":
                 table.options[key] = self.check(key, value, _string, table)
             elif key == "upstream":
-                table.options[key] = self.check(key, value, lambda v: _strings(v, empty=False), table)
+                table.options[key] = self.check(key, value, _upstreams, table)
             elif key in OPTIONS:
                 table.options[key] = self.check(key, value, OPTIONS[key], table)
             elif key in PROCESS_KEYS:
@@ -369,9 +398,11 @@ class _Loader:
                 "upstream",
             )
         try:
-            return self.address(text, passive=False)
+            address, weight = split_weight(text)
+            parsed = self.address(address, passive=False)
         except ValueError as exc:
             raise self.error(str(exc), table, "upstream") from None
+        return parsed if weight == 1 else dataclasses.replace(parsed, weight=weight)
 
     def check_metrics(self, text: str, tables: List[_Table], forwards: List[ForwardSpec]) -> None:
         if text.startswith(("unix:", "fd:", "systemd:")):

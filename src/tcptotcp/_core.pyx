@@ -251,7 +251,21 @@ cdef object _refusal_text(t2t_bridge *b):
         return _events.PROXY_LATE
     if b.refusal == T2T_REFUSED_PROXY_CLOSED:
         return _events.PROXY_CLOSED
+    if b.refusal == T2T_REFUSED_PER_CLIENT:
+        return _events.PER_CLIENT
+    if b.refusal == T2T_REFUSED_RATE:
+        return _events.RATE_LIMITED
+    if b.refusal == T2T_REFUSED_CLIENTS_FULL:
+        return _events.CLIENTS_FULL
     return _events.PROXY_NOT_READ.format(os.strerror(b.error))
+
+
+_BALANCES = {
+    "first": T2T_BALANCE_FIRST,
+    "roundrobin": T2T_BALANCE_ROUNDROBIN,
+    "leastconn": T2T_BALANCE_LEASTCONN,
+    "source": T2T_BALANCE_SOURCE,
+}
 
 
 cdef t2t_config *_config_of(settings) except NULL:
@@ -269,6 +283,9 @@ cdef t2t_config *_config_of(settings) except NULL:
     cdef int rc
     cdef t2t_access rules
     try:
+        weights = settings.weights
+        if len(weights) != len(upstreams) or not all(1 <= w <= MAX_WEIGHT for w in weights):
+            raise ValueError(f"a weight per upstream, each 1 to {MAX_WEIGHT}")
         for i, (family, where, text) in enumerate(upstreams):
             if family == socket.AF_UNIX:
                 path = os.fsencode(where)
@@ -281,7 +298,7 @@ cdef t2t_config *_config_of(settings) except NULL:
             if rc != 0:
                 raise ValueError(f"not a numeric address: {where!r}")
             name = text.encode("utf-8", "surrogateescape")
-            if t2t_config_upstream(c, i, <sockaddr *>&address, address_len, name, len(name)) != 0:
+            if t2t_config_upstream(c, i, <sockaddr *>&address, address_len, name, len(name), weights[i]) != 0:
                 raise OSError(errno, os.strerror(errno))
         for n, (level, option, value) in enumerate(settings.sockopts):
             c.sockopts[n][0] = level
@@ -294,13 +311,19 @@ cdef t2t_config *_config_of(settings) except NULL:
         c.activity_both = plan.activity_both
         c.half_close = plan.half_close
         c.may_splice = settings.splice
-        c.roundrobin = settings.roundrobin
+        c.balance = _BALANCES[settings.balance]
         c.send_proxy = settings.send_proxy
         c.accept_proxy = settings.accept_proxy
         c.backoff_ns = int(settings.upstream_backoff * 1e9)
         c.connect_timeout_ns = int(settings.connect_timeout * 1e9)
         c.proxy_timeout_ns = int(settings.proxy_timeout * 1e9)
         c.max_active = settings.max_connections
+        c.max_fails = settings.max_fails
+        c.fail_window_ns = int(settings.fail_window * 1e9)
+        c.max_per_client = settings.max_per_client
+        c.rate_spacing_ns = settings.rate_spacing_ns
+        c.rate_burst = settings.rate_burst
+        c.prefix6 = settings.client_prefix6
         if settings.access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
             closed, *tables = settings.access
             if len(tables) != 4 or not all(isinstance(table, bytes) for table in tables):
@@ -347,6 +370,25 @@ cdef class Listener:
         cdef t2t_config *c = _config_of(settings)
         t2t_listener_configure(self._l, c)
 
+    def set_checked(self, int index, bint down):
+        """The active checks marked the current settings' upstream `index` down (or up)."""
+        t2t_listener_set_checked(self._l, index, down)
+
+    def upstream_down(self, int index):
+        """Whether upstream `index` is down now (marked by failed connects or by the checks)."""
+        cdef int down = t2t_listener_upstream_down(self._l, index)
+        if down < 0:
+            raise IndexError(index)
+        return bool(down)
+
+    @property
+    def clients(self):
+        """Entries the client table holds, after dropping those with nothing open and a full bucket."""
+        cdef size_t n
+        with nogil:
+            n = t2t_listener_clients(self._l)
+        return n
+
     def take(self, bint brief=False):
         """The events since the last take, in order per client (see _events). With `brief`,
         bridges that opened and ended in between are summed up in one `Gone` record."""
@@ -369,7 +411,8 @@ cdef class Listener:
             failed_list = f.next
             error = socket.timeout("timed out") if f.timed_out else OSError(f.error, os.strerror(f.error))
             events.append(UpstreamFailed(f.conn_id, _peer_of(&f.peer, f.peer_len, self._family),
-                                         t2t_failure_upstream(f).decode("utf-8", "surrogateescape"), error))
+                                         t2t_failure_upstream(f).decode("utf-8", "surrogateescape"), error,
+                                         bool(f.marked_down)))
             t2t_failure_free(f)
         while opened_list != NULL:
             b = opened_list

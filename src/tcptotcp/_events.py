@@ -22,6 +22,18 @@ PROXY_LATE = "no complete PROXY header in time"
 PROXY_CLOSED = "closed before its PROXY header ended"
 PROXY_BAD = "bad PROXY header: {}"
 PROXY_NOT_READ = "PROXY header not read: {}"
+PER_CLIENT = "per-client limit"
+RATE_LIMITED = "rate limit"
+CLIENTS_FULL = "client table full"
+BRIDGE_NOT_STARTED = "bridge not started: {}"
+
+# A refusal's kind, for the metrics' reason label: a few fixed values, whatever the details.
+_KINDS = {NOT_ALLOWED: "access", PER_CLIENT: PER_CLIENT, RATE_LIMITED: RATE_LIMITED, CLIENTS_FULL: CLIENTS_FULL}
+_KIND_PREFIXES = (
+    (PROXY_BAD.partition("{")[0], "proxy header"),
+    (PROXY_NOT_READ.partition("{")[0], "proxy header"),
+    (BRIDGE_NOT_STARTED.partition("{")[0], "bridge not started"),
+)
 
 
 class Peer:
@@ -74,14 +86,31 @@ class Refused(NamedTuple):
     peer: Peer
     why: str
 
+    @property
+    def kind(self) -> str:
+        """What kind of refusal: access, per-client limit, rate limit, client table full, proxy
+        header, bridge not started."""
+        kind = _KINDS.get(self.why)
+        if kind is not None:
+            return kind
+        if self.why in (PROXY_TOO_LONG, PROXY_LATE, PROXY_CLOSED):
+            return "proxy header"
+        for prefix, kind in _KIND_PREFIXES:
+            if self.why.startswith(prefix):
+                return kind
+        return "other"
+
 
 class UpstreamFailed(NamedTuple):
-    """One connect attempt to `upstream` failed; the client goes on to the next one, if any."""
+    """One connect attempt to `upstream` failed; the client goes on to the next one, if any.
+    `marked_down`: this failure was the forward's ``max_fails``-th within ``fail_window``, and
+    the upstream is skipped for ``upstream_backoff`` seconds (unless every upstream is)."""
 
     conn_id: int
     peer: Peer
     upstream: str
     error: OSError
+    marked_down: bool = False
 
 
 class Unserved(NamedTuple):

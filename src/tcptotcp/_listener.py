@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
-from . import _events, _proxy
+from . import _balance, _events, _proxy
 from ._access import AccessList
 from ._address import Address
 from ._backend import Bridge as DefaultBridge
@@ -68,6 +68,20 @@ class ForwardOptions:
     keepalive_interval: Optional[int] = None
     keepalive_count: Optional[int] = None
     user_timeout: Optional[float] = None
+    max_fails: int = 1
+    fail_window: float = 10.0
+    max_per_client: Optional[int] = None
+    rate_per_client: Optional[int] = None
+    client_prefix6: int = 64
+
+    @property
+    def upstream_weights(self) -> Tuple[int, ...]:
+        return tuple(u.weight for u in self.upstreams)
+
+    @property
+    def rate_spacing_ns(self) -> int:
+        """--rate-per-client as the bucket's spacing (0: no rate limit)."""
+        return 0 if not self.rate_per_client else max(1, 1_000_000_000 // self.rate_per_client)
 
     @property
     def plan(self) -> Plan:
@@ -164,8 +178,15 @@ class LoopSettings(NamedTuple):
     """ForwardOptions as `_core.listen` takes them: numbers and numeric addresses only."""
 
     upstreams: Tuple[Tuple[int, Any, str], ...]  # (family, sockaddr, the forward's name for it)
-    roundrobin: bool
+    weights: Tuple[int, ...]
+    balance: str
     upstream_backoff: float
+    max_fails: int
+    fail_window: float
+    max_per_client: int  # 0: no limit
+    rate_spacing_ns: int  # 0: no rate limit
+    rate_burst: int
+    client_prefix6: int
     send_proxy: int  # 0, 1 or 2
     accept_proxy: bool
     proxy_timeout: float
@@ -180,8 +201,15 @@ class LoopSettings(NamedTuple):
 def loop_settings(options: ForwardOptions) -> LoopSettings:
     return LoopSettings(
         upstreams=tuple((u.family, u.sockaddr, u.text) for u in options.upstreams),
-        roundrobin=options.balance == "roundrobin",
+        weights=options.upstream_weights,
+        balance=options.balance,
         upstream_backoff=options.upstream_backoff,
+        max_fails=options.max_fails,
+        fail_window=options.fail_window,
+        max_per_client=options.max_per_client or 0,
+        rate_spacing_ns=options.rate_spacing_ns,
+        rate_burst=options.rate_per_client or 0,
+        client_prefix6=options.client_prefix6,
         send_proxy=_PROXY_VERSIONS[options.send_proxy],
         accept_proxy=options.accept_proxy,
         proxy_timeout=options.proxy_timeout,
@@ -203,6 +231,17 @@ class LoopListener:
 
     def configure(self, options: ForwardOptions) -> None:
         self._core.configure(loop_settings(options))
+
+    def set_checked(self, index: int, down: bool) -> None:
+        self._core.set_checked(index, down)
+
+    def upstream_down(self, index: int) -> bool:
+        return bool(self._core.upstream_down(index))
+
+    @property
+    def clients(self) -> int:
+        count: int = self._core.clients
+        return count
 
     def fileno(self) -> int:
         fd: int = self._core.fileno()
@@ -268,11 +307,14 @@ class _Client:
         "options",
         "destination",
         "header",
-        "tries",
         "upstream",
         "upstream_sock",
         "to_send",
         "deadline",
+        "tried",
+        "skip",
+        "client_key",
+        "state",
     )
 
     def __init__(self, conn_id: int, fd: int, peer: Peer, options: ForwardOptions) -> None:
@@ -282,11 +324,14 @@ class _Client:
         self.options = options  # as they were when it arrived
         self.destination: Optional[Any] = None  # the address it connected to (PROXY header's)
         self.header = b""  # PROXY header bytes read so far
-        self.tries: List[Address] = []  # upstreams still to try
         self.upstream: Optional[Address] = None
         self.upstream_sock: Optional[socket.socket] = None
         self.to_send = b""  # our PROXY header, not yet all sent upstream
         self.deadline = 0.0
+        self.tried: List[int] = []  # upstream indices tried, the last one now
+        self.skip: List[int] = []  # down when it was admitted
+        self.client_key: Optional[bytes] = None  # holds a slot in the client table under this key
+        self.state: Optional[_balance.UpstreamState] = None  # its upstream's, once opened
 
 
 class _PureRelay:
@@ -324,8 +369,10 @@ class PureListener:
         self._stopped = threading.Event()  # the thread no longer touches the listening socket
         self._pending: Dict[int, Tuple[_Client, str]] = {}  # fd watched -> (client, what for)
         self._timers: List[Tuple[float, int, _Client]] = []  # (deadline, conn_id, client)
-        self._backoff: Dict[str, float] = {}  # upstream text -> monotonic time it may be tried again
-        self._next_upstream = 0  # round robin's turn
+        self._states: Dict[Any, _balance.UpstreamState] = {}  # by (family, sockaddr)
+        self._upstream_states = self._states_for(options)
+        self._clients = _balance.ClientTable()
+        self._turn = 0  # leastconn's first look, turning (ties go round)
         self._accept_paused_until = 0.0
         self._events_ready = Wakeup()  # take() has something
         self._wakeup = Wakeup()  # the thread has something to look at
@@ -336,8 +383,41 @@ class PureListener:
     # -- the seam ------------------------------------------------------------------------
 
     def configure(self, options: ForwardOptions) -> None:
-        self.options = options  # one assignment: the thread sees the old or the new, whole
+        states = self._states_for(options)
+        with self._lock:
+            # One assignment each: the thread sees the old or the new, whole.
+            self._upstream_states = states
+            self.options = options
         self._wake()
+
+    def _states_for(self, options: ForwardOptions) -> List[_balance.UpstreamState]:
+        """The upstreams' states: an address the forward named before keeps its own (health,
+        bridges open, round robin turn)."""
+        states = []
+        for u in options.upstreams:
+            key = (u.family, u.sockaddr)
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = _balance.UpstreamState()
+            states.append(state)
+        kept = {(u.family, u.sockaddr) for u in options.upstreams}
+        self._states = {k: v for k, v in self._states.items() if k in kept}
+        return states
+
+    def set_checked(self, index: int, down: bool) -> None:
+        """The active checks marked the current options' upstream `index` down (or up)."""
+        states = self._upstream_states
+        if 0 <= index < len(states):
+            states[index].checked_down = down
+
+    def upstream_down(self, index: int) -> bool:
+        return self._upstream_states[index].is_down(time.monotonic())
+
+    @property
+    def clients(self) -> int:
+        """Entries the client table holds (after dropping those that hold nothing)."""
+        with self._lock:
+            return self._clients.held(time.monotonic_ns())
 
     def fileno(self) -> int:
         return self._events_ready.fileno()
@@ -397,11 +477,18 @@ class PureListener:
 
     # -- the thread -----------------------------------------------------------------------
 
-    def _emit(self, event: Any, gone: bool = False) -> None:
+    def _emit(self, event: Any, gone: Optional[_Client] = None) -> None:
+        """Queue an event; `gone`: the client it ends, whose slot and counts it gives back."""
         with self._lock:
             self._events.append(event)
-            if gone:
+            if gone is not None:
                 self._active -= 1
+                if gone.client_key is not None:
+                    self._clients.release(gone.client_key)
+                    gone.client_key = None
+                if gone.state is not None:
+                    gone.state.open -= 1
+                    gone.state = None
             if not self._told:
                 self._told = True
                 self._events_ready.set()
@@ -501,29 +588,84 @@ class PureListener:
                 self._admit(selector, client)
 
     def _admit(self, selector: selectors.BaseSelector, client: _Client) -> None:
-        access = client.options.access
+        options = client.options
+        access = options.access
         if access and not access.permits(client.peer.host):
             self._refuse(client, _events.NOT_ALLOWED)
             return
-        client.tries = self._upstream_order(client.options)
+        if options.max_per_client or options.rate_per_client:
+            why = self._client_admit(client)
+            if why:
+                self._refuse(client, why)
+                return
+        states = self._states_of(client)
+        now = time.monotonic()
+        down = [i for i, state in enumerate(states) if state.is_down(now)]
+        client.skip = [] if len(down) == len(states) else down  # every one down: all are tried
+        client.tried = []
         self._try_next_upstream(selector, client)
 
-    def _upstream_order(self, options: ForwardOptions) -> List[Address]:
-        ups = list(options.upstreams)
-        if options.balance == "roundrobin" and len(ups) > 1:
-            start = self._next_upstream % len(ups)
-            self._next_upstream = start + 1
-            ups = ups[start:] + ups[:start]
-        if self._backoff:
-            now = time.monotonic()
-            ready = [u for u in ups if self._backoff.get(u.text, 0.0) <= now]
-            if ready:  # when every upstream is in back-off, all are tried
-                ups = ready
-        return ups
+    def _states_of(self, client: _Client) -> List[_balance.UpstreamState]:
+        # (A client accepted before a reload keeps its options, and their upstreams' states.)
+        states = self._upstream_states
+        if client.options is not self.options or len(states) != len(client.options.upstreams):
+            states = [
+                self._states.get((u.family, u.sockaddr)) or _balance.UpstreamState() for u in client.options.upstreams
+            ]
+        return states
+
+    def _client_admit(self, client: _Client) -> str:
+        """Take the client's place in the client table: '' if it may open a bridge now, else why not."""
+        options = client.options
+        key = _balance.client_key(client.peer.family, client.peer.sockaddr, options.client_prefix6)
+        now = time.monotonic_ns()
+        with self._lock:
+            entry = self._clients.get(key, now)
+            if entry is None:
+                return _events.CLIENTS_FULL
+            if options.max_per_client and entry.open >= options.max_per_client:
+                return _events.PER_CLIENT
+            if options.rate_per_client:
+                tat = _balance.bucket_take(entry.tat, now, options.rate_spacing_ns, options.rate_per_client)
+                if tat is None:
+                    return _events.RATE_LIMITED
+                entry.tat = tat
+            entry.open += 1
+        client.client_key = key
+        return ""
+
+    def _next_upstream(self, client: _Client) -> Optional[int]:
+        options = client.options
+        n = len(options.upstreams)
+        left = [i for i in range(n) if i not in client.tried and i not in client.skip]
+        if not left:
+            return None
+        client_hash = 0
+        if options.balance == "source":
+            key = _balance.client_key(client.peer.family, client.peer.sockaddr, options.client_prefix6)
+            client_hash = _balance.hash_bytes(key)
+        turn = self._turn
+        self._turn = (turn + 1) % n
+        return _balance.pick(
+            options.balance,
+            self._states_of(client),
+            options.upstream_weights,
+            [_balance.hash_bytes(u.text.encode("utf-8", "surrogateescape")) for u in options.upstreams]
+            if options.balance == "source"
+            else (),
+            left,
+            client.tried[-1] if client.tried else None,
+            turn,
+            client_hash,
+        )
 
     def _try_next_upstream(self, selector: selectors.BaseSelector, client: _Client) -> None:
-        while client.tries:
-            upstream = client.tries.pop(0)
+        while True:
+            index = self._next_upstream(client)
+            if index is None:
+                break
+            client.tried.append(index)
+            upstream = client.options.upstreams[index]
             client.upstream = upstream
             try:
                 sock = socket.socket(upstream.family, socket.SOCK_STREAM | _NONBLOCK)
@@ -566,14 +708,26 @@ class PureListener:
         # Every upstream failed.
         client.deadline = 0.0  # a connect timer of the last attempt may still be queued: void it
         os.close(client.fd)
-        self._emit(Unserved(client.conn_id, client.peer, len(client.options.upstreams)), gone=True)
+        self._emit(Unserved(client.conn_id, client.peer, len(client.options.upstreams)), gone=client)
 
     def _upstream_failed(self, client: _Client, exc: OSError) -> None:
+        """Report a failed connect; the max_fails-th within the fail window marks the upstream
+        down for the back-off (passive health)."""
         upstream = client.upstream
         assert upstream is not None
-        if client.options.upstream_backoff > 0:
-            self._backoff[upstream.text] = time.monotonic() + client.options.upstream_backoff
-        self._emit(UpstreamFailed(client.conn_id, client.peer, upstream.text, exc))
+        options = client.options
+        state = self._states_of(client)[client.tried[-1]]
+        marked = False
+        if options.upstream_backoff > 0:
+            now = time.monotonic()
+            if state.fails == 0 or now - state.fails_since > options.fail_window:
+                state.fails, state.fails_since = 0, now
+            state.fails += 1
+            if state.fails >= options.max_fails:
+                state.fails = 0
+                marked = state.down_until <= now
+                state.down_until = now + options.upstream_backoff
+        self._emit(UpstreamFailed(client.conn_id, client.peer, upstream.text, exc, marked))
 
     def _fail_over(self, selector: selectors.BaseSelector, client: _Client, exc: OSError) -> None:
         """The upstream being connected failed: close it, report it, try the next one."""
@@ -587,7 +741,9 @@ class PureListener:
     def _connected(self, selector: selectors.BaseSelector, client: _Client) -> None:
         sock = client.upstream_sock
         assert sock is not None and client.upstream is not None
-        self._backoff.pop(client.upstream.text, None)
+        state = self._states_of(client)[client.tried[-1]]
+        state.fails = 0
+        state.down_until = 0.0
         if client.options.send_proxy:
             client.to_send = self._proxy_header(client)
             try:
@@ -719,12 +875,12 @@ class PureListener:
             client.upstream_sock.close()
         client.deadline = 0.0
         os.close(client.fd)
-        self._emit(Dropped(client.conn_id, client.peer), gone=True)
+        self._emit(Dropped(client.conn_id, client.peer), gone=client)
 
     def _refuse(self, client: _Client, why: str) -> None:
         client.deadline = 0.0
         os.close(client.fd)
-        self._emit(Refused(client.conn_id, client.peer, why), gone=True)
+        self._emit(Refused(client.conn_id, client.peer, why), gone=client)
 
     def _bridge(self, client: _Client) -> None:
         upstream, sock = client.upstream, client.upstream_sock
@@ -733,7 +889,7 @@ class PureListener:
         if self._cancelling:  # (a stop that cancels: nothing opens once it returned)
             sock.close()
             os.close(client.fd)
-            self._emit(Dropped(client.conn_id, client.peer), gone=True)
+            self._emit(Dropped(client.conn_id, client.peer), gone=client)
             return
         conn_id, peer = client.conn_id, client.peer
         # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
@@ -752,10 +908,14 @@ class PureListener:
             sock.close()
             if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
-            self._emit(Refused(conn_id, peer, f"bridge not started: {exc}"), gone=True)
+            self._emit(Refused(conn_id, peer, _events.BRIDGE_NOT_STARTED.format(exc)), gone=client)
             return
         upstream_fd = sock.detach()  # the bridge's now
-        bridge.add_done_callback(lambda result: self._bridge_ended(conn_id, peer, upstream.text, result))
+        state = self._states_of(client)[client.tried[-1]]
+        with self._lock:
+            state.open += 1
+            client.state = state
+        bridge.add_done_callback(lambda result: self._bridge_ended(client, upstream.text, result))
         self._emit(Opened(conn_id, peer, upstream.text, _PureRelay(bridge)))  # before any end of it
         try:
             bridge.start()
@@ -768,14 +928,14 @@ class PureListener:
                     os.close(fd)
                 except OSError:
                     pass
-            self._emit(Ended(conn_id, peer, upstream.text, 0, 0, "error", 0.0, True), gone=True)
+            self._emit(Ended(conn_id, peer, upstream.text, 0, 0, "error", 0.0, True), gone=client)
 
-    def _bridge_ended(self, conn_id: int, peer: Peer, upstream: str, result: BridgeResult) -> None:
+    def _bridge_ended(self, client: _Client, upstream: str, result: BridgeResult) -> None:
         """From the thread that finishes bridges, once per bridge."""
         self._emit(
             Ended(
-                conn_id,
-                peer,
+                client.conn_id,
+                client.peer,
                 upstream,
                 result.bytes_1_to_2,
                 result.bytes_2_to_1,
@@ -783,5 +943,5 @@ class PureListener:
                 result.seconds,
                 True,
             ),
-            gone=True,
+            gone=client,
         )

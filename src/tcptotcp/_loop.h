@@ -84,6 +84,7 @@ enum {
     T2T_ACCEPTS_PER_TURN = 64, /* then the loop serves its bridges before accepting more */
     T2T_MAX_SOCKOPTS = 8,
     T2T_MAX_UPSTREAMS = 64, /* a forward's (a bit each in t2t_bridge.up_skip) */
+    T2T_MAX_WEIGHT = 1000,  /* an upstream's weight: 1..this */
 };
 #define T2T_ACCEPT_BACKOFF_NS 100000000LL /* out of fds: accept again after 100 ms */
 /* Draining unread input before close (a close with unread bytes sends RST, which destroys
@@ -108,6 +109,9 @@ enum t2t_refusal {
     T2T_REFUSED_PROXY_LATE,   /* none complete within --proxy-timeout */
     T2T_REFUSED_PROXY_CLOSED, /* closed before its header ended */
     T2T_REFUSED_PROXY_READ,   /* reading it failed: error = errno */
+    T2T_REFUSED_PER_CLIENT,   /* --max-per-client */
+    T2T_REFUSED_RATE,         /* --rate-per-client */
+    T2T_REFUSED_CLIENTS_FULL, /* the client table is full (T2T_CLIENTS_MAX) */
 };
 enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8 };
 enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
@@ -170,8 +174,10 @@ typedef struct t2t_bridge {
     struct t2t_bridge *open_next;
     unsigned long long conn_id;
     int64_t connect_deadline_ns; /* connecting, or reading the client's header: gives up then */
-    uint64_t up_skip;            /* upstreams in back-off when it was admitted (a bit per index) */
-    unsigned char up_start, up_pos, up_index; /* tried in turn from up_start: up_pos so far; now up_index */
+    uint64_t up_skip;            /* upstreams down when it was admitted (a bit per index) */
+    uint64_t up_tried;           /* upstreams it tried (a bit per index); up_index the last */
+    unsigned char up_index;
+    unsigned char client_counted; /* it holds a slot in its listener's client table */
     unsigned char registered, opened, timed_out, refusal; /* refusal: a t2t_refusal */
     /* Under the listener's lock: 1 while in its opened list; 2 once it ended before a take
        reported its opening (the take then reports it once, as ended; see t2t_listener_take). */

@@ -35,17 +35,23 @@ cdef extern from "_loop.h" nogil:
         const unsigned char *lists[4]
         size_t counts[4]
     ctypedef struct t2t_config:
-        unsigned char roundrobin, send_proxy, accept_proxy
+        unsigned char balance, send_proxy, accept_proxy
         unsigned char activity_both, half_close, may_splice
         int64_t backoff_ns, connect_timeout_ns, proxy_timeout_ns, interval_ns
         uint64_t idle_limit
         int max_active
+        int max_fails
+        int64_t fail_window_ns
+        int max_per_client
+        int64_t rate_spacing_ns, rate_burst
+        int prefix6
         int sockopts[8][3]
         int nsockopts
     ctypedef struct t2t_failure:
         t2t_failure *next
         int error
         unsigned char timed_out
+        unsigned char marked_down
         unsigned long long conn_id
         sockaddr_storage peer
         socklen_t peer_len
@@ -56,9 +62,16 @@ cdef extern from "_loop.h" nogil:
         T2T_REFUSED_PROXY_LATE
         T2T_REFUSED_PROXY_CLOSED
         T2T_REFUSED_PROXY_READ
+        T2T_REFUSED_PER_CLIENT
+        T2T_REFUSED_RATE
+        T2T_REFUSED_CLIENTS_FULL
+        T2T_BALANCE_FIRST
+        T2T_BALANCE_ROUNDROBIN
+        T2T_BALANCE_LEASTCONN
+        T2T_BALANCE_SOURCE
     t2t_config *t2t_config_new(int nupstreams)
     int t2t_config_upstream(t2t_config *c, int i, const sockaddr *address, socklen_t length, const char *text,
-                            size_t text_length)
+                            size_t text_length, int weight)
     int t2t_config_access(t2t_config *c, const t2t_access *access)
     void t2t_config_release(t2t_config *c)
     t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long first_id)
@@ -69,6 +82,9 @@ cdef extern from "_loop.h" nogil:
     void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed,
                            int *accept_error)
     void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
+    void t2t_listener_set_checked(t2t_listener *lst, int i, int down)
+    int t2t_listener_upstream_down(t2t_listener *lst, int i)
+    size_t t2t_listener_clients(t2t_listener *lst)
     int t2t_listener_free(t2t_listener *lst)
     const char *t2t_failure_upstream(const t2t_failure *f)
     void t2t_failure_free(t2t_failure *f)
@@ -81,6 +97,7 @@ cdef extern from "_loop.h" nogil:
                          unsigned int *flowinfo, unsigned int *scope_id)
     const int MAX_SOCKOPTS "T2T_MAX_SOCKOPTS"
     const int MAX_UPSTREAMS "T2T_MAX_UPSTREAMS"
+    const int MAX_WEIGHT "T2T_MAX_WEIGHT"
     const long long ACCEPT_BACKOFF_NS "T2T_ACCEPT_BACKOFF_NS"
     const int HAVE_SPLICE "T2T_HAVE_SPLICE"
     const int BUFFER_BYTES "T2T_BUFFER_BYTES"

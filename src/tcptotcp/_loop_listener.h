@@ -15,6 +15,7 @@
    loop finished the turn in which it could still have seen the listening socket. */
 
 #include "_loop_proxy.h"
+#include "_loop_balance.h"
 
 typedef struct t2t_listen_tag {
     t2t_side side; /* side.kind == T2T_TAG_LISTENER */
@@ -35,9 +36,11 @@ typedef struct t2t_access {
 typedef struct t2t_upstream {
     struct sockaddr_storage address;
     socklen_t len;
-    unsigned char ip;      /* AF_INET/AF_INET6: the socket options apply; EAGAIN is not final */
-    int64_t backoff_until; /* atomic: skipped until then after a failed connect, unless all are */
-    char *text;            /* the forward's name for it, for Python's events */
+    unsigned char ip;           /* AF_INET/AF_INET6: the socket options apply; EAGAIN is not final */
+    int weight;                 /* 1..T2T_MAX_WEIGHT */
+    uint64_t hash;              /* of its text: its identity for --balance source */
+    t2t_upstream_state *state;  /* a reference: shared with the listener's other configs */
+    char *text;                 /* the forward's name for it, for Python's events */
 } t2t_upstream;
 
 /* A forward's settings for new clients. The listener holds the current one; each client holds
@@ -47,11 +50,16 @@ typedef struct t2t_config {
     t2t_access access;
     t2t_upstream *upstreams;
     int nupstreams; /* 1..T2T_MAX_UPSTREAMS */
-    unsigned char roundrobin, send_proxy, accept_proxy; /* send_proxy: 0, 1 (v1) or 2 (v2) */
+    unsigned char balance, send_proxy, accept_proxy; /* balance: a t2t_balance; send_proxy: 0, 1 (v1) or 2 (v2) */
     unsigned char activity_both, half_close, may_splice;
     int64_t backoff_ns, connect_timeout_ns, proxy_timeout_ns, interval_ns;
     uint64_t idle_limit;
     int max_active;
+    int max_fails;        /* failed connects within fail_window_ns that mark an upstream down */
+    int64_t fail_window_ns;
+    int max_per_client;   /* 0: no limit */
+    int64_t rate_spacing_ns, rate_burst; /* --rate-per-client's bucket (see t2t_bucket_take); 0: none */
+    int prefix6;          /* --client-prefix6 */
     int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) on every IP upstream socket */
     int nsockopts;
 } t2t_config;
@@ -73,6 +81,7 @@ typedef struct t2t_failure {
     t2t_config *cfg; /* a reference: names the upstream */
     int upstream, error;
     unsigned char timed_out;
+    unsigned char marked_down; /* this failure marked the upstream down (max_fails reached) */
     unsigned long long conn_id;
     struct sockaddr_storage peer;
     socklen_t peer_len;
@@ -89,8 +98,10 @@ typedef struct t2t_listener {
     int armed;      /* atomic: watched by the loops */
     int64_t paused_until; /* atomic: EMFILE back-off */
     unsigned long long next_id; /* atomic */
-    unsigned int next_upstream; /* atomic: round robin's turn, kept across reloads */
-    pthread_mutex_t lock; /* guards the event lists, arming and cfg */
+    unsigned int next_upstream; /* atomic: leastconn's first look, turning (ties go round) */
+    pthread_mutex_t lock; /* guards the event lists, arming, cfg, the client table, upstream fails */
+    t2t_clients clients;
+    pthread_mutex_t balance_lock; /* guards the upstreams' round robin weights */
     t2t_bridge *opened_head, *opened_tail, *done_head, *done_tail;
     t2t_failure *failed_head, *failed_tail;
     int accept_error; /* accept() ran out of a resource (EMFILE...) since the last take */
@@ -102,10 +113,15 @@ typedef struct t2t_listener {
 
 static t2t_listener *t2t_listeners; /* under the engine's lock */
 
+static void t2t_client_release_locked(t2t_bridge *b);
+
 static void t2t_config_release(t2t_config *c) {
     if (!c || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
     for (int i = 0; i < 4; i++) free((void *)c->access.lists[i]);
-    for (int i = 0; i < c->nupstreams; i++) free(c->upstreams[i].text);
+    for (int i = 0; i < c->nupstreams; i++) {
+        free(c->upstreams[i].text);
+        t2t_upstream_state_release(c->upstreams[i].state);
+    }
     free(c->upstreams);
     free(c);
 }
@@ -130,19 +146,22 @@ static t2t_config *t2t_config_new(int nupstreams) {
 }
 
 static int t2t_config_upstream(t2t_config *c, int i, const struct sockaddr *address, socklen_t len,
-                               const char *text, size_t text_len) {
-    if (i < 0 || i >= c->nupstreams || len > sizeof(struct sockaddr_storage)) {
+                               const char *text, size_t text_len, int weight) {
+    if (i < 0 || i >= c->nupstreams || len > sizeof(struct sockaddr_storage) || weight < 1 || weight > T2T_MAX_WEIGHT) {
         errno = EINVAL;
         return -1;
     }
     t2t_upstream *u = &c->upstreams[i];
     u->text = (char *)malloc(text_len + 1);
-    if (!u->text) {
+    if (!u->state) u->state = t2t_upstream_state_new();
+    if (!u->text || !u->state) {
         errno = ENOMEM;
-        return -1;
+        return -1; /* (what was made is freed with the config) */
     }
     memcpy(u->text, text, text_len);
     u->text[text_len] = 0;
+    u->hash = t2t_hash_bytes((const unsigned char *)text, text_len);
+    u->weight = weight;
     memcpy(&u->address, address, len);
     u->len = len;
     u->ip = address->sa_family == AF_INET || address->sa_family == AF_INET6;
@@ -250,7 +269,9 @@ static void t2t_listener_tell_locked(t2t_listener *lst) {
 /* A listener's client ended, or never opened: give it to Python, free its slot. */
 static void t2t_listener_report(t2t_bridge *b) {
     t2t_listener *lst = b->listener;
+    if (b->opened) __atomic_sub_fetch(&b->cfg->upstreams[b->up_index].state->open, 1, __ATOMIC_RELAXED);
     pthread_mutex_lock(&lst->lock);
+    if (b->client_counted) t2t_client_release_locked(b);
     b->done_next = NULL;
     if (lst->done_tail) lst->done_tail->done_next = b;
     else lst->done_head = b;
@@ -317,20 +338,27 @@ static void t2t_wait_until(t2t_bridge *b, int64_t deadline) {
 
 static void t2t_try_upstreams(t2t_bridge *b);
 
-/* Record a failed upstream connect for Python, and put that upstream in back-off. */
+/* Record a failed upstream connect for Python. The max_fails-th within the fail window marks
+   the upstream down for the back-off (passive health); its state is shared with the configs of
+   later reloads that name the same address. */
 static void t2t_upstream_failed(t2t_bridge *b, int error) {
     t2t_listener *lst = b->listener;
     t2t_config *c = b->cfg;
-    t2t_upstream *u = &c->upstreams[b->up_index];
+    t2t_upstream_state *st = c->upstreams[b->up_index].state;
     t2t_failure *f = (t2t_failure *)calloc(1, sizeof(t2t_failure));
-    int64_t until = c->backoff_ns > 0 ? t2t_add(b->loop->now, c->backoff_ns) : 0;
+    int64_t now = b->loop->now;
+    int marked = 0;
     pthread_mutex_lock(&lst->lock);
-    if (until) {
-        __atomic_store_n(&u->backoff_until, until, __ATOMIC_RELAXED);
-        if (lst->cfg != c) /* reloaded since: new clients look at the new config's */
-            for (int i = 0; i < lst->cfg->nupstreams; i++)
-                if (lst->cfg->upstreams[i].len == u->len && !memcmp(&lst->cfg->upstreams[i].address, &u->address, u->len))
-                    __atomic_store_n(&lst->cfg->upstreams[i].backoff_until, until, __ATOMIC_RELAXED);
+    if (c->backoff_ns > 0) {
+        if (st->fails == 0 || now - st->fails_since > c->fail_window_ns) {
+            st->fails = 0;
+            st->fails_since = now;
+        }
+        if (++st->fails >= c->max_fails) {
+            st->fails = 0;
+            marked = __atomic_load_n(&st->down_until, __ATOMIC_RELAXED) <= now;
+            __atomic_store_n(&st->down_until, t2t_add(now, c->backoff_ns), __ATOMIC_RELAXED);
+        }
     }
     if (f) { /* (out of memory: the failure goes unlogged, the client is still served or ended) */
         __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
@@ -338,6 +366,7 @@ static void t2t_upstream_failed(t2t_bridge *b, int error) {
         f->upstream = b->up_index;
         f->error = error;
         f->timed_out = error == ETIMEDOUT && b->timed_out;
+        f->marked_down = (unsigned char)marked;
         f->conn_id = b->conn_id;
         memcpy(&f->peer, &b->peer, b->peer_len);
         f->peer_len = b->peer_len;
@@ -382,6 +411,7 @@ static void t2t_open(t2t_bridge *b) {
     b->state = T2T_RELAYING;
     b->started_ns = b->next_check_ns = L->now;
     b->opened = 1;
+    __atomic_add_fetch(&b->cfg->upstreams[b->up_index].state->open, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED); /* the opened list's, taken over by Python */
     b->open_next = NULL;
     b->open_untaken = 1;
@@ -429,7 +459,13 @@ static void t2t_send_header(t2t_bridge *b) {
 /* The upstream accepted the connection. */
 static void t2t_connected(t2t_bridge *b) {
     t2t_config *c = b->cfg;
-    __atomic_store_n(&c->upstreams[b->up_index].backoff_until, 0, __ATOMIC_RELAXED);
+    t2t_upstream_state *st = c->upstreams[b->up_index].state;
+    if (__atomic_load_n(&st->down_until, __ATOMIC_RELAXED) || st->fails) {
+        pthread_mutex_lock(&b->listener->lock);
+        st->fails = 0;
+        __atomic_store_n(&st->down_until, 0, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&b->listener->lock);
+    }
     if (!c->send_proxy) {
         t2t_open(b);
         return;
@@ -494,6 +530,70 @@ static int t2t_new_socket(int family) {
 #endif
 }
 
+/* The upstream b tries next, among those it has not tried and that were not down when it was
+   admitted; -1 when none is left. A first try goes by the forward's balance; a failover goes
+   on in that balance's order: the next index for first and roundrobin, the next fewest bridges
+   for leastconn, the next highest score for source. */
+static int t2t_pick_upstream(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    int n = c->nupstreams;
+    uint64_t all = n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
+    uint64_t left = all & ~b->up_tried & ~b->up_skip;
+    if (!left) return -1;
+#define T2T_LEFT(i) (left & ((uint64_t)1 << (i)))
+    int best = -1;
+    if (c->balance == T2T_BALANCE_LEASTCONN) {
+        /* Fewest bridges per weight: a/wa < b/wb as a*wb < b*wa. Ties go round. */
+        int from = (int)(__atomic_fetch_add(&b->listener->next_upstream, 1, __ATOMIC_RELAXED) % (unsigned int)n);
+        long long best_open = 0, best_weight = 1;
+        for (int k = 0; k < n; k++) {
+            int i = (from + k) % n;
+            if (!T2T_LEFT(i)) continue;
+            long long open = __atomic_load_n(&c->upstreams[i].state->open, __ATOMIC_RELAXED);
+            if (best < 0 || open * best_weight < best_open * c->upstreams[i].weight) {
+                best = i;
+                best_open = open;
+                best_weight = c->upstreams[i].weight;
+            }
+        }
+    } else if (c->balance == T2T_BALANCE_SOURCE) {
+        unsigned char key[T2T_CLIENT_KEY_MAX];
+        uint64_t client = t2t_hash_bytes(key, t2t_client_key(&b->peer, c->prefix6, key));
+        double best_score = 0;
+        for (int i = 0; i < n; i++) {
+            if (!T2T_LEFT(i)) continue;
+            double score = t2t_rendezvous_score(client, c->upstreams[i].hash, c->upstreams[i].weight);
+            if (best < 0 || score > best_score) {
+                best = i;
+                best_score = score;
+            }
+        }
+    } else if (c->balance == T2T_BALANCE_ROUNDROBIN && !b->up_tried) {
+        /* Smooth weighted round robin: each candidate gains its weight, the highest goes and
+           pays back the candidates' total. Equal weights take turns in index order. */
+        int64_t total = 0, best_current = 0;
+        pthread_mutex_lock(&b->listener->balance_lock);
+        for (int i = 0; i < n; i++) {
+            if (!T2T_LEFT(i)) continue;
+            t2t_upstream_state *st = c->upstreams[i].state;
+            st->current += c->upstreams[i].weight;
+            total += c->upstreams[i].weight;
+            if (best < 0 || st->current > best_current) {
+                best = i;
+                best_current = st->current;
+            }
+        }
+        c->upstreams[best].state->current -= total;
+        pthread_mutex_unlock(&b->listener->balance_lock);
+    } else {
+        int from = b->up_tried ? b->up_index + 1 : 0; /* first: in order; a failover: the next */
+        for (int k = 0; k < n && best < 0; k++)
+            if (T2T_LEFT((from + k) % n)) best = (from + k) % n;
+    }
+#undef T2T_LEFT
+    return best;
+}
+
 /* Connect to the next upstream in the client's order; with none left, close the client. */
 static void t2t_try_upstreams(t2t_bridge *b) {
     t2t_config *c = b->cfg;
@@ -502,10 +602,9 @@ static void t2t_try_upstreams(t2t_bridge *b) {
         t2t_client_gone(b, ECANCELED);
         return;
     }
-    while (b->up_pos < c->nupstreams) {
-        int i = (b->up_start + b->up_pos++) % c->nupstreams;
-        if (b->up_skip & ((uint64_t)1 << i)) continue;
+    for (int i; (i = t2t_pick_upstream(b)) >= 0;) {
         t2t_upstream *u = &c->upstreams[i];
+        b->up_tried |= (uint64_t)1 << i;
         b->up_index = (unsigned char)i;
         /* A fresh side: nothing the last upstream's socket showed applies to this one. */
         memset(&b->side[1], 0, sizeof(b->side[1]));
@@ -545,27 +644,61 @@ static void t2t_try_upstreams(t2t_bridge *b) {
         b->side[1].fd = -1;
         t2t_upstream_failed(b, error);
     }
-    t2t_client_gone(b, b->up_pos ? ECONNREFUSED : EINVAL); /* every upstream failed */
+    t2t_client_gone(b, b->up_tried ? ECONNREFUSED : EINVAL); /* every upstream failed */
 }
 
-/* The order in which this client tries the upstreams: from the round robin's turn (or the
-   first), without those in back-off unless every one is. */
+/* The client's place in the client table, if the forward limits clients: a refusal
+   (T2T_REFUSED_*) if it may not open another bridge now, else 0 (and it holds a slot). */
+static int t2t_client_admit(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    t2t_listener *lst = b->listener;
+    unsigned char key[T2T_CLIENT_KEY_MAX];
+    size_t len = t2t_client_key(&b->peer, c->prefix6, key);
+    int refusal = 0;
+    pthread_mutex_lock(&lst->lock);
+    t2t_client *e = t2t_clients_get(&lst->clients, key, len, b->loop->now);
+    if (!e) refusal = T2T_REFUSED_CLIENTS_FULL;
+    else if (c->max_per_client && e->open >= c->max_per_client) refusal = T2T_REFUSED_PER_CLIENT;
+    else if (c->rate_spacing_ns && !t2t_bucket_take(&e->tat, b->loop->now, c->rate_spacing_ns, c->rate_burst))
+        refusal = T2T_REFUSED_RATE;
+    else {
+        e->open++;
+        b->client_counted = 1;
+    }
+    pthread_mutex_unlock(&lst->lock);
+    return refusal;
+}
+
+/* Give back the client's slot (its bridge ended, or it never got one); under the listener's lock. */
+static void t2t_client_release_locked(t2t_bridge *b) {
+    unsigned char key[T2T_CLIENT_KEY_MAX];
+    size_t len = t2t_client_key(&b->peer, b->cfg->prefix6, key);
+    t2t_client *e = t2t_clients_slot(b->listener->clients.slots, b->listener->clients.cap, key, len);
+    if (e->key_len && e->open > 0) e->open--;
+    b->client_counted = 0;
+}
+
+/* Check the client, then try the upstreams: those down (marked by failed connects or by the
+   checks) are skipped unless every one is. */
 static void t2t_admit(t2t_bridge *b) {
     t2t_config *c = b->cfg;
     if (!t2t_permits(&c->access, &b->peer)) {
         t2t_refuse(b, T2T_REFUSED_ACCESS, EACCES);
         return;
     }
-    b->up_start = 0;
-    if (c->roundrobin && c->nupstreams > 1)
-        b->up_start = (unsigned char)(__atomic_fetch_add(&b->listener->next_upstream, 1, __ATOMIC_RELAXED) %
-                                      (unsigned int)c->nupstreams);
+    if (c->max_per_client || c->rate_spacing_ns) {
+        int refusal = t2t_client_admit(b);
+        if (refusal) {
+            t2t_refuse(b, refusal, EACCES);
+            return;
+        }
+    }
     uint64_t skip = 0;
     for (int i = 0; i < c->nupstreams; i++)
-        if (__atomic_load_n(&c->upstreams[i].backoff_until, __ATOMIC_RELAXED) > b->loop->now) skip |= (uint64_t)1 << i;
+        if (t2t_upstream_is_down(c->upstreams[i].state, b->loop->now)) skip |= (uint64_t)1 << i;
     uint64_t all = c->nupstreams == 64 ? ~(uint64_t)0 : ((uint64_t)1 << c->nupstreams) - 1;
     b->up_skip = skip == all ? 0 : skip;
-    b->up_pos = 0;
+    b->up_tried = 0;
     b->state = T2T_CONNECTING;
     t2t_try_upstreams(b);
 }
@@ -842,6 +975,7 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
     lst->client_tcp = (unsigned char)t2t_is_tcp(fd);
     lst->next_id = first_id;
     pthread_mutex_init(&lst->lock, NULL);
+    pthread_mutex_init(&lst->balance_lock, NULL);
     for (int i = 0; i < T2T_MAX_LOOPS; i++) {
         lst->tags[i].side.fd = -1;
         lst->tags[i].side.kind = T2T_TAG_LISTENER;
@@ -851,6 +985,7 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
     t2t_listener_arm(lst, t2t_now());
     if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) { /* not a socket the loops could watch */
         pthread_mutex_destroy(&lst->lock);
+        pthread_mutex_destroy(&lst->balance_lock);
         close(lst->ev_r);
         if (lst->ev_w != lst->ev_r) close(lst->ev_w);
         free(lst);
@@ -869,11 +1004,16 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
 static void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg) {
     pthread_mutex_lock(&lst->lock);
     t2t_config *old = lst->cfg;
+    /* An address both name keeps its state: health, bridges open, its round robin turn. */
     for (int i = 0; i < cfg->nupstreams; i++)
         for (int j = 0; j < old->nupstreams; j++)
             if (old->upstreams[j].len == cfg->upstreams[i].len &&
-                !memcmp(&old->upstreams[j].address, &cfg->upstreams[i].address, cfg->upstreams[i].len))
-                cfg->upstreams[i].backoff_until = __atomic_load_n(&old->upstreams[j].backoff_until, __ATOMIC_RELAXED);
+                !memcmp(&old->upstreams[j].address, &cfg->upstreams[i].address, cfg->upstreams[i].len)) {
+                t2t_upstream_state_release(cfg->upstreams[i].state);
+                cfg->upstreams[i].state = old->upstreams[j].state;
+                __atomic_add_fetch(&cfg->upstreams[i].state->refs, 1, __ATOMIC_RELAXED);
+                break;
+            }
     lst->cfg = cfg;
     __atomic_store_n(&lst->max_active, cfg->max_active, __ATOMIC_RELAXED);
     t2t_listener_arm_locked(lst, t2t_now()); /* a higher limit may let it accept again */
@@ -979,6 +1119,31 @@ static void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge
     pthread_mutex_unlock(&lst->lock);
 }
 
+/* Mark the current config's upstream i down (or up again) by the active checks. */
+static void t2t_listener_set_checked(t2t_listener *lst, int i, int down) {
+    pthread_mutex_lock(&lst->lock);
+    if (i >= 0 && i < lst->cfg->nupstreams)
+        __atomic_store_n(&lst->cfg->upstreams[i].state->checked_down, down, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&lst->lock);
+}
+
+/* Whether the current config's upstream i is down (either way), -1 for no such upstream. */
+static int t2t_listener_upstream_down(t2t_listener *lst, int i) {
+    int down = -1;
+    pthread_mutex_lock(&lst->lock);
+    if (i >= 0 && i < lst->cfg->nupstreams) down = t2t_upstream_is_down(lst->cfg->upstreams[i].state, t2t_now());
+    pthread_mutex_unlock(&lst->lock);
+    return down;
+}
+
+/* Clients the table still holds (after dropping those with nothing open and a full bucket). */
+static size_t t2t_listener_clients(t2t_listener *lst) {
+    pthread_mutex_lock(&lst->lock);
+    size_t n = t2t_clients_held(&lst->clients, t2t_now());
+    pthread_mutex_unlock(&lst->lock);
+    return n;
+}
+
 /* What was wrong with a refused client's PROXY header (T2T_REFUSED_PROXY_BAD). */
 static const char *t2t_bridge_proxy_error(const t2t_bridge *b) { return b->px ? b->px->error : ""; }
 
@@ -1060,6 +1225,8 @@ static int t2t_listener_free(t2t_listener *lst) {
     close(lst->ev_r);
     if (lst->ev_w != lst->ev_r) close(lst->ev_w);
     pthread_mutex_destroy(&lst->lock);
+    pthread_mutex_destroy(&lst->balance_lock);
+    t2t_clients_free(&lst->clients);
     t2t_config_release(lst->cfg);
     free(lst);
     return 0;

@@ -134,7 +134,7 @@ def _specs_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Li
         p.error("LISTEN and at least one UPSTREAM are needed (or --config FILE)")
     try:
         listen_address = None if is_inherited_address(args.listen) else Address.parse(args.listen, passive=True)
-        upstreams = tuple(Address.parse(text) for text in args.upstreams)
+        upstreams = tuple(Address.parse_upstream(text) for text in args.upstreams)
     except ValueError as exc:
         p.error(str(exc))
     if (args.allow or args.deny) and listen_address is not None and listen_address.family == socket.AF_UNIX:

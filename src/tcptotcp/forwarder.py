@@ -11,6 +11,7 @@ twin); this module is policy and reporting only. ``serve_forever()`` takes the l
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -70,6 +71,11 @@ _AS_GIVEN = (
     "keepalive_interval",
     "keepalive_count",
     "user_timeout",
+    "max_fails",
+    "fail_window",
+    "max_per_client",
+    "rate_per_client",
+    "client_prefix6",
 )
 
 
@@ -96,6 +102,13 @@ class _Open:
         self.relay = relay
 
 
+def _error_text(error: OSError) -> str:
+    """A failed connect's error as the health lines word it: ``connection refused``."""
+    if isinstance(error, socket.timeout) or error.errno == errno.ETIMEDOUT:
+        return "connect timeout"
+    return (error.strerror or str(error)).lower()
+
+
 def raise_fd_limit() -> Tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit, as haproxy does; (soft, hard) after."""
     try:
@@ -117,10 +130,12 @@ def _as_address(value: Union[str, Address], passive: bool = False) -> Address:
 
 
 def _upstream_list(upstream: Union[str, Address, Sequence[Union[str, Address]]]) -> Tuple[Address, ...]:
+    """The upstreams, each with its weight (``HOST:PORT@W``; 1 where none is given)."""
     items = [upstream] if isinstance(upstream, (str, Address)) else list(upstream)
     if not items:
         raise ValueError("at least one upstream is needed")
-    return tuple(_as_address(item) for item in items)
+    addresses = tuple(item if isinstance(item, Address) else Address.parse_upstream(item) for item in items)
+    return addresses
 
 
 class Forwarder:
@@ -164,6 +179,14 @@ class Forwarder:
         keepalive_interval: Optional[int] = None,
         keepalive_count: Optional[int] = None,
         user_timeout: Optional[float] = None,
+        max_fails: int = 1,
+        fail_window: float = 10.0,
+        check_interval: Optional[float] = None,
+        check_rise: int = 2,
+        check_fall: int = 3,
+        max_per_client: Optional[int] = None,
+        rate_per_client: Optional[int] = None,
+        client_prefix6: int = 64,
         reuse_port: bool = False,
         listen_socket: Optional[socket.socket] = None,
         metrics: Optional[Any] = None,
@@ -196,6 +219,14 @@ class Forwarder:
             keepalive_interval=keepalive_interval,
             keepalive_count=keepalive_count,
             user_timeout=user_timeout,
+            max_fails=max_fails,
+            fail_window=fail_window,
+            check_interval=check_interval,
+            check_rise=check_rise,
+            check_fall=check_fall,
+            max_per_client=max_per_client,
+            rate_per_client=rate_per_client,
+            client_prefix6=client_prefix6,
         )
         self.options = self._options(upstream, **self._settings)
         self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
@@ -408,19 +439,27 @@ class Forwarder:
                         "upstream_failed", id=e.conn_id, client=str(e.peer), upstream=e.upstream, error=str(e.error)
                     ),
                 )
+                if e.marked_down:
+                    options = self.options
+                    self._log_upstream_state(
+                        e.upstream,
+                        False,
+                        f"{_error_text(e.error)} ({options.max_fails} failed connects within "
+                        f"{options.fail_window:g} s; skipped for {options.upstream_backoff:g} s)",
+                    )
             elif kind is Refused:
                 with self._lock:
                     stats.accepted += 1
                     stats.refused += 1
                 if metrics is not None:
                     metrics.accepted()
-                    metrics.refused()
+                    metrics.refused(e.kind)
                 log.warning(
                     "#%d %s: refused: %s",
                     e.conn_id,
                     e.peer,
                     e.why,
-                    extra=_event("refused", id=e.conn_id, client=str(e.peer), why=e.why),
+                    extra=_event("refused", id=e.conn_id, client=str(e.peer), why=e.why, reason=e.kind),
                 )
             elif kind is AcceptPaused:
                 log.error(
@@ -445,6 +484,19 @@ class Forwarder:
                         e.peer,
                         extra=_event("unserved", id=e.conn_id, client=str(e.peer)),
                     )
+
+    def _log_upstream_state(self, upstream: str, up: bool, why: str) -> None:
+        """An upstream marked down (by failed connects or by the checks) or up again."""
+        log.log(
+            logging.INFO if up else logging.WARNING,
+            "upstream %s %s: %s",
+            upstream,
+            "up" if up else "down",
+            why,
+            extra=_event(
+                "upstream_up" if up else "upstream_down", listen=self.address_text, upstream=upstream, why=why
+            ),
+        )
 
     def _log_open(self, conn_id: int, peer: Peer, upstream: str) -> None:
         if log.isEnabledFor(logging.INFO):
