@@ -125,6 +125,15 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def refused_total(samples: Samples, listen: str) -> float:
+    """Refusals of every reason (the counter has one series per reason that happened)."""
+    return sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "tcptotcp_connections_refused_total" and ("listen", listen) in labels
+    )
+
+
 def ended_total(samples: Samples, listen: str) -> float:
     return sum(
         v
@@ -216,7 +225,7 @@ def test_metrics_count_checksummed_clients(forwarders, echo):  # noqa: F811
     after = wait_for(lambda: settled(url, listen, ended=5), 10, interval=0.1)
     assert after is not None, "the bridges did not all end in the metrics"
     assert sample(after, "tcptotcp_connections_accepted_total", listen=listen) == 5
-    assert sample(after, "tcptotcp_connections_refused_total", listen=listen) == 0
+    assert refused_total(after, listen) == 0
     assert sample(after, "tcptotcp_connections_active", listen=listen) == 0
     assert sample(after, "tcptotcp_bytes_up_total", listen=listen) == sum(sizes)
     assert sample(after, "tcptotcp_bytes_down_total", listen=listen) == sum(sizes)
@@ -258,7 +267,7 @@ def test_metrics_upstream_failures_are_labelled_with_the_upstream(forwarders, de
         assert samples is not None, "the bridges did not all end in the metrics"
         assert failures(samples, listen) == {dead_port.text: 3}
         assert sample(samples, "tcptotcp_connections_accepted_total", listen=listen) == 3
-        assert sample(samples, "tcptotcp_connections_refused_total", listen=listen) == 0
+        assert refused_total(samples, listen) == 0
 
         live.close()  # now both are down: one more client fails on each
         with socket.create_connection(hostport(listen), timeout=10) as c:

@@ -53,7 +53,9 @@ def test_scrape_has_exact_values(metrics) -> None:
     for _ in range(4):
         fm.accepted()
     fm.upstream_failed()
-    fm.refused()
+    fm.refused("access")
+    fm.refused("rate limit")
+    fm.refused("rate limit")
     fm.opened()
     fm.opened()
     fm.ended("closed", 100, 250, 0.02)
@@ -68,7 +70,8 @@ def test_scrape_has_exact_values(metrics) -> None:
 
     one = {"listen": LISTEN}
     assert value(samples, "tcptotcp_connections_accepted_total", **one) == 4
-    assert value(samples, "tcptotcp_connections_refused_total", **one) == 1
+    assert value(samples, "tcptotcp_connections_refused_total", reason="access", **one) == 1
+    assert value(samples, "tcptotcp_connections_refused_total", reason="rate limit", **one) == 2
     assert value(samples, "tcptotcp_connections_active", **one) == 1
     assert value(samples, "tcptotcp_upstream_connect_failures_total", upstream=UPSTREAM, **one) == 1
     assert value(samples, "tcptotcp_bytes_up_total", **one) == 100

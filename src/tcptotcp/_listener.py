@@ -70,6 +70,9 @@ class ForwardOptions:
     user_timeout: Optional[float] = None
     max_fails: int = 1
     fail_window: float = 10.0
+    check_interval: Optional[float] = None
+    check_rise: int = 2
+    check_fall: int = 3
     max_per_client: Optional[int] = None
     rate_per_client: Optional[int] = None
     client_prefix6: int = 64

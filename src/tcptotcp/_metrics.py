@@ -25,7 +25,7 @@ import selectors
 import socket
 import socketserver
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Type
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ class ForwardMetrics:
         "upstream",
         "_accepted",
         "_refused",
+        "_refused_family",
         "_active",
         "_bytes_up",
         "_bytes_down",
@@ -105,13 +106,16 @@ class ForwardMetrics:
         "_ended_family",
         "_failures",
         "_ended",
+        "_up_family",
+        "_up",
     )
 
     def __init__(self, owner: Metrics, listen: str, upstream: Optional[str]) -> None:
         self.listen = listen
         self.upstream = upstream
         self._accepted: Counter = owner._accepted.labels(listen)
-        self._refused: Counter = owner._refused.labels(listen)
+        self._refused_family: Counter = owner._refused
+        self._refused: Dict[str, Counter] = {}
         self._active: Gauge = owner._active.labels(listen)
         self._bytes_up: Counter = owner._bytes_up.labels(listen)
         self._bytes_down: Counter = owner._bytes_down.labels(listen)
@@ -122,14 +126,31 @@ class ForwardMetrics:
         self._ended: Dict[str, Counter] = {reason: owner._ended.labels(listen, reason) for reason in REASONS}
         if upstream is not None:
             self._failures[upstream] = owner._upstream_failures.labels(listen, upstream)
+        self._up_family: Gauge = owner._upstream_up
+        self._up: Dict[str, Gauge] = {}
+
+    def upstreams(self, texts: Sequence[str], is_up: Callable[[str], bool]) -> None:
+        """The forward's upstreams now: ``tcptotcp_upstream_up`` asks `is_up` at each scrape
+        (1 or 0); upstreams no longer named leave the exposition."""
+        for text in set(self._up) - set(texts):
+            self._up_family.remove(self.listen, text)
+            del self._up[text]
+        for text in texts:
+            if text not in self._up:
+                child = self._up[text] = self._up_family.labels(self.listen, text)
+                child.set_function(_up_function(is_up, text))
 
     def accepted(self) -> None:
         """A client was accepted."""
         self._accepted.inc()
 
-    def refused(self) -> None:
-        """An accepted client was closed without a bridge, not for an upstream failure."""
-        self._refused.inc()
+    def refused(self, reason: str = "other") -> None:
+        """An accepted client was closed without a bridge, not for an upstream failure: `reason`
+        is the refusal's kind (``_events.Refused.kind``)."""
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = self._refused_family.labels(self.listen, reason)
+        child.inc()
 
     def upstream_failed(self, upstream: Optional[str] = None) -> None:
         """An accepted client's upstream connect failed or timed out (the client was closed).
@@ -160,6 +181,10 @@ class ForwardMetrics:
         child.inc()
 
 
+def _up_function(is_up: Callable[[str], bool], text: str) -> Callable[[], float]:
+    return lambda: 1.0 if is_up(text) else 0.0
+
+
 class Metrics:
     """The forwarder's metrics in a registry of their own.
 
@@ -179,8 +204,14 @@ class Metrics:
         self._accepted = Counter("tcptotcp_connections_accepted", "Clients accepted.", listen, registry=reg)
         self._refused = Counter(
             "tcptotcp_connections_refused",
-            "Accepted clients closed without a bridge, other than for an upstream failure.",
-            listen,
+            "Accepted clients closed without a bridge, other than for an upstream failure, by reason.",
+            ("listen", "reason"),
+            registry=reg,
+        )
+        self._upstream_up = Gauge(
+            "tcptotcp_upstream_up",
+            "1 while an upstream gets new clients, 0 while it is marked down (failed connects or checks).",
+            ("listen", "upstream"),
             registry=reg,
         )
         self._active = Gauge("tcptotcp_connections_active", "Bridges running now.", listen, registry=reg)
@@ -222,8 +253,8 @@ class Metrics:
     def accepted(self, listen: str) -> None:
         self.forward(listen).accepted()
 
-    def refused(self, listen: str) -> None:
-        self.forward(listen).refused()
+    def refused(self, listen: str, reason: str = "other") -> None:
+        self.forward(listen).refused(reason)
 
     def upstream_failed(self, listen: str, upstream: str) -> None:
         self.forward(listen).upstream_failed(upstream)

@@ -28,6 +28,7 @@ from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge
 from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._health import HealthChecker
 from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
 from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs
 
@@ -73,6 +74,9 @@ _AS_GIVEN = (
     "user_timeout",
     "max_fails",
     "fail_window",
+    "check_interval",
+    "check_rise",
+    "check_fall",
     "max_per_client",
     "rate_per_client",
     "client_prefix6",
@@ -242,6 +246,7 @@ class Forwarder:
         self._draining = False  # close(drain_seconds > 0) in progress: let bridges run
         self._serving = threading.Lock()  # held while serve_forever() runs
         self._wakeup = Wakeup()  # serve_forever() has something to look at
+        self._checker: Optional[HealthChecker] = None  # with check_interval, while serving
         if listen_socket is not None:
             self._sock = listen_socket
             self._sock.setblocking(False)
@@ -290,6 +295,8 @@ class Forwarder:
             self.options = new
             if self._listener is not None and not self._listener_closed:
                 self._listener.configure(new)
+        if self._listener is not None:
+            self._follow_upstreams()
 
     # -- listening ----------------------------------------------------------------------
 
@@ -363,6 +370,7 @@ class Forwarder:
                 if self._listener is None:
                     self._listener = open_listener(self._sock, self.options, self.bridge_class)
                 listener = self._listener
+            self._follow_upstreams()
             selector.register(self._wakeup, selectors.EVENT_READ)
             selector.register(listener, selectors.EVENT_READ)
             watching, resume_at = True, 0.0
@@ -485,6 +493,68 @@ class Forwarder:
                         extra=_event("unserved", id=e.conn_id, client=str(e.peer)),
                     )
 
+    # -- upstream health -------------------------------------------------------------------
+
+    def upstream_states(self) -> Dict[str, bool]:
+        """Each upstream of the current options, by its text: False while it is marked down (by
+        failed connects or by the checks)."""
+        with self._lock:
+            listener = None if self._listener_closed else self._listener
+            upstreams = self.options.upstreams
+        if listener is None:
+            return {u.text: True for u in upstreams}
+        states = {}
+        for i, u in enumerate(upstreams):
+            try:
+                states[u.text] = not listener.upstream_down(i)
+            except IndexError:  # (options swapped meanwhile)
+                states[u.text] = True
+        return states
+
+    def _follow_upstreams(self) -> None:
+        """Start, update or stop the active checks as the options say, and export the
+        upstreams' state (serving, and after each reconfigure)."""
+        options = self.options
+        with self._lock:
+            checker = self._checker
+            if options.check_interval is None:
+                self._checker = None
+            elif checker is None and not self._closing.is_set():
+                self._checker = HealthChecker(
+                    options.upstreams,
+                    interval=options.check_interval,
+                    rise=options.check_rise,
+                    fall=options.check_fall,
+                    on_change=self._checked,
+                    name=self.address_text,
+                )
+                self._checker.start()
+        if options.check_interval is None and checker is not None:
+            checker.close()
+            listener = self._listener
+            if listener is not None and not self._listener_closed:
+                for i in range(len(options.upstreams)):
+                    listener.set_checked(i, False)  # nothing checks them now
+        elif options.check_interval is not None and checker is not None:
+            checker.update(
+                options.upstreams, interval=options.check_interval, rise=options.check_rise, fall=options.check_fall
+            )
+        if self._metrics is not None:
+            texts = [u.text for u in options.upstreams]
+            self._metrics.upstreams(texts, lambda text: self.upstream_states().get(text, True))
+
+    def _checked(self, upstream: Address, up: bool, why: str) -> None:
+        """The checks flipped an upstream's state (from the checker's thread)."""
+        with self._lock:
+            listener = None if self._listener_closed else self._listener
+            upstreams = self.options.upstreams
+        for i, u in enumerate(upstreams):
+            if u.text == upstream.text and (u.family, u.sockaddr) == (upstream.family, upstream.sockaddr):
+                if listener is not None:
+                    listener.set_checked(i, not up)
+                self._log_upstream_state(upstream.text, up, why)
+                return
+
     def _log_upstream_state(self, upstream: str, up: bool, why: str) -> None:
         """An upstream marked down (by failed connects or by the checks) or up again."""
         log.log(
@@ -566,6 +636,10 @@ class Forwarder:
         else:
             self._serving.release()
         self._close_listener()
+        with self._lock:
+            checker, self._checker = self._checker, None
+        if checker is not None:
+            checker.close()
         self._wakeup.close()  # (only serve_forever() is ever woken)
         if self._pump is None and not self._pump_stop.is_set() and self._listener is not None:
             # Bridges run on (a forward a reload removed), but serve_forever() no longer takes
