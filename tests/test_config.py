@@ -71,6 +71,8 @@ check_fall = 5
 max_per_client = 10
 rate_per_client = 100
 client_prefix6 = 48
+route_sni = ["db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"]
+route_sni_strict = true
 send_proxy = "v1"
 accept_proxy = true
 proxy_timeout = 2.5
@@ -149,6 +151,8 @@ def test_full_file(tmp_path: Path) -> None:
         max_per_client=10,
         rate_per_client=100,
         client_prefix6=48,
+        route_sni=("db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"),
+        route_sni_strict=True,
         send_proxy="v1",
         accept_proxy=True,
         proxy_timeout=2.5,
@@ -180,6 +184,8 @@ def test_full_file(tmp_path: Path) -> None:
         max_per_client=None,
         rate_per_client=100,
         client_prefix6=128,
+        route_sni=("db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"),
+        route_sni_strict=True,
         send_proxy=None,
         accept_proxy=False,
         proxy_timeout=1.0,
@@ -218,6 +224,8 @@ def test_forwarder_kwargs(tmp_path: Path) -> None:
         "max_per_client": 10,
         "rate_per_client": 100,
         "client_prefix6": 48,
+        "route_sni": ("db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"),
+        "route_sni_strict": True,
         "send_proxy": "v1",
         "accept_proxy": True,
         "proxy_timeout": 2.5,

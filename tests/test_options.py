@@ -265,18 +265,24 @@ def test_optional_options_are_off_by_default_and_with_false(tmp_path: Path, opti
     assert _options.check(option.name, None) is None
 
 
+# Per repeatable option: two good items, a bad one, and words of its refusal.
+LIST_ITEMS = {
+    "allow": ("10.0.0.0/8", "::1", "10.0.0.1/8", "host bits set"),
+    "deny": ("10.0.0.0/8", "::1", "10.0.0.1/8", "host bits set"),
+    "route_sni": ("db.example.com=127.0.0.1:1", "*.example.com=[::1]:2", "db..example.com=127.0.0.1:3", "empty label"),
+}
+
+
 @pytest.mark.parametrize("option", [o for o in FORWARD_OPTIONS if o.repeatable], ids=lambda o: o.name)
 def test_lists_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: Option) -> None:
     flag = option.flags[0]
-    assert getattr(cli_spec(flag, "10.0.0.0/8", flag, "::1"), option.name) == ("10.0.0.0/8", "::1")
-    assert getattr(config_spec(tmp_path, f'{option.name} = ["10.0.0.0/8", "::1"]'), option.name) == (
-        "10.0.0.0/8",
-        "::1",
-    )
-    assert getattr(config_spec(tmp_path, f'{option.name} = "10.0.0.0/8"'), option.name) == ("10.0.0.0/8",)
-    exc = config_error(tmp_path, f'{option.name} = ["10.0.0.1/8"]')
-    assert "host bits set" in exc.problem
-    assert cli_error(capsys, flag, "10.0.0.1/8").endswith(f"argument {flag}: {exc.problem} (see --help)")
+    one, two, bad, words = LIST_ITEMS[option.name]
+    assert getattr(cli_spec(flag, one, flag, two), option.name) == (one, two)
+    assert getattr(config_spec(tmp_path, f'{option.name} = ["{one}", "{two}"]'), option.name) == (one, two)
+    assert getattr(config_spec(tmp_path, f'{option.name} = "{one}"'), option.name) == (one,)
+    exc = config_error(tmp_path, f'{option.name} = ["{bad}"]')
+    assert words in exc.problem
+    assert cli_error(capsys, flag, bad).endswith(f"argument {flag}: {exc.problem} (see --help)")
 
 
 # -- help -----------------------------------------------------------------------------------

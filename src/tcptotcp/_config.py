@@ -55,6 +55,8 @@ class ForwardSpec:
     max_per_client: Optional[int] = _DEFAULT["max_per_client"]
     rate_per_client: Optional[int] = _DEFAULT["rate_per_client"]
     client_prefix6: int = _DEFAULT["client_prefix6"]
+    route_sni: Tuple[str, ...] = _DEFAULT["route_sni"]
+    route_sni_strict: bool = _DEFAULT["route_sni_strict"]
     send_proxy: Optional[str] = _DEFAULT["send_proxy"]
     accept_proxy: bool = _DEFAULT["accept_proxy"]
     proxy_timeout: float = _DEFAULT["proxy_timeout"]

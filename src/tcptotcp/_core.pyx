@@ -20,6 +20,7 @@ from . import _events
 from ._bridge import REASONS, report_unraisable
 from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint64_t
@@ -257,6 +258,16 @@ cdef object _refusal_text(t2t_bridge *b):
         return _events.RATE_LIMITED
     if b.refusal == T2T_REFUSED_CLIENTS_FULL:
         return _events.CLIENTS_FULL
+    if b.refusal == T2T_REFUSED_HELLO_BAD:
+        return _events.HELLO_BAD.format(t2t_bridge_hello_error(b).decode("utf-8", "replace"))
+    if b.refusal == T2T_REFUSED_HELLO_LATE:
+        return _events.HELLO_LATE
+    if b.refusal == T2T_REFUSED_HELLO_CLOSED:
+        return _events.HELLO_CLOSED
+    if b.refusal == T2T_REFUSED_HELLO_READ:
+        return _events.HELLO_NOT_READ.format(os.strerror(b.error))
+    if b.refusal == T2T_REFUSED_NO_ROUTE:
+        return _events.no_route(t2t_bridge_hello_name(b).decode("ascii", "replace") or None)
     return _events.PROXY_NOT_READ.format(os.strerror(b.error))
 
 
@@ -281,6 +292,7 @@ cdef t2t_config *_config_of(settings) except NULL:
     cdef sockaddr_storage address
     cdef socklen_t address_len = 0
     cdef int rc
+    cdef const char **patterns
     cdef t2t_access rules
     try:
         weights = settings.weights
@@ -324,6 +336,17 @@ cdef t2t_config *_config_of(settings) except NULL:
         c.rate_spacing_ns = settings.rate_spacing_ns
         c.rate_burst = settings.rate_burst
         c.prefix6 = settings.client_prefix6
+        routes = [pattern.encode("ascii") for pattern in settings.routes]
+        patterns = <const char **>PyMem_Malloc(max(1, len(routes)) * sizeof(char *))
+        if patterns == NULL:
+            raise MemoryError()
+        try:
+            for i, pattern in enumerate(routes):
+                patterns[i] = <const char *>(<bytes>pattern)
+            if t2t_config_routes(c, settings.serving, patterns, len(routes), settings.route_strict) != 0:
+                raise OSError(errno, os.strerror(errno))
+        finally:
+            PyMem_Free(patterns)
         if settings.access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
             closed, *tables = settings.access
             if len(tables) != 4 or not all(isinstance(table, bytes) for table in tables):

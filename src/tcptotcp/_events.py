@@ -11,7 +11,7 @@ connect attempt (a client may fail over several upstreams before it is served).
 from __future__ import annotations
 
 import socket
-from typing import Any, NamedTuple, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 from ._address import format_sockaddr
 
@@ -26,6 +26,17 @@ PER_CLIENT = "per-client limit"
 RATE_LIMITED = "rate limit"
 CLIENTS_FULL = "client table full"
 BRIDGE_NOT_STARTED = "bridge not started: {}"
+HELLO_BAD = "bad ClientHello: {}"
+HELLO_LATE = "no complete ClientHello in time"
+HELLO_CLOSED = "closed before its ClientHello ended"
+HELLO_NOT_READ = "ClientHello not read: {}"
+NO_ROUTE = "no route for server name {}"
+
+
+def no_route(name: Optional[str]) -> str:
+    """The refusal of a --route-sni-strict forward's client whose server name no route takes."""
+    return NO_ROUTE.format(repr(name) if name else "(none)")
+
 
 # A refusal's kind, for the metrics' reason label: a few fixed values, whatever the details.
 _KINDS = {NOT_ALLOWED: "access", PER_CLIENT: PER_CLIENT, RATE_LIMITED: RATE_LIMITED, CLIENTS_FULL: CLIENTS_FULL}
@@ -33,6 +44,9 @@ _KIND_PREFIXES = (
     (PROXY_BAD.partition("{")[0], "proxy header"),
     (PROXY_NOT_READ.partition("{")[0], "proxy header"),
     (BRIDGE_NOT_STARTED.partition("{")[0], "bridge not started"),
+    (HELLO_BAD.partition("{")[0], "client hello"),
+    (HELLO_NOT_READ.partition("{")[0], "client hello"),
+    (NO_ROUTE.partition("{")[0], "no route"),
 )
 
 
@@ -95,6 +109,8 @@ class Refused(NamedTuple):
             return kind
         if self.why in (PROXY_TOO_LONG, PROXY_LATE, PROXY_CLOSED):
             return "proxy header"
+        if self.why in (HELLO_LATE, HELLO_CLOSED):
+            return "client hello"
         for prefix, kind in _KIND_PREFIXES:
             if self.why.startswith(prefix):
                 return kind

@@ -26,9 +26,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Type, Union
 
-from . import _balance, _events, _proxy
+from . import _balance, _events, _proxy, _sni
 from ._access import AccessList
 from ._address import Address
 from ._backend import Bridge as DefaultBridge
@@ -41,6 +41,7 @@ log = logging.getLogger("tcptotcp")
 # Accept errors that mean "out of a resource right now": back off instead of spinning.
 RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_SECONDS = 0.1
+_PEEK_AGAIN_SECONDS = 0.005  # a ClientHello that came in parts: look again this soon
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket born non-blocking: no ioctl (not Windows)
 _KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # macOS: TCP_KEEPALIVE
@@ -70,6 +71,8 @@ class ForwardOptions:
     user_timeout: Optional[float] = None
     max_fails: int = 1
     fail_window: float = 10.0
+    routes: Tuple[Tuple[str, Address], ...] = ()  # --route-sni: (pattern, upstream)
+    route_sni_strict: bool = False
     check_interval: Optional[float] = None
     check_rise: int = 2
     check_fall: int = 3
@@ -78,8 +81,13 @@ class ForwardOptions:
     client_prefix6: int = 64
 
     @property
+    def all_upstreams(self) -> Tuple[Address, ...]:
+        """The forward's own upstreams, then each route's: one index space for both."""
+        return self.upstreams + tuple(address for _, address in self.routes)
+
+    @property
     def upstream_weights(self) -> Tuple[int, ...]:
-        return tuple(u.weight for u in self.upstreams)
+        return tuple(u.weight for u in self.all_upstreams)
 
     @property
     def rate_spacing_ns(self) -> int:
@@ -190,6 +198,9 @@ class LoopSettings(NamedTuple):
     rate_spacing_ns: int  # 0: no rate limit
     rate_burst: int
     client_prefix6: int
+    serving: int  # upstreams[:serving] are the forward's own, the rest the routes'
+    routes: Tuple[str, ...]  # the route patterns, in the routes' order
+    route_strict: bool
     send_proxy: int  # 0, 1 or 2
     accept_proxy: bool
     proxy_timeout: float
@@ -203,7 +214,7 @@ class LoopSettings(NamedTuple):
 
 def loop_settings(options: ForwardOptions) -> LoopSettings:
     return LoopSettings(
-        upstreams=tuple((u.family, u.sockaddr, u.text) for u in options.upstreams),
+        upstreams=tuple((u.family, u.sockaddr, u.text) for u in options.all_upstreams),
         weights=options.upstream_weights,
         balance=options.balance,
         upstream_backoff=options.upstream_backoff,
@@ -213,6 +224,9 @@ def loop_settings(options: ForwardOptions) -> LoopSettings:
         rate_spacing_ns=options.rate_spacing_ns,
         rate_burst=options.rate_per_client or 0,
         client_prefix6=options.client_prefix6,
+        serving=len(options.upstreams),
+        routes=tuple(pattern for pattern, _ in options.routes),
+        route_strict=options.route_sni_strict,
         send_proxy=_PROXY_VERSIONS[options.send_proxy],
         accept_proxy=options.accept_proxy,
         proxy_timeout=options.proxy_timeout,
@@ -280,7 +294,7 @@ def loops_lack(options: ForwardOptions, bridge_class: Type[Bridge]) -> Optional[
         return (f"bridges of {bridge_class.__name__} run outside the loops", False)
     if env_flag("TCPTOTCP_ACCEPT_IN_PYTHON"):
         return ("TCPTOTCP_ACCEPT_IN_PYTHON is set", False)
-    if len(options.upstreams) > core.LISTENER_MAX_UPSTREAMS:
+    if len(options.all_upstreams) > core.LISTENER_MAX_UPSTREAMS:
         return (f"the loops take at most {core.LISTENER_MAX_UPSTREAMS} upstreams", True)
     return None
 
@@ -318,6 +332,7 @@ class _Client:
         "skip",
         "client_key",
         "state",
+        "reading_hello",
     )
 
     def __init__(self, conn_id: int, fd: int, peer: Peer, options: ForwardOptions) -> None:
@@ -335,6 +350,7 @@ class _Client:
         self.skip: List[int] = []  # down when it was admitted
         self.client_key: Optional[bytes] = None  # holds a slot in the client table under this key
         self.state: Optional[_balance.UpstreamState] = None  # its upstream's, once opened
+        self.reading_hello = False  # peeking at its ClientHello (a forward that routes by SNI)
 
 
 class _PureRelay:
@@ -376,6 +392,7 @@ class PureListener:
         self._upstream_states = self._states_for(options)
         self._clients = _balance.ClientTable()
         self._turn = 0  # leastconn's first look, turning (ties go round)
+        self._hello_waiting: List[_Client] = []  # ClientHellos not yet whole (see _peek_again)
         self._accept_paused_until = 0.0
         self._events_ready = Wakeup()  # take() has something
         self._wakeup = Wakeup()  # the thread has something to look at
@@ -397,13 +414,13 @@ class PureListener:
         """The upstreams' states: an address the forward named before keeps its own (health,
         bridges open, round robin turn)."""
         states = []
-        for u in options.upstreams:
+        for u in options.all_upstreams:
             key = (u.family, u.sockaddr)
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = _balance.UpstreamState()
             states.append(state)
-        kept = {(u.family, u.sockaddr) for u in options.upstreams}
+        kept = {(u.family, u.sockaddr) for u in options.all_upstreams}
         self._states = {k: v for k, v in self._states.items() if k in kept}
         return states
 
@@ -519,12 +536,15 @@ class PureListener:
                     if self._cancelling:
                         for client, _ in list(self._pending.values()):
                             self._drop_client(selector, client)
+                        for client in self._hello_waiting:
+                            self._drop_client(selector, client)
+                        self._hello_waiting = []
                     if self._stopping and not self._stopped.is_set():
                         if listening:
                             selector.unregister(self._sock)
                             listening = False
                         self._stopped.set()
-                    if self._stopping and not self._pending:
+                    if self._stopping and not self._pending and not self._hello_waiting:
                         return  # (bridges still open end through their callbacks)
                     want = not self._stopping and self._may_accept()
                     if want != listening:
@@ -543,6 +563,8 @@ class PureListener:
                         else:
                             self._ready(selector, key.fd)
                     self._expire(selector)
+                    if self._hello_waiting:
+                        self._peek_again(selector)
             finally:
                 self._stopped.set()
                 if results is not None:
@@ -554,7 +576,7 @@ class PureListener:
         return self._active < self.options.max_connections and time.monotonic() >= self._accept_paused_until
 
     def _select_timeout(self) -> Optional[float]:
-        timeout = 1.0
+        timeout = _PEEK_AGAIN_SECONDS if self._hello_waiting else 1.0
         if self._timers:
             timeout = min(timeout, self._timers[0][0] - time.monotonic())
         if self._accept_paused_until > time.monotonic():
@@ -601,20 +623,80 @@ class PureListener:
             if why:
                 self._refuse(client, why)
                 return
+        if not options.routes:
+            self._connect_among(selector, client, range(len(options.upstreams)))
+            return
+        client.reading_hello = True
+        self._watch(selector, client, client.fd, selectors.EVENT_READ, "header")
+        self._set_timer(client, options.proxy_timeout)
+        self._read_hello(selector, client)  # (it may have come with the PROXY header)
+
+    def _peek_again(self, selector: selectors.BaseSelector) -> None:
+        """Look again at the ClientHellos that were not whole: their sockets are not watched
+        meanwhile (a peeked socket stays readable, and the selector would spin on it)."""
+        waiting, self._hello_waiting = self._hello_waiting, []
+        for client in waiting:
+            if client.reading_hello and client.deadline:
+                self._watch(selector, client, client.fd, selectors.EVENT_READ, "header")
+                self._read_hello(selector, client)
+
+    def _read_hello(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """Peek at the client's ClientHello (it reaches the upstream untouched); once it is
+        whole, route by its server name."""
+        with socket.socket(self._family, socket.SOCK_STREAM, 0, client.fd) as view:
+            try:
+                seen = view.recv(_sni.MAX_INPUT, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._unwatch(selector, client.fd)
+                self._refuse(client, _events.HELLO_NOT_READ.format(exc.strerror or exc))
+                return
+            finally:
+                view.detach()
+        if not seen:
+            self._unwatch(selector, client.fd)
+            self._refuse(client, _events.HELLO_CLOSED)
+            return
+        try:
+            hello = _sni.parse_client_hello(seen)
+        except _sni.SniError as exc:
+            self._unwatch(selector, client.fd)
+            self._refuse(client, _events.HELLO_BAD.format(exc))
+            return
+        if hello is None:  # all there is so far: look again in a moment
+            self._unwatch(selector, client.fd)
+            self._hello_waiting.append(client)
+            return
+        self._unwatch(selector, client.fd)
+        client.deadline = 0.0  # its timer is void
+        client.reading_hello = False
+        options = client.options
+        route = _sni.match_route(hello.server_name, [pattern for pattern, _ in options.routes])
+        if route < 0 and options.route_sni_strict:
+            self._refuse(client, _events.no_route(hello.server_name))
+            return
+        serving = len(options.upstreams)
+        self._connect_among(selector, client, [serving + route] if route >= 0 else range(serving))
+
+    def _connect_among(self, selector: selectors.BaseSelector, client: _Client, among: Iterable[int]) -> None:
+        """Try the upstreams `among` (indices): those down (marked by failed connects or by the
+        checks) are skipped unless every one of them is."""
         states = self._states_of(client)
         now = time.monotonic()
-        down = [i for i, state in enumerate(states) if state.is_down(now)]
-        client.skip = [] if len(down) == len(states) else down  # every one down: all are tried
+        candidates = set(among)
+        down = {i for i in candidates if states[i].is_down(now)}
+        skip = set(range(len(states))) - candidates
+        client.skip = sorted(skip if down == candidates else skip | down)
         client.tried = []
         self._try_next_upstream(selector, client)
 
     def _states_of(self, client: _Client) -> List[_balance.UpstreamState]:
         # (A client accepted before a reload keeps its options, and their upstreams' states.)
         states = self._upstream_states
-        if client.options is not self.options or len(states) != len(client.options.upstreams):
-            states = [
-                self._states.get((u.family, u.sockaddr)) or _balance.UpstreamState() for u in client.options.upstreams
-            ]
+        upstreams = client.options.all_upstreams
+        if client.options is not self.options or len(states) != len(upstreams):
+            states = [self._states.get((u.family, u.sockaddr)) or _balance.UpstreamState() for u in upstreams]
         return states
 
     def _client_admit(self, client: _Client) -> str:
@@ -639,7 +721,7 @@ class PureListener:
 
     def _next_upstream(self, client: _Client) -> Optional[int]:
         options = client.options
-        n = len(options.upstreams)
+        n = len(options.all_upstreams)
         left = [i for i in range(n) if i not in client.tried and i not in client.skip]
         if not left:
             return None
@@ -653,7 +735,7 @@ class PureListener:
             options.balance,
             self._states_of(client),
             options.upstream_weights,
-            [_balance.hash_bytes(u.text.encode("utf-8", "surrogateescape")) for u in options.upstreams]
+            [_balance.hash_bytes(u.text.encode("utf-8", "surrogateescape")) for u in options.all_upstreams]
             if options.balance == "source"
             else (),
             left,
@@ -668,7 +750,7 @@ class PureListener:
             if index is None:
                 break
             client.tried.append(index)
-            upstream = client.options.upstreams[index]
+            upstream = client.options.all_upstreams[index]
             client.upstream = upstream
             try:
                 sock = socket.socket(upstream.family, socket.SOCK_STREAM | _NONBLOCK)
@@ -819,7 +901,10 @@ class PureListener:
     def _ready(self, selector: selectors.BaseSelector, fd: int) -> None:
         client, what = self._pending[fd]
         if what == "header":
-            self._read_header(selector, client)
+            if client.reading_hello:
+                self._read_hello(selector, client)
+            else:
+                self._read_header(selector, client)
             return
         sock = client.upstream_sock
         assert sock is not None
@@ -863,9 +948,10 @@ class PureListener:
             if client.deadline != deadline:
                 continue  # moved on (or gone) since this timer was set
             client.deadline = 0.0
-            if client.upstream_sock is None:  # still on its PROXY header
-                self._unwatch(selector, client.fd)
-                self._refuse(client, _events.PROXY_LATE)
+            if client.upstream_sock is None:  # still on its PROXY header or ClientHello
+                if client.fd in self._pending:  # (not while a ClientHello waits to be looked at again)
+                    self._unwatch(selector, client.fd)
+                self._refuse(client, _events.HELLO_LATE if client.reading_hello else _events.PROXY_LATE)
                 continue
             self._unwatch(selector, client.upstream_sock.fileno())
             self._fail_over(selector, client, socket.timeout("timed out"))

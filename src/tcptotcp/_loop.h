@@ -98,7 +98,8 @@ enum {
 enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
 /* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend_maybe); waiting to get it back. */
 /* T2T_CONNECTING: a listener's client, connecting upstream (or writing our PROXY header);
-   T2T_HEADER: one reading the client's PROXY header (see _loop_listener.h). */
+   T2T_HEADER: one reading the client's PROXY header, then (forwards routing by SNI) peeking at its
+   ClientHello (see _loop_listener.h). */
 enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING, T2T_HEADER };
 /* Why a client was closed without an upstream (t2t_bridge.refusal); _core.pyx words them. */
 enum t2t_refusal {
@@ -112,6 +113,11 @@ enum t2t_refusal {
     T2T_REFUSED_PER_CLIENT,   /* --max-per-client */
     T2T_REFUSED_RATE,         /* --rate-per-client */
     T2T_REFUSED_CLIENTS_FULL, /* the client table is full (T2T_CLIENTS_MAX) */
+    T2T_REFUSED_HELLO_BAD,    /* not a TLS ClientHello we can read: see t2t_hello.error */
+    T2T_REFUSED_HELLO_LATE,   /* none complete within --proxy-timeout */
+    T2T_REFUSED_HELLO_CLOSED, /* closed before its ClientHello ended */
+    T2T_REFUSED_HELLO_READ,   /* reading it failed: error = errno */
+    T2T_REFUSED_NO_ROUTE,     /* --route-sni-strict, and no route names it: t2t_hello.name */
 };
 enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8 };
 enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
@@ -171,6 +177,7 @@ typedef struct t2t_bridge {
     struct t2t_listener *listener;
     struct t2t_config *cfg;   /* a reference */
     struct t2t_proxying *px;  /* PROXY protocol work, until it opens (forwards that have it) */
+    struct t2t_hello *hello;  /* its ClientHello, read to route by SNI (forwards that route) */
     struct t2t_bridge *open_next;
     unsigned long long conn_id;
     int64_t connect_deadline_ns; /* connecting, or reading the client's header: gives up then */

@@ -65,6 +65,11 @@ cdef extern from "_loop.h" nogil:
         T2T_REFUSED_PER_CLIENT
         T2T_REFUSED_RATE
         T2T_REFUSED_CLIENTS_FULL
+        T2T_REFUSED_HELLO_BAD
+        T2T_REFUSED_HELLO_LATE
+        T2T_REFUSED_HELLO_CLOSED
+        T2T_REFUSED_HELLO_READ
+        T2T_REFUSED_NO_ROUTE
         T2T_BALANCE_FIRST
         T2T_BALANCE_ROUNDROBIN
         T2T_BALANCE_LEASTCONN
@@ -73,6 +78,7 @@ cdef extern from "_loop.h" nogil:
     int t2t_config_upstream(t2t_config *c, int i, const sockaddr *address, socklen_t length, const char *text,
                             size_t text_length, int weight)
     int t2t_config_access(t2t_config *c, const t2t_access *access)
+    int t2t_config_routes(t2t_config *c, int nserving, const char *const *patterns, int n, int strict)
     void t2t_config_release(t2t_config *c)
     t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long first_id)
     void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg)
@@ -90,6 +96,8 @@ cdef extern from "_loop.h" nogil:
     void t2t_failure_free(t2t_failure *f)
     const char *t2t_bridge_upstream(const t2t_bridge *b)
     const char *t2t_bridge_proxy_error(const t2t_bridge *b)
+    const char *t2t_bridge_hello_error(const t2t_bridge *b)
+    const char *t2t_bridge_hello_name(const t2t_bridge *b)
     int t2t_sockaddr_ip(int family, const char *host, int port, unsigned int flowinfo, unsigned int scope_id,
                         sockaddr_storage *out, socklen_t *length)
     int t2t_sockaddr_unix(const char *path, size_t n, sockaddr_storage *out, socklen_t *length)

@@ -16,6 +16,7 @@
 
 #include "_loop_proxy.h"
 #include "_loop_balance.h"
+#include "_loop_sni.h"
 
 typedef struct t2t_listen_tag {
     t2t_side side; /* side.kind == T2T_TAG_LISTENER */
@@ -60,6 +61,11 @@ typedef struct t2t_config {
     int max_per_client;   /* 0: no limit */
     int64_t rate_spacing_ns, rate_burst; /* --rate-per-client's bucket (see t2t_bucket_take); 0: none */
     int prefix6;          /* --client-prefix6 */
+    /* --route-sni: upstreams[nserving + i] serves the clients whose ClientHello names a match
+       of routes[i]; the first nserving upstreams serve the others (unless route_strict). */
+    int nserving, nroutes;
+    char **routes;
+    unsigned char route_strict;
     int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) on every IP upstream socket */
     int nsockopts;
 } t2t_config;
@@ -74,6 +80,13 @@ typedef struct t2t_proxying {
     size_t out_len, out_sent;
     char error[T2T_PROXY_ERROR_MAX]; /* why its header was refused, as the pure parser says it */
 } t2t_proxying;
+
+/* A client's ClientHello, peeked at (never read: it reaches the upstream untouched). */
+typedef struct t2t_hello {
+    unsigned char in[T2T_SNI_IN_MAX];
+    char name[T2T_SNI_NAME_MAX];   /* its server name, "" for none */
+    char error[T2T_SNI_ERROR_MAX]; /* why it was refused (T2T_REFUSED_HELLO_BAD) */
+} t2t_hello;
 
 /* One failed upstream connect, for Python's log and metrics (the client may go on to the next). */
 typedef struct t2t_failure {
@@ -118,6 +131,8 @@ static void t2t_client_release_locked(t2t_bridge *b);
 static void t2t_config_release(t2t_config *c) {
     if (!c || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
     for (int i = 0; i < 4; i++) free((void *)c->access.lists[i]);
+    for (int i = 0; i < c->nroutes; i++) free(c->routes[i]);
+    free(c->routes);
     for (int i = 0; i < c->nupstreams; i++) {
         free(c->upstreams[i].text);
         t2t_upstream_state_release(c->upstreams[i].state);
@@ -165,6 +180,33 @@ static int t2t_config_upstream(t2t_config *c, int i, const struct sockaddr *addr
     memcpy(&u->address, address, len);
     u->len = len;
     u->ip = address->sa_family == AF_INET || address->sa_family == AF_INET6;
+    return 0;
+}
+
+/* Route by SNI (see t2t_config.routes): copies of the patterns, as _sni.check_route_pattern
+   made them; 0, or -1 with errno. */
+static int t2t_config_routes(t2t_config *c, int nserving, const char *const *patterns, int n, int strict) {
+    if (nserving < 0 || n < 0 || nserving + n != c->nupstreams || (n && nserving < 1 && !strict)) {
+        errno = EINVAL;
+        return -1;
+    }
+    c->nserving = nserving;
+    c->route_strict = (unsigned char)strict;
+    if (!n) return 0;
+    c->routes = (char **)calloc((size_t)n, sizeof(char *));
+    if (!c->routes) {
+        errno = ENOMEM;
+        return -1;
+    }
+    c->nroutes = n; /* (those copied are freed with the config, whatever happens next) */
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(patterns[i]);
+        if (!(c->routes[i] = (char *)malloc(len + 1))) {
+            errno = ENOMEM;
+            return -1;
+        }
+        memcpy(c->routes[i], patterns[i], len + 1);
+    }
     return 0;
 }
 
@@ -408,6 +450,8 @@ static void t2t_open(t2t_bridge *b) {
     t2t_heap_remove(L, b);
     free(b->px);
     b->px = NULL;
+    free(b->hello);
+    b->hello = NULL;
     b->state = T2T_RELAYING;
     b->started_ns = b->next_check_ns = L->now;
     b->opened = 1;
@@ -530,6 +574,9 @@ static int t2t_new_socket(int family) {
 #endif
 }
 
+/* The first n upstreams, a bit each. */
+static uint64_t t2t_first_bits(int n) { return n >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1; }
+
 /* The upstream b tries next, among those it has not tried and that were not down when it was
    admitted; -1 when none is left. A first try goes by the forward's balance; a failover goes
    on in that balance's order: the next index for first and roundrobin, the next fewest bridges
@@ -537,8 +584,7 @@ static int t2t_new_socket(int family) {
 static int t2t_pick_upstream(t2t_bridge *b) {
     t2t_config *c = b->cfg;
     int n = c->nupstreams;
-    uint64_t all = n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
-    uint64_t left = all & ~b->up_tried & ~b->up_skip;
+    uint64_t left = t2t_first_bits(n) & ~b->up_tried & ~b->up_skip;
     if (!left) return -1;
 #define T2T_LEFT(i) (left & ((uint64_t)1 << (i)))
     int best = -1;
@@ -678,8 +724,23 @@ static void t2t_client_release_locked(t2t_bridge *b) {
     b->client_counted = 0;
 }
 
-/* Check the client, then try the upstreams: those down (marked by failed connects or by the
-   checks) are skipped unless every one is. */
+/* Try the upstreams of `among` (a bit per index): those down (marked by failed connects or by
+   the checks) are skipped unless every one of them is. */
+static void t2t_connect_among(t2t_bridge *b, uint64_t among) {
+    t2t_config *c = b->cfg;
+    uint64_t down = 0;
+    for (int i = 0; i < c->nupstreams; i++)
+        if ((among & ((uint64_t)1 << i)) && t2t_upstream_is_down(c->upstreams[i].state, b->loop->now))
+            down |= (uint64_t)1 << i;
+    b->up_skip = ~among | (down == among ? 0 : down);
+    b->up_tried = 0;
+    b->state = T2T_CONNECTING;
+    t2t_try_upstreams(b);
+}
+
+static void t2t_hello_read(t2t_bridge *b);
+
+/* Check the client; then route it by its ClientHello (forwards with --route-sni), or connect. */
 static void t2t_admit(t2t_bridge *b) {
     t2t_config *c = b->cfg;
     if (!t2t_permits(&c->access, &b->peer)) {
@@ -693,20 +754,74 @@ static void t2t_admit(t2t_bridge *b) {
             return;
         }
     }
-    uint64_t skip = 0;
-    for (int i = 0; i < c->nupstreams; i++)
-        if (t2t_upstream_is_down(c->upstreams[i].state, b->loop->now)) skip |= (uint64_t)1 << i;
-    uint64_t all = c->nupstreams == 64 ? ~(uint64_t)0 : ((uint64_t)1 << c->nupstreams) - 1;
-    b->up_skip = skip == all ? 0 : skip;
-    b->up_tried = 0;
-    b->state = T2T_CONNECTING;
-    t2t_try_upstreams(b);
+    if (!c->nroutes) {
+        t2t_connect_among(b, t2t_first_bits(c->nupstreams));
+        return;
+    }
+    if (!(b->hello = (t2t_hello *)malloc(sizeof(t2t_hello)))) {
+        t2t_client_gone(b, ENOMEM);
+        return;
+    }
+    b->hello->name[0] = b->hello->error[0] = 0;
+    b->state = T2T_HEADER;
+    t2t_link(b);
+    int error = t2t_poll_side(b, 0);
+    if (error) {
+        t2t_client_gone(b, error);
+        return;
+    }
+    t2t_wait_until(b, t2t_add(b->loop->now, c->proxy_timeout_ns));
+    /* After a PROXY header the hello may have come with it: no new edge would tell. */
+    if (b->side[0].readable && b->state == T2T_HEADER) t2t_hello_read(b);
+}
+
+/* Readable while peeking at the client's ClientHello: once it is whole, route by its name. */
+static void t2t_hello_read(t2t_bridge *b) {
+    t2t_hello *h = b->hello;
+    t2t_config *c = b->cfg;
+    if (!b->side[0].readable) return;
+    ssize_t n;
+    do n = recv(b->side[0].fd, h->in, sizeof(h->in), MSG_PEEK);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && T2T_WOULD_BLOCK(errno)) {
+        b->side[0].readable = 0;
+        return;
+    }
+    if (n < 0) {
+        t2t_refuse(b, T2T_REFUSED_HELLO_READ, errno);
+        return;
+    }
+    if (n == 0) {
+        t2t_refuse(b, T2T_REFUSED_HELLO_CLOSED, 0);
+        return;
+    }
+    size_t hello_len = 0;
+    int got = t2t_sni_parse(h->in, (size_t)n, h->name, sizeof(h->name), &hello_len);
+    if (got < 0) {
+        t2t_sni_error_text(got, h->in, (size_t)n, h->error, sizeof(h->error));
+        t2t_refuse(b, T2T_REFUSED_HELLO_BAD, EPROTO);
+        return;
+    }
+    if (got == 0) { /* all there is so far (a peek sees the whole queue): wait for more */
+        b->side[0].readable = 0;
+        return;
+    }
+    int route = t2t_sni_match(h->name, (const char *const *)c->routes, c->nroutes);
+    if (route < 0 && c->route_strict) {
+        t2t_refuse(b, T2T_REFUSED_NO_ROUTE, EACCES);
+        return;
+    }
+    t2t_connect_among(b, route >= 0 ? (uint64_t)1 << (c->nserving + route) : t2t_first_bits(c->nserving));
 }
 
 /* Readable while reading the client's PROXY header: every byte of it and none after it, so
    what the client sent next stays in the socket for the bridge. */
 static void t2t_header_read(t2t_bridge *b) {
     t2t_proxying *px = b->px;
+    if (b->hello) {
+        t2t_hello_read(b);
+        return;
+    }
     if (!b->side[0].readable) return;
     for (;;) {
         ssize_t n = recv(b->side[0].fd, px->in + px->in_len, sizeof(px->in) - px->in_len, MSG_PEEK);
@@ -1143,6 +1258,11 @@ static size_t t2t_listener_clients(t2t_listener *lst) {
     pthread_mutex_unlock(&lst->lock);
     return n;
 }
+
+/* What was wrong with a refused client's ClientHello (T2T_REFUSED_HELLO_BAD), or the name no
+   route took (T2T_REFUSED_NO_ROUTE). */
+static const char *t2t_bridge_hello_error(const t2t_bridge *b) { return b->hello ? b->hello->error : ""; }
+static const char *t2t_bridge_hello_name(const t2t_bridge *b) { return b->hello ? b->hello->name : ""; }
 
 /* What was wrong with a refused client's PROXY header (T2T_REFUSED_PROXY_BAD). */
 static const char *t2t_bridge_proxy_error(const t2t_bridge *b) { return b->px ? b->px->error : ""; }

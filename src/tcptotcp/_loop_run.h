@@ -30,6 +30,7 @@ static void t2t_release(t2t_bridge *b) {
     if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
     if (b->listener) {
         free(b->px);
+        free(b->hello);
         t2t_config_release(b->cfg);
     }
     free(b);
@@ -84,7 +85,7 @@ static void t2t_run_timers(t2t_loop *L) {
             b->timed_out = 1;
             t2t_fail_over(b, ETIMEDOUT);
         } else if (b->state == T2T_HEADER) {
-            t2t_refuse(b, T2T_REFUSED_PROXY_LATE, ETIMEDOUT);
+            t2t_refuse(b, b->hello ? T2T_REFUSED_HELLO_LATE : T2T_REFUSED_PROXY_LATE, ETIMEDOUT);
         } else if (b->state == T2T_RELAYING) {
             t2t_idle_check(b);
             if (b->state == T2T_RELAYING) t2t_heap_fix(L, 0);

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._access import parse_network
+from ._sni import check_route_pattern
 
 # Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT: out-of-range values would
 # otherwise fail in setsockopt() for every client.
@@ -187,6 +188,15 @@ class Option:
                 raise self._bad(name, text, None) from None
             return self.check(value, name=name, off=None)
         return self.check(text, name=name, off=None)
+
+
+def parse_route(text: str) -> Tuple[str, str]:
+    """A --route-sni item, ``NAME=UPSTREAM``, as (the pattern, normalised; the upstream's text).
+    ValueError if it is not one (the upstream is parsed where the forward is made)."""
+    name, sep, upstream = text.partition("=")
+    if not sep or not upstream:
+        raise ValueError(f"{text!r}: expected NAME=UPSTREAM, e.g. db.example.com=10.0.0.5:5432")
+    return check_route_pattern(name), upstream
 
 
 def _option(
@@ -397,6 +407,25 @@ FORWARD_OPTIONS: Tuple[Option, ...] = (
         metavar="BITS",
         minimum=0,
         maximum=128,
+        group=ACCESS,
+    ),
+    _option(
+        "route_sni",
+        str,
+        (),
+        "a TLS client whose ClientHello names NAME (exact, or *.example.com) goes to UPSTREAM, the most "
+        "specific match winning; others go to the forward's own upstreams (repeatable). TLS is not terminated: "
+        "the ClientHello must be whole within the PROXY timeout",
+        metavar="NAME=UPSTREAM",
+        repeatable=True,
+        item_check=lambda item: parse_route(item),
+        group=ACCESS,
+    ),
+    _option(
+        "route_sni_strict",
+        bool,
+        False,
+        "with --route-sni: refuse clients whose ClientHello no route names (none has SNI, or another name)",
         group=ACCESS,
     ),
     _option(

@@ -30,7 +30,7 @@ from ._bridge import Bridge
 from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 from ._health import HealthChecker
 from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
-from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs
+from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs, parse_route
 
 __all__ = ["Forwarder", "ForwarderStats", "ForwardOptions", "raise_fd_limit"]
 
@@ -80,6 +80,7 @@ _AS_GIVEN = (
     "max_per_client",
     "rate_per_client",
     "client_prefix6",
+    "route_sni_strict",
 )
 
 
@@ -191,6 +192,8 @@ class Forwarder:
         max_per_client: Optional[int] = None,
         rate_per_client: Optional[int] = None,
         client_prefix6: int = 64,
+        route_sni: Sequence[str] = (),
+        route_sni_strict: bool = False,
         reuse_port: bool = False,
         listen_socket: Optional[socket.socket] = None,
         metrics: Optional[Any] = None,
@@ -231,6 +234,8 @@ class Forwarder:
             max_per_client=max_per_client,
             rate_per_client=rate_per_client,
             client_prefix6=client_prefix6,
+            route_sni=route_sni,
+            route_sni_strict=route_sni_strict,
         )
         self.options = self._options(upstream, **self._settings)
         self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
@@ -270,8 +275,12 @@ class Forwarder:
         access = AccessList(kw["allow"], kw["deny"])
         if access and self.listen.family not in _IP_FAMILIES:
             raise ValueError(f"allow/deny need an IP listener: clients of {self.listen.text} have no address")
+        routes = tuple((pattern, Address.parse_upstream(to)) for pattern, to in map(parse_route, kw["route_sni"]))
+        if routes and self.listen.family not in _IP_FAMILIES:
+            raise ValueError(f"route_sni needs a TCP listener, not {self.listen.text}")
         return ForwardOptions(
             upstreams=_upstream_list(upstream),
+            routes=routes,
             access=access,
             rate_check=kw["rate_check_seconds"],
             **{name: kw[name] for name in _AS_GIVEN},
@@ -500,7 +509,7 @@ class Forwarder:
         failed connects or by the checks)."""
         with self._lock:
             listener = None if self._listener_closed else self._listener
-            upstreams = self.options.upstreams
+            upstreams = self.options.all_upstreams
         if listener is None:
             return {u.text: True for u in upstreams}
         states = {}
@@ -521,7 +530,7 @@ class Forwarder:
                 self._checker = None
             elif checker is None and not self._closing.is_set():
                 self._checker = HealthChecker(
-                    options.upstreams,
+                    options.all_upstreams,
                     interval=options.check_interval,
                     rise=options.check_rise,
                     fall=options.check_fall,
@@ -533,21 +542,21 @@ class Forwarder:
             checker.close()
             listener = self._listener
             if listener is not None and not self._listener_closed:
-                for i in range(len(options.upstreams)):
+                for i in range(len(options.all_upstreams)):
                     listener.set_checked(i, False)  # nothing checks them now
         elif options.check_interval is not None and checker is not None:
             checker.update(
-                options.upstreams, interval=options.check_interval, rise=options.check_rise, fall=options.check_fall
+                options.all_upstreams, interval=options.check_interval, rise=options.check_rise, fall=options.check_fall
             )
         if self._metrics is not None:
-            texts = [u.text for u in options.upstreams]
+            texts = [u.text for u in options.all_upstreams]
             self._metrics.upstreams(texts, lambda text: self.upstream_states().get(text, True))
 
     def _checked(self, upstream: Address, up: bool, why: str) -> None:
         """The checks flipped an upstream's state (from the checker's thread)."""
         with self._lock:
             listener = None if self._listener_closed else self._listener
-            upstreams = self.options.upstreams
+            upstreams = self.options.all_upstreams
         for i, u in enumerate(upstreams):
             if u.text == upstream.text and (u.family, u.sockaddr) == (upstream.family, upstream.sockaddr):
                 if listener is not None:
