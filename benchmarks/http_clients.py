@@ -97,14 +97,17 @@ CASE_TITLE = {
     "wrk_c32": "wrk -c 32: keep-alive, 32 clients",
     "wrk_c1000": "wrk -c 1000: keep-alive, 1,000 clients",
 }
-SHAPES = ("plain", "allow", "roundrobin", "send-proxy-v2", "accept-proxy")
+SHAPES = ("plain", "allow", "roundrobin", "send-proxy-v2", "accept-proxy", "limits")
 SHAPE_TITLE = {
     "plain": "one upstream",
     "allow": "one upstream, a source ACL (127.0.0.0/8)",
     "roundrobin": "two upstreams, round robin",
     "send-proxy-v2": "PROXY v2 header sent to nginx (listen ... proxy_protocol)",
     "accept-proxy": "PROXY v2 header accepted from a hop (haproxy, send-proxy-v2), hop CPU not counted",
+    "limits": "per-client limits (1,000 open, 100,000/s) and a TCP check of the upstream every second",
 }
+# The limits shape's target is against the plain forward of the same relay, in the same run.
+LIMITS_TARGET = 0.95
 SHAPE_CASES = ("ab_c32",)  # what the shapes other than plain run
 SHAPE_RELAYS = TCPTOTCP + HAPROXY  # who runs the shapes other than plain
 REFUSED = ("closed", "reset")
@@ -388,6 +391,9 @@ def tcptotcp_shape(shape: str, nginx: Nginx, variant: str = "") -> Tuple[List[st
         if variant == "forward":
             return [f"127.0.0.1:{nginx.pp_port}"], ["--accept-proxy", "--send-proxy", "v2"]
         return up, ["--accept-proxy"]
+    if shape == "limits":
+        per_client = "1" if variant == "refuse" else "1000"
+        return up, ["--max-per-client", per_client, "--rate-per-client", "100000", "--check-interval", "1"]
     return up, []
 
 
@@ -398,13 +404,21 @@ def haproxy_config(shape: str, port: int, threads: int, nginx: Nginx, variant: s
     if shape == "allow":
         net = "10.0.0.0/8" if variant == "refuse" else "127.0.0.0/8"
         rules = f"  tcp-request connection reject if !{{ src {net} }}\n"
+    if shape == "limits":  # a stick table per source address, as tcptotcp's client table
+        rules = (
+            "  stick-table type ip size 100k expire 10s store conn_cur,conn_rate(1s)\n"
+            "  tcp-request connection track-sc0 src\n"
+            f"  tcp-request connection reject if {{ sc0_conn_cur gt {1 if variant == 'refuse' else 1000} }} "
+            "|| { sc0_conn_rate gt 100000 }\n"
+        )
+        servers = f"  server s 127.0.0.1:{nginx.port} maxconn 8000 check inter 1s\n"
     if shape == "roundrobin":
         servers = "  balance roundrobin\n" + "".join(
             f"  server s{i} 127.0.0.1:{p} maxconn 8000\n" for i, p in enumerate(nginx.rr_ports)
         )
     elif shape == "send-proxy-v2" or (shape == "accept-proxy" and variant == "forward"):
         servers = f"  server s 127.0.0.1:{nginx.pp_port} maxconn 8000 send-proxy-v2\n"
-    else:
+    elif shape != "limits":
         servers = f"  server s 127.0.0.1:{nginx.port} maxconn 8000\n"
     return (
         f"global\n  nbthread {threads}\n  maxconn 8000\n"
@@ -610,6 +624,17 @@ def verify(relay: Relay, env: Dict[str, str]) -> Tuple[bool, str]:
         if not served(r) or addr != want:
             return False, f"a twin sending PROXY v2 on gave nginx {addr!r} ({describe(r)}), the client was {want}"
         notes.append(f"a twin sending PROXY v2 on gave nginx the address the hop sent ({addr})")
+    elif shape == "limits":
+        twin = Relay(name, nginx, shape, "refuse", env)
+        try:
+            with socket.create_connection(("127.0.0.1", twin.port), timeout=5):  # its one connection
+                time.sleep(0.2)
+                r = http_get(twin.port)
+        finally:
+            twin.close()
+        if r["outcome"] not in REFUSED:
+            return False, f"a twin allowing 1 connection per client let a second through: {describe(r)}"
+        notes.append(f"a twin allowing 1 connection per client refused a second ({r['outcome']})")
     relay.mark_log()
     return True, "; ".join(notes)
 
@@ -1042,6 +1067,7 @@ def shapes_markdown(report: Dict[str, Any]) -> List[str]:
                 f"| {shape} | {r} | {fmt(s.get('rps'), '.0f')} | {fmt(s.get('p99_ms'))} | {err} "
                 f"| {fmt(s.get('cpu_us_per_conn'))} | " + " | ".join(cells) + f" | {target} |"
             )
+    lines += limits_lines(shapes)
     lines += ["", "What each shape runs, and what the check before the rounds saw:", ""]
     for shape, sh in shapes.items():
         lines.append(f"- **{shape}** ({sh['title']}):")
@@ -1050,6 +1076,31 @@ def shapes_markdown(report: Dict[str, Any]) -> List[str]:
             chk = sh["checks"].get(r, "")
             lines.append(f"  - {r}: `{cfg}`" + (f" — {chk}" if chk else ""))
     lines.append("")
+    return lines
+
+
+def limits_lines(shapes: Dict[str, Any]) -> List[str]:
+    """Each relay's limits shape against its own plain forward (same run): the cost of the limits."""
+    limits, plain = shapes.get("limits"), shapes.get("plain")
+    if not limits or not plain:
+        return []
+    lines = [
+        "",
+        f"Per-client limits and checks against the same relay's plain forward (target: new connections/s "
+        f">= {LIMITS_TARGET}x):",
+        "",
+        "| relay | conn/s limits / plain | CPU per conn limits / plain | target |",
+        "|---|---|---|---|",
+    ]
+    for r in limits["relays"]:
+        a, b = limits["stats"].get(r, {}).get("ab_c32"), plain["stats"].get(r, {}).get("ab_c32")
+        if not a or not b or not a.get("rps") or not b.get("rps") or not b["rps"]["median"]:
+            continue
+        conn = a["rps"]["median"] / b["rps"]["median"]  # (medians over the same rounds)
+        cpu_a, cpu_b = a.get("cpu_us_per_conn"), b.get("cpu_us_per_conn")
+        cpu = cpu_a["median"] / cpu_b["median"] if cpu_a and cpu_b and cpu_b["median"] else float("nan")
+        met = "met" if conn >= LIMITS_TARGET else "MISSED"
+        lines.append(f"| {r} | {conn:.2f}x | {cpu:.2f}x | {met} |")
     return lines
 
 

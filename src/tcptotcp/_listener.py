@@ -253,12 +253,11 @@ class LoopListener:
         self._core.set_checked(index, down)
 
     def upstream_down(self, index: int) -> bool:
-        return bool(self._core.upstream_down(index))
+        return self._core.upstream_down(index)
 
     @property
     def clients(self) -> int:
-        count: int = self._core.clients
-        return count
+        return self._core.clients
 
     def fileno(self) -> int:
         fd: int = self._core.fileno()
