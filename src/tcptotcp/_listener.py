@@ -253,11 +253,12 @@ class LoopListener:
         self._core.set_checked(index, down)
 
     def upstream_down(self, index: int) -> bool:
-        return self._core.upstream_down(index)
+        return bool(self._core.upstream_down(index))
 
     @property
     def clients(self) -> int:
-        return self._core.clients
+        count: int = self._core.clients
+        return count
 
     def fileno(self) -> int:
         fd: int = self._core.fileno()
