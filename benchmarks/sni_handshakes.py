@@ -37,23 +37,14 @@ from typing import Any, Dict, List, Optional
 NAME = "bench.test"
 TARGET = 0.95
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from http_clients import wait_port  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_port(port: int, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,7 +116,7 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
         )
         procs.append(server)
-        wait_port(server_port)
+        wait_port(server_port, server, "openssl s_server")
         relays: Dict[str, Optional[subprocess.Popen[bytes]]] = {"direct": None}
         ports = {"direct": server_port}
         dead = free_port()  # the routed forward's own upstream: nothing listens there
@@ -143,7 +134,7 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
             procs.append(proc)
-            wait_port(port)
+            wait_port(port, proc, name)
             relays[name], ports[name] = proc, port
         # Each must hand the handshake to s_server (the routed one only by its SNI route).
         for name, port in ports.items():

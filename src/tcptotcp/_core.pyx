@@ -241,34 +241,33 @@ cdef object _peer_of(const sockaddr_storage *address, socklen_t address_len, int
     return Peer(family if family else listen_family, _sockaddr_object(family, host, port, flowinfo, scope_id))
 
 
+# Refusals whose words are fixed; the others carry a detail (see _refusal_text).
+_REFUSALS = {
+    T2T_REFUSED_ACCESS: _events.NOT_ALLOWED,
+    T2T_REFUSED_PROXY_LONG: _events.PROXY_TOO_LONG,
+    T2T_REFUSED_PROXY_LATE: _events.PROXY_LATE,
+    T2T_REFUSED_PROXY_CLOSED: _events.PROXY_CLOSED,
+    T2T_REFUSED_PER_CLIENT: _events.PER_CLIENT,
+    T2T_REFUSED_RATE: _events.RATE_LIMITED,
+    T2T_REFUSED_CLIENTS_FULL: _events.CLIENTS_FULL,
+    T2T_REFUSED_HELLO_LATE: _events.HELLO_LATE,
+    T2T_REFUSED_HELLO_CLOSED: _events.HELLO_CLOSED,
+}
+
+
 cdef object _refusal_text(t2t_bridge *b):
-    if b.refusal == T2T_REFUSED_ACCESS:
-        return _events.NOT_ALLOWED
+    text = _REFUSALS.get(b.refusal)
+    if text is not None:
+        return text
     if b.refusal == T2T_REFUSED_PROXY_BAD:
         return _events.PROXY_BAD.format(t2t_bridge_proxy_error(b).decode("utf-8", "replace"))
-    if b.refusal == T2T_REFUSED_PROXY_LONG:
-        return _events.PROXY_TOO_LONG
-    if b.refusal == T2T_REFUSED_PROXY_LATE:
-        return _events.PROXY_LATE
-    if b.refusal == T2T_REFUSED_PROXY_CLOSED:
-        return _events.PROXY_CLOSED
-    if b.refusal == T2T_REFUSED_PER_CLIENT:
-        return _events.PER_CLIENT
-    if b.refusal == T2T_REFUSED_RATE:
-        return _events.RATE_LIMITED
-    if b.refusal == T2T_REFUSED_CLIENTS_FULL:
-        return _events.CLIENTS_FULL
     if b.refusal == T2T_REFUSED_HELLO_BAD:
         return _events.HELLO_BAD.format(t2t_bridge_hello_error(b).decode("utf-8", "replace"))
-    if b.refusal == T2T_REFUSED_HELLO_LATE:
-        return _events.HELLO_LATE
-    if b.refusal == T2T_REFUSED_HELLO_CLOSED:
-        return _events.HELLO_CLOSED
     if b.refusal == T2T_REFUSED_HELLO_READ:
         return _events.HELLO_NOT_READ.format(os.strerror(b.error))
     if b.refusal == T2T_REFUSED_NO_ROUTE:
         return _events.no_route(t2t_bridge_hello_name(b).decode("ascii", "replace") or None)
-    return _events.PROXY_NOT_READ.format(os.strerror(b.error))
+    return _events.PROXY_NOT_READ.format(os.strerror(b.error))  # T2T_REFUSED_PROXY_READ
 
 
 _BALANCES = {

@@ -20,6 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._address import Address
+from ._listener import Wakeup
 
 log = logging.getLogger("tcptotcp")
 
@@ -125,9 +126,7 @@ class HealthChecker:
         self._closed = False
         self._thread: Optional[threading.Thread] = None
         self._flips: List[Tuple[Address, bool, str]] = []  # the checker thread's, to report
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()
         self.update(upstreams, interval=interval, rise=rise, fall=fall, timeout=timeout)
 
     # -- control, from any thread -------------------------------------------------------
@@ -210,21 +209,14 @@ class HealthChecker:
         return min(self._interval, MAX_DEFAULT_TIMEOUT) if self._timeout is None else self._timeout
 
     def _wake(self) -> None:
-        with self._lock:  # not while the thread closes the pair
-            if self._wake_w.fileno() >= 0:
-                try:
-                    self._wake_w.send(b"x")
-                except OSError:
-                    pass  # full: a wake-up is pending anyway
+        self._wakeup.set()  # (a no-op once the thread closed it)
 
     def _close_wakeup(self) -> None:
-        with self._lock:
-            self._wake_r.close()
-            self._wake_w.close()
+        self._wakeup.close()
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ)
+        selector.register(self._wakeup, selectors.EVENT_READ)
         grid: Optional[float] = None  # the last round's start, on the schedule
         deadline: Optional[float] = None  # the current round's end, while checks are in flight
         try:
@@ -255,8 +247,8 @@ class HealthChecker:
                     wait = max(0.0, (due if deadline is None else deadline) - now)
                 self._notify()
                 for key, _ in selector.select(wait):
-                    if key.fileobj is self._wake_r:
-                        self._drain_wakeup()
+                    if key.fileobj is self._wakeup:
+                        self._wakeup.clear()
                     else:
                         self._completed(key, selector)
                 self._notify()
@@ -309,10 +301,3 @@ class HealthChecker:
                 self._on_change(address, up, reason)
             except Exception:
                 log.exception("health check: on_change failed for %s", address.text)
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
