@@ -31,7 +31,16 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["DURATION_BUCKETS", "REASONS", "ForwardMetrics", "Metrics", "MetricsUnavailable", "parse_hostport"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "REASONS",
+    "ForwardMetrics",
+    "Metrics",
+    "MetricsUnavailable",
+    "Ready",
+    "StatusServer",
+    "parse_hostport",
+]
 
 #: Bridge lifetimes run from a client that hangs up at once (ms) to long sessions (an hour and more).
 DURATION_BUCKETS: Tuple[float, ...] = (
@@ -233,8 +242,7 @@ class Metrics:
         )
         self._forwards: Dict[str, ForwardMetrics] = {}
         self._lock = threading.Lock()
-        self._server: Optional[_MetricsServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: Optional[StatusServer] = None
 
     # -- recording ----------------------------------------------------------------------
 
@@ -274,45 +282,65 @@ class Metrics:
 
     # -- serving ------------------------------------------------------------------------
 
-    def serve(self, host: str, port: int) -> Tuple[str, int]:
-        """Serve ``/metrics`` from a daemon thread; returns the bound (host, port).
-
-        Our own server rather than ``start_http_server``: its return value differs across
-        prometheus_client versions, and the bound port is needed when `port` is 0.
-        """
+    def serve(self, host: str, port: int, ready: Optional[Ready] = None) -> Tuple[str, int]:
+        """Serve ``/metrics`` (and the health endpoints, see `StatusServer`) from a daemon
+        thread; returns the bound (host, port)."""
         if self._server is not None:
             raise RuntimeError("metrics are already being served")
-        server = _server_for(host, port, self)
-        thread = threading.Thread(target=server.run, name="tcptotcp-metrics", daemon=True)
-        thread.start()
-        self._server, self._thread = server, thread
-        bound = server.server_address
-        return str(bound[0]), int(bound[1])
+        self._server = StatusServer(host, port, self, ready)
+        return self._server.address
 
     @property
     def address(self) -> Optional[Tuple[str, int]]:
         """The bound (host, port) while serving, else None."""
-        if self._server is None:
-            return None
+        return None if self._server is None else self._server.address
+
+    def close(self) -> None:
+        """Stop serving and free the port; safe to call more than once."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+
+
+#: Whether the process is ready for clients: (ready, a one-line reason when it is not).
+Ready = Callable[[], Tuple[bool, str]]
+
+
+class StatusServer:
+    """The ``--metrics`` port: ``/metrics`` (with prometheus_client), ``/healthz`` (200 while
+    the process serves) and ``/ready`` (200, or 503 with the reason `ready` gives), from a
+    daemon thread.
+
+    Our own server rather than ``start_http_server``: its return value differs across
+    prometheus_client versions, and the bound port is needed when `port` is 0.
+    """
+
+    def __init__(self, host: str, port: int, metrics: Optional[Metrics] = None, ready: Optional[Ready] = None) -> None:
+        self._server = _server_for(host, port, metrics, ready)
+        self._thread = threading.Thread(target=self._server.run, name="tcptotcp-metrics", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    @property
+    def address(self) -> Tuple[str, int]:
         bound = self._server.server_address
         return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
         """Stop serving and free the port; safe to call more than once."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.wake()
-        if thread is not None:
-            thread.join(timeout=5.0)
-        if server is not None:
-            server.server_close()
+        if self._closed:
+            return
+        self._closed = True
+        self._server.wake()
+        self._thread.join(timeout=5.0)
+        self._server.server_close()
 
 
 class _MetricsServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     timeout = 1.0  # handle_request()'s wait, should a ready client vanish before accept
-    metrics: Metrics
+    metrics: Optional[Metrics]
+    ready: Optional[Ready]
 
     def __init__(self, address: Tuple[Any, ...], handler: Type[http.server.BaseHTTPRequestHandler]) -> None:
         # Before binding: a failed bind calls server_close(), which closes these.
@@ -353,11 +381,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _MetricsServer
 
     def do_GET(self) -> None:
-        if urlsplit(self.path).path != "/metrics":
-            self.send_error(404, "only /metrics is served here")
-            return
-        body, content_type = self.server.metrics.exposition(self.headers.get("Accept", ""))
-        self.send_response(200)
+        path = urlsplit(self.path).path
+        metrics, ready = self.server.metrics, self.server.ready
+        if path == "/healthz":
+            self._send(200, b"ok\n")
+        elif path == "/ready":
+            ok, why = (True, "") if ready is None else ready()
+            self._send(200, b"ready\n") if ok else self._send(503, why.encode("utf-8", "replace") + b"\n")
+        elif path == "/metrics" and metrics is not None:
+            body, content_type = metrics.exposition(self.headers.get("Accept", ""))
+            self._send(200, body, content_type)
+        elif path == "/metrics":
+            self._send(404, (_MISSING + "\n").encode())
+        else:
+            self._send(404, b"served here: /metrics, /healthz, /ready\n")
+
+    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -371,7 +411,7 @@ class _MetricsServer6(_MetricsServer):
     address_family = socket.AF_INET6
 
 
-def _server_for(host: str, port: int, metrics: Metrics) -> _MetricsServer:
+def _server_for(host: str, port: int, metrics: Optional[Metrics], ready: Optional[Ready]) -> _MetricsServer:
     """A server bound to `host`:`port`, in the family the host resolves to (IPv4 for "")."""
     server_class = _MetricsServer
     address: Tuple[Any, ...] = (host, port)
@@ -385,4 +425,5 @@ def _server_for(host: str, port: int, metrics: Metrics) -> _MetricsServer:
         address = tuple(info[4])
     server = server_class(address, _Handler)
     server.metrics = metrics
+    server.ready = ready
     return server

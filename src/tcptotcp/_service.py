@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Type
 
 from ._activation import is_inherited_address, listener_socket, resolve_listen
 from ._bridge import Bridge
@@ -126,6 +126,21 @@ class Service:
                 needed,
                 available,
             )
+
+    def ready(self) -> Tuple[bool, str]:
+        """Ready for clients: every forward listening, each with an upstream not marked down;
+        else False and why (for ``/ready``)."""
+        forwards = list(self.forwards.values())
+        if not forwards:
+            return False, "no forward is listening"
+        for forwarder in forwards:
+            thread = self._threads.get(forwarder)
+            if forwarder.listener_kind is None or thread is None or not thread.is_alive():
+                return False, f"{forwarder.address_text}: not listening"
+            states = forwarder.upstream_states()
+            if states and not any(states.values()):
+                return False, f"{forwarder.address_text}: every upstream is down ({', '.join(states)})"
+        return True, ""
 
     def _run(self, forwarder: Forwarder) -> None:
         try:

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import pure
 from ._activation import inherited_listeners, is_inherited_address
@@ -22,7 +22,7 @@ from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge
 from ._config import Config, ConfigError, ForwardSpec, load_config
 from ._jsonlog import JsonFormatter
-from ._metrics import Metrics, MetricsUnavailable, parse_hostport
+from ._metrics import Metrics, MetricsUnavailable, StatusServer, parse_hostport
 from ._options import ACCESS, FORWARD_OPTIONS, OPERATION, OPTIONS, Option, OptionError, check_forward
 from ._service import Service
 from ._version import __version__
@@ -190,13 +190,22 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tcptotcp: error: socket activation: {exc}", file=sys.stderr)
         return 2
-    metrics = None
+    metrics: Optional[Metrics] = None
+    status_server: Optional[StatusServer] = None
+    services: List[Service] = []  # (the service is made below; /ready asks it once it is)
+
+    def ready() -> Tuple[bool, str]:
+        return services[0].ready() if services else (False, "starting")
+
     if metrics_at:
         try:
             host, port = parse_hostport(metrics_at)
-            metrics = Metrics()
-            metrics.serve(host, port)
-        except (MetricsUnavailable, ValueError) as exc:
+            try:
+                metrics = Metrics()
+            except MetricsUnavailable as exc:
+                log.warning("%s; serving only /healthz and /ready on %s", exc, metrics_at)
+            status_server = StatusServer(host, port, metrics, ready)
+        except ValueError as exc:
             print(f"tcptotcp: error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
@@ -206,6 +215,7 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     service = Service(
         _backend_bridge(backend), inherited=inherited, metrics=metrics, json_lines=log_format == "json", wake=wake
     )
+    services.append(service)
     # Signal handlers only note what was asked; this thread does it. Installed before the forwards
     # start: a SIGHUP sent once "listening on" was printed must not find the default action
     # (which ends the process).
@@ -230,10 +240,14 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"tcptotcp: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    if metrics is not None and metrics.address is not None:
-        host, port = metrics.address
+    if status_server is not None:
+        host, port = status_server.address
         shown = f"[{host}]" if ":" in host else host
-        service.announce("metrics", f"metrics on http://{shown}:{port}/metrics", address=f"{shown}:{port}")
+        # (/healthz and /ready are served beside /metrics, or alone without prometheus_client.)
+        text = (
+            f"metrics on http://{shown}:{port}/metrics" if metrics is not None else f"health on http://{shown}:{port}"
+        )
+        service.announce("metrics", text, address=f"{shown}:{port}")
 
     try:
         while True:
@@ -253,8 +267,8 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     finally:
         log.info("stopping%s", f", draining up to {args.drain:g} s" if args.drain > 0 else "")
         service.stop(drain_seconds=args.drain)
-        if metrics is not None:
-            metrics.close()
+        if status_server is not None:
+            status_server.close()
     return status
 
 
