@@ -40,12 +40,14 @@ MAX_BANDWIDTH = 100_000_000_000
 def bandwidth_bucket(rate: int) -> Tuple[int, int]:
     """(burst, quantum) in bytes for a direction held to `rate` bytes/s, the one rule of both
     engines. The bucket starts full and holds at most `burst`; a direction that emptied it
-    reads again once it holds `quantum`, so a bulk stream moves in reads of ~100 ms of its rate
-    (ten wake-ups a second, whatever the rate) instead of a read per byte of refill. The burst
-    is twice that quantum, so a timer that fires late keeps the tokens of its lateness (the
-    measured rate stays on target under load), and at least 64 KiB, so that a slow bridge
-    still passes a request or a handshake in one go after a pause."""
-    quantum = max(1, rate // 10)
+    reads again once it holds `quantum`, so a bulk stream moves in reads of a quantum instead of
+    a read per byte of refill. A quantum is 100 ms of the rate, or up to 500 ms where that is
+    less than 64 KiB: a read (and a wake-up) costs the same for few bytes as for many, so slow
+    bridges read in larger pieces, while nothing waits more than half a second for its turn.
+    The burst is twice the quantum, so a timer that fires late keeps the tokens of its
+    lateness (the measured rate stays on target under load), and at least 64 KiB, so that a
+    slow bridge still passes a request or a handshake in one go after a pause."""
+    quantum = max(1, rate // 10, min(_MIN_BURST, rate // 2))
     return max(2 * quantum, _MIN_BURST), quantum
 
 
