@@ -247,6 +247,10 @@ class Sink:
         return self.meters[0]
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
         self.sock.close()
         self._thread.join(5)
         for meter in self.meters:
