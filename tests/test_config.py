@@ -73,6 +73,7 @@ rate_per_client = 100
 client_prefix6 = 48
 route_sni = ["db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"]
 route_sni_strict = true
+bandwidth = "10M"
 send_proxy = "v1"
 accept_proxy = true
 proxy_timeout = 2.5
@@ -98,6 +99,7 @@ rate_check = 0
 idle_timeout = 0
 activity = "both"
 half_close = false
+bandwidth = false
 max_connections = 1
 connect_timeout = 0.25
 allow = "192.0.2.7"
@@ -153,6 +155,7 @@ def test_full_file(tmp_path: Path) -> None:
         client_prefix6=48,
         route_sni=("db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"),
         route_sni_strict=True,
+        bandwidth=10_000_000,
         send_proxy="v1",
         accept_proxy=True,
         proxy_timeout=2.5,
@@ -226,6 +229,7 @@ def test_forwarder_kwargs(tmp_path: Path) -> None:
         "client_prefix6": 48,
         "route_sni": ("db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"),
         "route_sni_strict": True,
+        "bandwidth": 10_000_000,
         "send_proxy": "v1",
         "accept_proxy": True,
         "proxy_timeout": 2.5,

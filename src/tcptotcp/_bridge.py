@@ -31,6 +31,25 @@ from . import _pump
 ACTIVITY_RULES = ("both", "any")
 REASONS = ("closed", "idle", "error", "stopped")
 
+# A throttled direction's bucket (see bandwidth_bucket).
+_MIN_BURST = 64 * 1024
+# Up to ~100 GB/s: the loops keep a bucket in a double of bytes and time in int64 ns.
+MAX_BANDWIDTH = 100_000_000_000
+
+
+def bandwidth_bucket(rate: int) -> Tuple[int, int]:
+    """(burst, quantum) in bytes for a direction held to `rate` bytes/s, the one rule of both
+    engines. The bucket starts full and holds at most `burst`; a direction that emptied it
+    reads again once it holds `quantum`, so a bulk stream moves in reads of a quantum instead of
+    a read per byte of refill. A quantum is 100 ms of the rate, or up to 500 ms where that is
+    less than 64 KiB: a read (and a wake-up) costs the same for few bytes as for many, so slow
+    bridges read in larger pieces, while nothing waits more than half a second for its turn.
+    The burst is twice the quantum, so a timer that fires late keeps the tokens of its
+    lateness (the measured rate stays on target under load), and at least 64 KiB, so that a
+    slow bridge still passes a request or a handshake in one go after a pause."""
+    quantum = max(1, rate // 10, min(_MIN_BURST, rate // 2))
+    return max(2 * quantum, _MIN_BURST), quantum
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -45,21 +64,47 @@ class Plan:
     idle_limit: int  # k // r, with k = max(2, keep_alive_delay_time_seconds)
     activity_both: bool  # traffic qualifies only if both directions moved bytes
     half_close: bool  # forward a FIN and keep the other direction open
+    # Bytes/s each direction may read (see bandwidth_bucket); 0: unlimited.
+    bandwidth: int = 0
 
 
-def plan_of(rate_check_seconds: int, keep_alive_delay_time_seconds: int, activity: str, half_close: bool) -> Plan:
+def plan_of(
+    rate_check_seconds: int,
+    keep_alive_delay_time_seconds: int,
+    activity: str,
+    half_close: bool,
+    *,
+    bandwidth: int = 0,
+) -> Plan:
     """A bridge's plan from the crate's parameters, checked and clamped as the crate does:
-    a rate check of at least 1 s, a keep-alive of at least 2 s, idle after k // r checks."""
+    a rate check of at least 1 s, a keep-alive of at least 2 s, idle after k // r checks.
+    `bandwidth` is bytes/s per direction, 0 for unlimited."""
     r = _check_int(rate_check_seconds, "rate_check_seconds")
     k = _check_int(keep_alive_delay_time_seconds, "keep_alive_delay_time_seconds")
     check_activity(activity)
+    rate = _check_int(bandwidth, "bandwidth")
+    if not 0 <= rate <= MAX_BANDWIDTH:
+        raise ValueError(f"bandwidth must be from 1 to {MAX_BANDWIDTH} bytes/s (0: unlimited), not {rate}")
     interval = max(1, r)
     return Plan(
         interval=interval,
         idle_limit=max(2, k) // interval,
         activity_both=activity == "both",
         half_close=bool(half_close),
+        bandwidth=rate,
     )
+
+
+def check_bandwidth(bandwidth: object) -> int:
+    """A Bridge's `bandwidth` (bytes/s per direction, or None for unlimited) as a Plan's (0: none)."""
+    if bandwidth is None:
+        return 0
+    if isinstance(bandwidth, bool):
+        raise TypeError("bandwidth must be an integer or None, not bool")
+    rate = _check_int(bandwidth, "bandwidth")
+    if not 1 <= rate <= MAX_BANDWIDTH:
+        raise ValueError(f"bandwidth must be from 1 to {MAX_BANDWIDTH} bytes/s, or None, not {rate}")
+    return rate
 
 
 class Relay(Protocol):
@@ -132,6 +177,8 @@ class Bridge:
     ``Bridge(...).run()`` blocks (that is ``connect()``); ``start()`` runs it in the
     background, ``stop()`` ends it from any thread, ``wait()`` collects the result.
     The bridge owns both sockets: they are shut down and closed when it ends.
+    ``bandwidth`` (bytes/s, or None) holds each direction to that rate: past a burst, the
+    bridge reads no faster, so a faster sender is held back by its own socket's buffers.
     """
 
     #: The engine for sockets whose bytes are their fd's bytes (TLS always takes the pure
@@ -149,12 +196,15 @@ class Bridge:
         *,
         activity: str = "both",
         half_close: bool = False,
+        bandwidth: Optional[int] = None,
     ) -> None:
         _check_socket(stream1, "stream1")
         _check_socket(stream2, "stream2")
         if _same_connection(stream1, stream2):
             raise ValueError("stream1 and stream2 are the same socket")
-        self._setup((stream1, stream2), rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close)
+        self._setup(
+            (stream1, stream2), rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close, bandwidth
+        )
 
     @classmethod
     def from_fds(
@@ -166,6 +216,7 @@ class Bridge:
         *,
         activity: str = "both",
         half_close: bool = False,
+        bandwidth: Optional[int] = None,
     ) -> Bridge:
         """A bridge that adopts two fds of connected stream sockets: it relays on them without
         duplicating them, and closes them when it ends. If ``start()``/``run()`` raises, they
@@ -176,7 +227,7 @@ class Bridge:
         if fds[0] < 0 or fds[1] < 0 or fds[0] == fds[1]:
             raise ValueError(f"two distinct open fds needed, not {fds[0]} and {fds[1]}")
         bridge = cls.__new__(cls)
-        bridge._setup(fds, rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close)
+        bridge._setup(fds, rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close, bandwidth)
         return bridge
 
     def _setup(
@@ -186,13 +237,21 @@ class Bridge:
         keep_alive_delay_time_seconds: int,
         activity: str,
         half_close: bool,
+        bandwidth: Optional[int],
     ) -> None:
-        self._plan = plan_of(rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close)
+        self._plan = plan_of(
+            rate_check_seconds,
+            keep_alive_delay_time_seconds,
+            activity,
+            half_close,
+            bandwidth=check_bandwidth(bandwidth),
+        )
         self._streams = streams
         self.rate_check_seconds = self._plan.interval
         self.keep_alive_delay_time_seconds = max(2, int(keep_alive_delay_time_seconds))
         self.activity = activity
         self.half_close = self._plan.half_close
+        self.bandwidth = self._plan.bandwidth or None
         self._lock = threading.Lock()
         self._launched = False  # start()/run() was called
         self._stop_asked = False
@@ -436,7 +495,7 @@ def connect_with(bridge_cls: Callable[_P, Bridge]) -> Callable[_P, BridgeResult]
         """Relay bytes both ways between two connected stream sockets until the bridge ends.
 
         ``connect(stream1, stream2, rate_check_seconds, keep_alive_delay_time_seconds, *,
-        activity="both", half_close=False)``: blocks; returns a :class:`BridgeResult`. Both
+        activity="both", half_close=False, bandwidth=None)``: blocks; returns a :class:`BridgeResult`. Both
         sockets are shut down and closed on return. It is ``Bridge(...).run()``.
         """
         return bridge_cls(*args, **kwargs).run()

@@ -57,6 +57,7 @@ class ForwardSpec:
     client_prefix6: int = _DEFAULT["client_prefix6"]
     route_sni: Tuple[str, ...] = _DEFAULT["route_sni"]
     route_sni_strict: bool = _DEFAULT["route_sni_strict"]
+    bandwidth: Optional[int] = _DEFAULT["bandwidth"]
     send_proxy: Optional[str] = _DEFAULT["send_proxy"]
     accept_proxy: bool = _DEFAULT["accept_proxy"]
     proxy_timeout: float = _DEFAULT["proxy_timeout"]

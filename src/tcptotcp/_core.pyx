@@ -17,7 +17,7 @@ from errno import ECANCELED
 import threading
 
 from . import _events
-from ._bridge import REASONS, report_unraisable
+from ._bridge import REASONS, bandwidth_bucket, report_unraisable
 from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -185,8 +185,9 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True):
     Given two fds (ints) instead, the bridge adopts them: no dups; they are its to close.
 
     `plan` carries ``interval`` (seconds between idle checks), ``idle_limit``,
-    ``activity_both`` and ``half_close``. ``on_end(bytes_1_to_2, bytes_2_to_1, reason,
-    seconds)`` is called once, from the results thread, after the dups are closed.
+    ``activity_both``, ``half_close`` and ``bandwidth`` (bytes/s per direction; 0: none).
+    ``on_end(bytes_1_to_2, bytes_2_to_1, reason, seconds)`` is called once, from the results
+    thread, after the dups are closed.
     """
     _ensure_engine()
     cdef bint adopt = isinstance(stream1, int) and isinstance(stream2, int)
@@ -194,11 +195,13 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True):
     cdef int fd2 = stream2 if adopt else stream2.fileno()
     cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
+    cdef uint64_t rate = plan.bandwidth
+    burst, quantum = bandwidth_bucket(rate) if rate else (0, 0)
     cdef Relay relay = Relay.__new__(Relay)
     relay._on_end = on_end
     Py_INCREF(relay)  # held for the engine until the results thread finished it
     relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
-                         splice, <void *>relay)
+                         splice, rate, burst, quantum, <void *>relay)
     if relay._b == NULL:
         err = errno
         Py_DECREF(relay)
@@ -321,6 +324,9 @@ cdef t2t_config *_config_of(settings) except NULL:
         c.idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
         c.activity_both = plan.activity_both
         c.half_close = plan.half_close
+        c.rate = plan.bandwidth
+        if plan.bandwidth:
+            c.burst, c.quantum = bandwidth_bucket(plan.bandwidth)
         c.may_splice = settings.splice
         c.balance = _BALANCES[settings.balance]
         c.send_proxy = settings.send_proxy

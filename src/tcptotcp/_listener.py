@@ -79,6 +79,7 @@ class ForwardOptions:
     max_per_client: Optional[int] = None
     rate_per_client: Optional[int] = None
     client_prefix6: int = 64
+    bandwidth: Optional[int] = None  # bytes/s per direction of each bridge
 
     @property
     def all_upstreams(self) -> Tuple[Address, ...]:
@@ -96,7 +97,9 @@ class ForwardOptions:
 
     @property
     def plan(self) -> Plan:
-        return plan_of(self.rate_check, self.idle_timeout, self.activity, self.half_close)
+        return plan_of(
+            self.rate_check, self.idle_timeout, self.activity, self.half_close, bandwidth=self.bandwidth or 0
+        )
 
 
 def no_delay(sock: socket.socket) -> None:
@@ -991,6 +994,8 @@ class PureListener:
                 keep_alive_delay_time_seconds=options.idle_timeout,
                 activity=options.activity,
                 half_close=options.half_close,
+                # (only when set: a custom bridge_class may predate the keyword)
+                **({"bandwidth": options.bandwidth} if options.bandwidth else {}),
             )
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             os.close(client.fd)

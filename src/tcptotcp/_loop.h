@@ -155,6 +155,10 @@ typedef struct t2t_dir {
     size_t pending_off, pending_len;
     t2t_pipe *pipe;           /* spliced bytes not yet written (held only while in_pipe) */
     size_t in_pipe;
+    /* --bandwidth (a bridge with a rate): bytes it may read now, as of tokens_ns (see t2t_tokens).
+       A double: refills of a fraction of a byte add up, and no product of rate and time overflows. */
+    double tokens;
+    int64_t tokens_ns;
     unsigned char active, ended, bulk, spliced;
 } t2t_dir;
 
@@ -164,6 +168,11 @@ typedef struct t2t_bridge {
     t2t_dir dir[2];
     int64_t started_ns, ended_ns, interval_ns, next_check_ns, drain_quiet_ns, drain_limit_ns;
     uint64_t idle_limit, idle_checks;
+    /* --bandwidth: bytes/s per direction (0: unlimited), the bucket's size and the tokens a
+       direction that emptied it waits for (see _bridge.bandwidth_bucket); throttle_ns, when the
+       first direction waiting for tokens may read again (T2T_NEVER: none waits). */
+    uint64_t rate, burst, quantum;
+    int64_t throttle_ns;
     unsigned char activity_both, half_close, may_splice, state, reason, queued_again, reported;
     int asked;  /* T2T_ASK_* waiting in the inbox (under the loop's lock) */
     int taking; /* T2T_ASK_* taken from the inbox, being handled by the loop */

@@ -39,6 +39,7 @@ cdef extern from "_loop.h" nogil:
         unsigned char activity_both, half_close, may_splice
         int64_t backoff_ns, connect_timeout_ns, proxy_timeout_ns, interval_ns
         uint64_t idle_limit
+        uint64_t rate, burst, quantum
         int max_active
         int max_fails
         int64_t fail_window_ns
@@ -114,7 +115,8 @@ cdef extern from "_loop.h" nogil:
     int t2t_loop_count()
     int t2t_loop_load(int i)
     t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit, int activity_both,
-                          int half_close, int may_splice, void *owner)
+                          int half_close, int may_splice, uint64_t rate, uint64_t burst, uint64_t quantum,
+                          void *owner)
     void t2t_stop(t2t_bridge *b)
     void t2t_release(t2t_bridge *b)
     unsigned long long t2t_bytes(t2t_bridge *b, int i)

@@ -184,7 +184,8 @@ static int t2t_loop_load(int i) {
    themselves, which the bridge then owns and closes), handed to the least-loaded loop.
    NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
 static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit,
-                             int activity_both, int half_close, int may_splice, void *owner) {
+                             int activity_both, int half_close, int may_splice, uint64_t rate, uint64_t burst,
+                             uint64_t quantum, void *owner) {
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b) {
         errno = ENOMEM;
@@ -214,6 +215,7 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     b->activity_both = (unsigned char)(activity_both != 0);
     b->half_close = (unsigned char)(half_close != 0);
     b->may_splice = (unsigned char)(may_splice != 0 && T2T_HAVE_SPLICE);
+    t2t_rate_set(b, rate, burst, quantum, b->started_ns);
     b->heap_index = SIZE_MAX;
     b->owner = owner;
     b->refs = 2; /* the caller's and the engine's (dropped once the done queue was taken) */

@@ -55,6 +55,7 @@ typedef struct t2t_config {
     unsigned char activity_both, half_close, may_splice;
     int64_t backoff_ns, connect_timeout_ns, proxy_timeout_ns, interval_ns;
     uint64_t idle_limit;
+    uint64_t rate, burst, quantum; /* --bandwidth per bridge (see t2t_rate_set); rate 0: none */
     int max_active;
     int max_fails;        /* failed connects within fail_window_ns that mark an upstream down */
     int64_t fail_window_ns;
@@ -971,6 +972,7 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     b->activity_both = c->activity_both;
     b->half_close = c->half_close;
     b->may_splice = c->may_splice;
+    t2t_rate_set(b, c->rate, c->burst, c->quantum, L->now);
     b->heap_index = SIZE_MAX;
     b->refs = 1; /* the engine's, until Python took its end */
     b->state = T2T_CONNECTING;

@@ -50,7 +50,7 @@ static ssize_t t2t_splice(int from, int to, size_t n) {
 /* ---- timers: a binary heap of bridges by deadline ------------------------------------------- */
 
 static int64_t t2t_deadline(const t2t_bridge *b) {
-    if (b->state == T2T_RELAYING) return b->next_check_ns;
+    if (b->state == T2T_RELAYING) return b->throttle_ns < b->next_check_ns ? b->throttle_ns : b->next_check_ns;
     if (b->state == T2T_CONNECTING || b->state == T2T_HEADER) return b->connect_deadline_ns;
     if (b->state == T2T_RECALLING) return T2T_NEVER; /* (not in the heap meanwhile) */
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
@@ -266,6 +266,41 @@ static void t2t_again(t2t_loop *L, t2t_bridge *b) {
     }
 }
 
+/* A new bridge's --bandwidth (rate 0: none): both buckets start full. */
+static void t2t_rate_set(t2t_bridge *b, uint64_t rate, uint64_t burst, uint64_t quantum, int64_t now) {
+    b->rate = rate;
+    b->burst = burst;
+    b->quantum = quantum < 1 ? 1 : quantum;
+    b->throttle_ns = T2T_NEVER;
+    for (int i = 0; i < 2; i++) {
+        b->dir[i].tokens = (double)burst;
+        b->dir[i].tokens_ns = now;
+    }
+}
+
+/* --bandwidth: whole bytes direction i may read now, its bucket refilled up to now. With none,
+   the bridge's timer is set for when the bucket holds a quantum again: the source stays unread
+   (its `readable` flag set) meanwhile, so what its peer sends waits in the kernel, and the
+   peer's own full buffers hold it back. Throttled bridges are never lent, so L is b's loop. */
+static size_t t2t_tokens(t2t_loop *L, t2t_bridge *b, int i) {
+    t2t_dir *d = &b->dir[i];
+    if (L->now > d->tokens_ns) {
+        d->tokens += (double)(L->now - d->tokens_ns) * (double)b->rate / 1e9;
+        if (d->tokens > (double)b->burst) d->tokens = (double)b->burst;
+        d->tokens_ns = L->now;
+    }
+    if (d->tokens >= 1.0) return (size_t)d->tokens;
+    /* Rounded up, and at least 1 ns ahead: the timer then finds the quantum there, and a timer
+       that services this bridge never finds it due again within the same turn. */
+    double wait_ns = ((double)b->quantum - d->tokens) * 1e9 / (double)b->rate;
+    int64_t when = t2t_add(L->now, wait_ns < 1.0 ? 1 : (int64_t)wait_ns + 1);
+    if (when < b->throttle_ns) {
+        b->throttle_ns = when;
+        if (b->heap_index != SIZE_MAX) t2t_heap_fix(L, b->heap_index); /* (else pushed with it) */
+    }
+    return 0;
+}
+
 static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
     t2t_dir *d = &b->dir[i];
     t2t_side *src = &b->side[i];
@@ -276,14 +311,19 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
             t2t_again(L, b);
             return;
         }
+        /* A read takes at most this much: the buffer, the pipe, or a throttled bridge's tokens. */
+        size_t allowed = SIZE_MAX;
+        if (b->rate && !(allowed = t2t_tokens(L, b, i))) return;
         ssize_t n;
+        size_t asked;
 #if T2T_HAVE_SPLICE
         if (d->bulk) {
             if (!d->pipe && !(d->pipe = t2t_pipe_take(L))) {
                 d->bulk = 0; /* out of fds for a pipe: recv/send still works */
                 continue;
             }
-            n = t2t_splice(src->fd, d->pipe->w, (size_t)d->pipe->capacity);
+            asked = (size_t)d->pipe->capacity < allowed ? (size_t)d->pipe->capacity : allowed;
+            n = t2t_splice(src->fd, d->pipe->w, asked);
             if (n < 0 && !d->spliced && (errno == EINVAL || errno == ENOSYS)) {
                 d->bulk = 0; /* this pair cannot splice */
                 if (!t2t_borrowed(L, b)) b->may_splice = 0; /* (the home loop's to change) */
@@ -292,7 +332,8 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
         } else
 #endif
         {
-            n = recv(src->fd, L->buffer, T2T_BUFFER_BYTES, MSG_DONTWAIT);
+            asked = T2T_BUFFER_BYTES < allowed ? T2T_BUFFER_BYTES : allowed;
+            n = recv(src->fd, L->buffer, asked, MSG_DONTWAIT);
         }
         if (n == 0) {
             if (t2t_borrowed(L, b)) b->lent_done = 1; /* the home loop reads the EOF again */
@@ -310,6 +351,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
            the pipe runs out of slots; no new edge would come for what is already queued. */
         b->side[1 - i].writable = 1; /* try the write once; EAGAIN says otherwise */
         moved += (size_t)n;
+        if (b->rate) d->tokens -= (double)n;
         if (d->bulk) {
             d->spliced = 1;
             d->in_pipe = (size_t)n;
@@ -318,7 +360,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
                (EPOLLPRI told us of it) or at the end of what is queued, and whatever arrives
                after this edge brings a new one. Saves the read that would say EAGAIN. The FIN
                (or an error) reported with this edge is already queued: read on to it. */
-            if (src->tcp && !src->urgent && !src->closing && (size_t)n < T2T_BUFFER_BYTES) src->readable = 0;
+            if (src->tcp && !src->urgent && !src->closing && (size_t)n < asked) src->readable = 0;
             t2t_send_read(L, b, i, (size_t)n);
             if (b->may_splice && (size_t)n >= T2T_SPLICE_AFTER) d->bulk = 1;
         }

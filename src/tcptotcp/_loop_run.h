@@ -87,8 +87,15 @@ static void t2t_run_timers(t2t_loop *L) {
         } else if (b->state == T2T_HEADER) {
             t2t_refuse(b, b->hello ? T2T_REFUSED_HELLO_LATE : T2T_REFUSED_PROXY_LATE, ETIMEDOUT);
         } else if (b->state == T2T_RELAYING) {
-            t2t_idle_check(b);
-            if (b->state == T2T_RELAYING) t2t_heap_fix(L, 0);
+            if (b->throttle_ns <= L->now) { /* a direction's bucket holds a quantum again */
+                b->throttle_ns = T2T_NEVER;
+                t2t_heap_fix(L, b->heap_index);
+                t2t_service(b); /* may throttle again (later than now), or end it */
+            }
+            if (b->state == T2T_RELAYING && b->next_check_ns <= L->now) {
+                t2t_idle_check(b);
+                if (b->state == T2T_RELAYING) t2t_heap_fix(L, b->heap_index);
+            }
         } else {
             t2t_drain(b); /* at its deadline: closes it */
         }

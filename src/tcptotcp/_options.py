@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -42,6 +43,28 @@ MAX_SECONDS = MAX_INT // 1000
 MIN_USER_TIMEOUT = 0.001
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# A byte rate's text: a number and an SI suffix, powers of 1000 (bytes, not bits). The case of
+# the suffix does not matter: a rate in milli-bytes means nothing, so "m" can only be mega.
+_SI = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_RATE = re.compile(r"([0-9]+)(?:\.([0-9]+))?([kmg]?)", re.IGNORECASE)
+
+
+def parse_si(text: str) -> int:
+    """``"10M"`` as 10000000, ``"1.5k"`` as 1500, ``"500"`` as 500; ValueError if the text is not
+    a whole number of bytes that way."""
+    match = _RATE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(text)
+    whole: str = match.group(1)
+    fraction: str = match.group(2) or ""
+    scale = _SI[match.group(3).lower()]
+    numerator = int(whole + fraction) * scale
+    denominator: int = 10 ** len(fraction)
+    if numerator % denominator:
+        raise ValueError(text)  # a fraction of a byte
+    return numerator // denominator
+
 
 FORWARD = "forward"
 PROCESS = "process"
@@ -96,10 +119,16 @@ class Option:
     restart: bool = False
     scope: str = FORWARD
     group: Optional[str] = None  # the command line's help section; None: the first one
+    si: bool = False  # an integer also written as text with an SI suffix ("10M"; see parse_si)
 
     @property
     def expected(self) -> str:
         """What the option takes, as a message says it: ``an integer from 1 to 127``."""
+        if self.si:
+            return (
+                f"an integer from {_number_text(self.minimum or 0)} to {_number_text(self.maximum or 0)}, "
+                "or a string with an SI suffix k, M or G (such as '10M')"
+            )
         if self.repeatable:
             return "a string or a list of strings"
         if self.type is bool:
@@ -160,6 +189,12 @@ class Option:
         number: float
         if isinstance(value, bool):
             raise self._bad(name, value, off)
+        given = value  # (the words of a refusal quote it as given)
+        if self.si and isinstance(value, str):
+            try:
+                value = parse_si(value)
+            except ValueError:
+                raise self._bad(name, given, off) from None
         if self.type is int and isinstance(value, int):
             number = value
         elif self.type is float and isinstance(value, (int, float)):
@@ -170,9 +205,9 @@ class Option:
             raise self._bad(name, value, off)
         low, high = self.minimum, self.maximum
         if low is not None and (number < low or (number == low and not self.min_inclusive)):
-            raise self._bad(name, value, off)
+            raise self._bad(name, given, off)
         if high is not None and number > high:
-            raise self._bad(name, value, off)
+            raise self._bad(name, given, off)
         return number
 
     def parse(self, text: str, *, name: Optional[str] = None) -> Any:
@@ -181,6 +216,8 @@ class Option:
         name = self.flags[0] if name is None and self.flags else (name or self.name)
         if self.repeatable:
             return self.check(text, name=name, off=None)[0]
+        if self.si:  # a plain integer is refused as the number it is, as a file's would be
+            return self.check(int(text) if text.strip().isdigit() else text, name=name, off=None)
         if self.type in (int, float) and not self.choices:
             try:
                 value: object = self.type(text)
@@ -407,6 +444,20 @@ FORWARD_OPTIONS: Tuple[Option, ...] = (
         metavar="BITS",
         minimum=0,
         maximum=128,
+        group=ACCESS,
+    ),
+    _option(
+        "bandwidth",
+        int,
+        None,
+        "hold each direction of every bridge to RATE bytes/s, 1000 to 100000000000: an integer, or with an "
+        "SI suffix (powers of 1000, any case): 500k, 10M, 1G. Past a burst the bridge stops reading, so "
+        "a faster sender waits in its own socket's buffers",
+        metavar="RATE",
+        minimum=1000,
+        maximum=100_000_000_000,
+        optional=True,
+        si=True,
         group=ACCESS,
     ),
     _option(

@@ -15,6 +15,7 @@ The checker applies the idle rule, and the teardown drains unread input and clos
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import socket
@@ -82,6 +83,43 @@ class _Waiter:
             poller.register(sock, select.POLLOUT if for_write else select.POLLIN)
         return all(fd != self._wake_fd for fd, _ in poller.poll())
 
+    def sleep(self, seconds: float) -> bool:
+        """Wait `seconds`; False as soon as the bridge asks the pump to stop."""
+        if _POLL is None:  # pragma: no cover - Windows
+            readable, _, _ = select.select([self._wake], [], [], seconds)
+            return not readable
+        poller = self._pollers.get((self._wake_fd, False))
+        if poller is None:
+            poller = self._pollers[(self._wake_fd, False)] = _POLL()
+            poller.register(self._wake_fd, select.POLLIN)
+        return not poller.poll(max(1, math.ceil(seconds * 1000)))
+
+
+class Bucket:
+    """A direction's --bandwidth allowance: bytes it may read now, refilled at `rate` bytes/s
+    up to a burst (see _bridge.bandwidth_bucket, the rule the loops keep too)."""
+
+    def __init__(self, rate: int) -> None:
+        from ._bridge import bandwidth_bucket
+
+        self.rate = rate
+        self.burst, self.quantum = bandwidth_bucket(rate)
+        self.tokens = float(self.burst)  # a bridge starts with a full burst
+        self._at = time.monotonic()
+
+    def available(self) -> int:
+        now = time.monotonic()
+        self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        return int(self.tokens)
+
+    def wait_seconds(self) -> float:
+        """How long until the bucket holds a quantum again (after available() found it empty)."""
+        return max(0.0, (self.quantum - self.tokens) / self.rate)
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+
 
 # What a non-blocking call raises when it must wait. TLS may need to read in order to
 # write and the reverse (renegotiation, key updates), so the exception says for what.
@@ -91,10 +129,11 @@ _MUST_WAIT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 class Pump:
     """Copies src -> dst with recv_into on one preallocated buffer and complete writes."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, wake: socket.socket) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, wake: socket.socket, bandwidth: int = 0) -> None:
         self._src = src
         self._dst = dst
         self._waiter = _Waiter(wake)
+        self._bucket = Bucket(bandwidth) if bandwidth else None
         self._buffer = bytearray(BUFFER_SIZE)
         self._active = False
         self.bytes = 0
@@ -113,18 +152,30 @@ class Pump:
         # TLS, which may hold decrypted bytes that poll() cannot see.
         poll_first = not isinstance(src, ssl.SSLSocket)
         emptied = poll_first
+        bucket = self._bucket
+        wanted = BUFFER_SIZE
         try:
             while True:
+                if bucket is not None:
+                    # Past the burst, read no faster than the rate: what the peer sends
+                    # meanwhile waits in the kernel, whose full buffers hold the sender back.
+                    wanted = min(BUFFER_SIZE, bucket.available())
+                    if not wanted:
+                        if not self._waiter.sleep(bucket.wait_seconds()):
+                            return STOPPED
+                        continue
                 if emptied and not ready(src, for_write=False):
                     return STOPPED
                 try:
-                    received = recv_into(view)
+                    received = recv_into(view[:wanted] if wanted < BUFFER_SIZE else view)
                 except _MUST_WAIT as exc:
                     if not ready(src, for_write=isinstance(exc, ssl.SSLWantWriteError)):
                         return STOPPED
                     continue
                 if not received:
                     return EOF
+                if bucket is not None:
+                    bucket.take(received)
                 sent = 0
                 while sent < received:
                     try:
@@ -136,7 +187,7 @@ class Pump:
                     sent += just_sent
                     self.bytes += just_sent
                 self._active = True
-                emptied = poll_first and received < BUFFER_SIZE
+                emptied = poll_first and received < wanted
         except OSError as exc:
             self.last_errno = exc.errno or 0
             return ERROR
@@ -338,7 +389,9 @@ class ThreadRelay:
             w1.setblocking(False)
             w2.setblocking(False)
             wake = self._wake_pair[0]
-            self._pumps = [self._pump_cls(w1, w2, wake), self._pump_cls(w2, w1, wake)]
+            rate = self._plan.bandwidth
+            more = {"bandwidth": rate} if rate else {}  # (a test's pump class may not take it)
+            self._pumps = [self._pump_cls(w1, w2, wake, **more), self._pump_cls(w2, w1, wake, **more)]
             self._pumps_running = 2
             for index, name in ((0, "1->2"), (1, "2->1")):
                 thread = threading.Thread(

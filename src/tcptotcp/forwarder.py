@@ -81,6 +81,7 @@ _AS_GIVEN = (
     "rate_per_client",
     "client_prefix6",
     "route_sni_strict",
+    "bandwidth",
 )
 
 
@@ -152,7 +153,8 @@ class Forwarder:
     `send_proxy` ("v1"/"v2") sends the upstream a PROXY protocol header first; `accept_proxy`
     requires one from every client, within `proxy_timeout` seconds. `keepalive` (idle seconds,
     with `keepalive_interval` and `keepalive_count`) and `user_timeout` (seconds) find peers
-    that vanished. `listen_socket` serves an inherited listening socket instead of binding
+    that vanished. `bandwidth` (bytes/s as an integer, or ``"10M"``) holds each direction of
+    every bridge to that rate. `listen_socket` serves an inherited listening socket instead of binding
     `listen`. `metrics` is a ``_metrics.Metrics`` to count into.
     """
 
@@ -194,6 +196,7 @@ class Forwarder:
         client_prefix6: int = 64,
         route_sni: Sequence[str] = (),
         route_sni_strict: bool = False,
+        bandwidth: Optional[Union[int, str]] = None,
         reuse_port: bool = False,
         listen_socket: Optional[socket.socket] = None,
         metrics: Optional[Any] = None,
@@ -236,6 +239,7 @@ class Forwarder:
             client_prefix6=client_prefix6,
             route_sni=route_sni,
             route_sni_strict=route_sni_strict,
+            bandwidth=bandwidth,
         )
         self.options = self._options(upstream, **self._settings)
         self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
