@@ -153,7 +153,8 @@ static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i);
    While it waits, its source is not watched for input. */
 static int t2t_flush(t2t_loop *L, t2t_bridge *b, int i) {
     int flushed = t2t_flush_held(L, b, i);
-    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING) t2t_watch_input(L, b, i, flushed);
+    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING)
+        t2t_watch_input(L, b, i, flushed);
     return flushed;
 }
 
@@ -289,7 +290,9 @@ static size_t t2t_tokens(t2t_loop *L, t2t_bridge *b, int i) {
         if (d->tokens > (double)b->burst) d->tokens = (double)b->burst;
         d->tokens_ns = L->now;
     }
-    if (d->tokens >= 1.0) return (size_t)d->tokens;
+    /* Reads of a quantum at least: a read of the few bytes earned since the last one, at each
+       new segment from the peer, made a throttled bridge cost more CPU than a free one. */
+    if (d->tokens >= (double)b->quantum || d->tokens >= (double)b->burst) return (size_t)d->tokens;
     /* Rounded up, and at least 1 ns ahead: the timer then finds the quantum there, and a timer
        that services this bridge never finds it due again within the same turn. */
     double wait_ns = ((double)b->quantum - d->tokens) * 1e9 / (double)b->rate;
