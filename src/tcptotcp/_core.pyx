@@ -589,3 +589,48 @@ def proxy_encode(version, family, source, destination):
         raise ValueError(f"{version!r} header: addresses {source!r}, {destination!r} do not fit family {family!r}")
     return (<char *>out)[:n]
 # ---- end PROXY protocol in C ----
+
+
+# ---- client table in C (tests) ----
+# A test hook: _loop_balance.h's client table driven with synthetic keys, for tests/test_limits.py
+# (however many distinct clients come, the table holds only those that still hold something).
+# Declared from _loop.h, which includes _loop_balance.h (that one has no include guard of its own).
+cdef extern from "_loop.h" nogil:
+    ctypedef struct hook_client "t2t_client":
+        int open
+        int64_t tat
+    ctypedef struct hook_clients "t2t_clients":
+        size_t count
+    hook_client *t2t_clients_get(hook_clients *t, const unsigned char *key, size_t len, int64_t now)
+    size_t t2t_clients_held(hook_clients *t, int64_t now)
+    void t2t_clients_free(hook_clients *t)
+
+
+def clients_table_probe(size_t n, size_t hold_every=0):
+    """Look up `n` distinct keys (IPv6 /64 keys) at one instant, each left holding nothing (a full
+    bucket, nothing open) but every `hold_every`-th, which keeps one bridge open. Returns (the most
+    entries the table counted at any point, the entries held at the end); (-1, i) if the i-th
+    lookup found the table full."""
+    cdef hook_clients t
+    cdef hook_client *e
+    cdef unsigned char key[17]
+    cdef size_t i, most = 0, held
+    memset(&t, 0, sizeof(t))
+    memset(key, 0, sizeof(key))
+    key[0] = 6
+    try:
+        for i in range(n):
+            for k in range(8):
+                key[1 + k] = (i >> (8 * (7 - k))) & 0xFF
+            e = t2t_clients_get(&t, key, 17, 1)
+            if e == NULL:
+                return (-1, i)
+            if hold_every and i % hold_every == 0:
+                e.open = 1
+            if t.count > most:
+                most = t.count
+        held = t2t_clients_held(&t, 1)
+        return (most, held)
+    finally:
+        t2t_clients_free(&t)
+# ---- end client table in C ----
