@@ -8,6 +8,9 @@
    A client is its address: an IPv4 host (an IPv4-mapped IPv6 client included), an IPv6 client's
    first --client-prefix6 bits, or, for a client without an IP address, one key for all. */
 
+#ifndef T2T_LOOP_BALANCE_H
+#define T2T_LOOP_BALANCE_H
+
 #include <math.h>
 
 enum { T2T_CLIENT_KEY_MAX = 17 }; /* a family byte (4, 6 or 0), then the address bytes */
@@ -184,3 +187,5 @@ static double t2t_rendezvous_score(uint64_t client_hash, uint64_t upstream_hash,
     double u = ((double)(h >> 11) + 0.5) / 9007199254740992.0; /* 2^53 */
     return (double)weight / -log(u);
 }
+
+#endif /* T2T_LOOP_BALANCE_H */

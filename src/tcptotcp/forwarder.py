@@ -147,15 +147,20 @@ def _upstream_list(upstream: Union[str, Address, Sequence[Union[str, Address]]])
 class Forwarder:
     """Accepts clients on `listen` and bridges each to one of `upstream` with one ``Bridge``.
 
-    `upstream` is an address or a list of them: ``balance="first"`` tries them in order (failover),
-    ``"roundrobin"`` starts each client at the next. One that failed is skipped for
-    `upstream_backoff` seconds unless all are. `allow`/`deny` are networks (CIDR or one address);
+    `upstream` is an address or a list of them, each with an optional weight (``HOST:PORT@W``):
+    ``balance="first"`` tries them in order (failover), ``"roundrobin"`` in turn by weight,
+    ``"leastconn"`` the one with the fewest bridges per weight, ``"source"`` by the client's
+    address. `max_fails` failed connects within `fail_window` seconds mark one down for
+    `upstream_backoff` seconds, and `check_interval` checks them actively (`check_rise`,
+    `check_fall`); a down one is skipped unless all are. `max_per_client`, `rate_per_client` and
+    `client_prefix6` limit each client; `route_sni` routes TLS clients by the server name of their
+    ClientHello. `allow`/`deny` are networks (CIDR or one address);
     `send_proxy` ("v1"/"v2") sends the upstream a PROXY protocol header first; `accept_proxy`
     requires one from every client, within `proxy_timeout` seconds. `keepalive` (idle seconds,
     with `keepalive_interval` and `keepalive_count`) and `user_timeout` (seconds) find peers
     that vanished. `bandwidth` (bytes/s as an integer, or ``"10M"``) holds each direction of
-    every bridge to that rate. `listen_socket` serves an inherited listening socket instead of binding
-    `listen`. `metrics` is a ``_metrics.Metrics`` to count into.
+    every bridge to that rate. `listen_socket` serves an inherited listening socket instead of
+    binding `listen`. `metrics` is a ``_metrics.Metrics`` to count into.
     """
 
     #: fds one client costs: its socket and the upstream's, adopted by the bridge; the pure
