@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Type, Union
 
 from . import _balance, _events, _proxy, _sni
@@ -89,6 +90,11 @@ class ForwardOptions:
     @property
     def upstream_weights(self) -> Tuple[int, ...]:
         return tuple(u.weight for u in self.all_upstreams)
+
+    @cached_property
+    def upstream_hashes(self) -> Tuple[int, ...]:
+        """Each upstream's identity for ``balance="source"``: a hash of its text."""
+        return tuple(_balance.hash_bytes(u.text.encode("utf-8", "surrogateescape")) for u in self.all_upstreams)
 
     @property
     def rate_spacing_ns(self) -> int:
@@ -738,9 +744,7 @@ class PureListener:
             options.balance,
             self._states_of(client),
             options.upstream_weights,
-            [_balance.hash_bytes(u.text.encode("utf-8", "surrogateescape")) for u in options.all_upstreams]
-            if options.balance == "source"
-            else (),
+            options.upstream_hashes if options.balance == "source" else (),
             left,
             client.tried[-1] if client.tried else None,
             turn,
