@@ -9,6 +9,7 @@ Prints the listening port. Reads commands on stdin, one per line:
     quit  -> exits
 """
 
+import inspect
 import os
 import sys
 import threading
@@ -49,6 +50,8 @@ def spin():
 if "--spin" in flags:
     threading.Thread(target=spin, daemon=True).start()
 
+# A baseline tree before 0.2 names the idle timeout idle_timeout_seconds.
+idle = "idle_timeout" if "idle_timeout" in inspect.signature(tcptotcp.Forwarder).parameters else "idle_timeout_seconds"
 fwd = tcptotcp.Forwarder(
     "127.0.0.1:0",
     f"127.0.0.1:{upstream_port}",
@@ -56,8 +59,8 @@ fwd = tcptotcp.Forwarder(
     half_close=True,
     max_connections=4096,
     rate_check_seconds=60,
-    idle_timeout=3600,
     backlog=4096,
+    **{idle: 3600},
 )
 threading.Thread(target=fwd.serve_forever, daemon=True).start()
 print(fwd.address[1], flush=True)
