@@ -149,16 +149,24 @@ typedef struct t2t_side {
 } t2t_side;
 
 /* One direction: reads side[i], writes side[1 - i]. */
+/* A bridge's --bandwidth, allocated only for a bridge that has one: bytes/s per direction, the
+   bucket's size and the tokens a direction that emptied it waits for (see
+   _bridge.bandwidth_bucket); per direction, the bytes it may read now, as of tokens_ns (a double:
+   refills of a fraction of a byte add up, and no product of rate and time overflows); wake_ns,
+   when the first direction waiting for tokens may read again (T2T_NEVER: none waits). */
+typedef struct t2t_throttle {
+    uint64_t rate, burst, quantum;
+    int64_t wake_ns;
+    double tokens[2];
+    int64_t tokens_ns[2];
+} t2t_throttle;
+
 typedef struct t2t_dir {
     unsigned long long bytes; /* delivered in full; read by Python threads (atomic) */
     char *pending;            /* unsent tail of a read (recv/send path) */
     size_t pending_off, pending_len;
     t2t_pipe *pipe;           /* spliced bytes not yet written (held only while in_pipe) */
     size_t in_pipe;
-    /* --bandwidth (a bridge with a rate): bytes it may read now, as of tokens_ns (see t2t_tokens).
-       A double: refills of a fraction of a byte add up, and no product of rate and time overflows. */
-    double tokens;
-    int64_t tokens_ns;
     unsigned char active, ended, bulk, spliced;
 } t2t_dir;
 
@@ -168,11 +176,7 @@ typedef struct t2t_bridge {
     t2t_dir dir[2];
     int64_t started_ns, ended_ns, interval_ns, next_check_ns, drain_quiet_ns, drain_limit_ns;
     uint64_t idle_limit, idle_checks;
-    /* --bandwidth: bytes/s per direction (0: unlimited), the bucket's size and the tokens a
-       direction that emptied it waits for (see _bridge.bandwidth_bucket); throttle_ns, when the
-       first direction waiting for tokens may read again (T2T_NEVER: none waits). */
-    uint64_t rate, burst, quantum;
-    int64_t throttle_ns;
+    struct t2t_throttle *throttle; /* --bandwidth: its buckets (NULL: unlimited; see t2t_rate_set) */
     unsigned char activity_both, half_close, may_splice, state, reason, queued_again, reported;
     int asked;  /* T2T_ASK_* waiting in the inbox (under the loop's lock) */
     int taking; /* T2T_ASK_* taken from the inbox, being handled by the loop */

@@ -187,7 +187,8 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
                              int activity_both, int half_close, int may_splice, uint64_t rate, uint64_t burst,
                              uint64_t quantum, void *owner) {
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
-    if (!b) {
+    if (!b || t2t_rate_set(b, rate, burst, quantum, t2t_now()) != 0) {
+        free(b);
         errno = ENOMEM;
         return NULL;
     }
@@ -196,6 +197,7 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     if (b->side[1].fd < 0) {
         int saved = errno;
         if (b->side[0].fd >= 0 && !adopt) close(b->side[0].fd);
+        free(b->throttle);
         free(b);
         errno = saved;
         return NULL;
@@ -215,7 +217,6 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     b->activity_both = (unsigned char)(activity_both != 0);
     b->half_close = (unsigned char)(half_close != 0);
     b->may_splice = (unsigned char)(may_splice != 0 && T2T_HAVE_SPLICE);
-    t2t_rate_set(b, rate, burst, quantum, b->started_ns);
     b->heap_index = SIZE_MAX;
     b->owner = owner;
     b->refs = 2; /* the caller's and the engine's (dropped once the done queue was taken) */

@@ -953,8 +953,10 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     t2t_config *c = lst->cfg;
     __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&lst->lock);
-    if ((c->accept_proxy || c->send_proxy) && !(b->px = (t2t_proxying *)calloc(1, sizeof(t2t_proxying)))) {
+    if (((c->accept_proxy || c->send_proxy) && !(b->px = (t2t_proxying *)calloc(1, sizeof(t2t_proxying)))) ||
+        t2t_rate_set(b, c->rate, c->burst, c->quantum, L->now) != 0) {
         t2t_config_release(c);
+        free(b->px);
         free(b);
         close(client);
         t2t_listener_unreserve(lst, L->now);
@@ -972,7 +974,6 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     b->activity_both = c->activity_both;
     b->half_close = c->half_close;
     b->may_splice = c->may_splice;
-    t2t_rate_set(b, c->rate, c->burst, c->quantum, L->now);
     b->heap_index = SIZE_MAX;
     b->refs = 1; /* the engine's, until Python took its end */
     b->state = T2T_CONNECTING;

@@ -50,7 +50,8 @@ static ssize_t t2t_splice(int from, int to, size_t n) {
 /* ---- timers: a binary heap of bridges by deadline ------------------------------------------- */
 
 static int64_t t2t_deadline(const t2t_bridge *b) {
-    if (b->state == T2T_RELAYING) return b->throttle_ns < b->next_check_ns ? b->throttle_ns : b->next_check_ns;
+    if (b->state == T2T_RELAYING)
+        return b->throttle && b->throttle->wake_ns < b->next_check_ns ? b->throttle->wake_ns : b->next_check_ns;
     if (b->state == T2T_CONNECTING || b->state == T2T_HEADER) return b->connect_deadline_ns;
     if (b->state == T2T_RECALLING) return T2T_NEVER; /* (not in the heap meanwhile) */
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
@@ -267,16 +268,24 @@ static void t2t_again(t2t_loop *L, t2t_bridge *b) {
     }
 }
 
-/* A new bridge's --bandwidth (rate 0: none): both buckets start full. */
-static void t2t_rate_set(t2t_bridge *b, uint64_t rate, uint64_t burst, uint64_t quantum, int64_t now) {
-    b->rate = rate;
-    b->burst = burst;
-    b->quantum = quantum < 1 ? 1 : quantum;
-    b->throttle_ns = T2T_NEVER;
-    for (int i = 0; i < 2; i++) {
-        b->dir[i].tokens = (double)burst;
-        b->dir[i].tokens_ns = now;
+/* A new bridge's --bandwidth (rate 0: none), both buckets full; 0, or -1 (ENOMEM). */
+static int t2t_rate_set(t2t_bridge *b, uint64_t rate, uint64_t burst, uint64_t quantum, int64_t now) {
+    if (!rate) return 0;
+    t2t_throttle *th = (t2t_throttle *)calloc(1, sizeof(t2t_throttle));
+    if (!th) {
+        errno = ENOMEM;
+        return -1;
     }
+    th->rate = rate;
+    th->burst = burst;
+    th->quantum = quantum < 1 ? 1 : quantum;
+    th->wake_ns = T2T_NEVER;
+    for (int i = 0; i < 2; i++) {
+        th->tokens[i] = (double)burst;
+        th->tokens_ns[i] = now;
+    }
+    b->throttle = th;
+    return 0;
 }
 
 /* --bandwidth: whole bytes direction i may read now, its bucket refilled up to now. With none,
@@ -284,21 +293,22 @@ static void t2t_rate_set(t2t_bridge *b, uint64_t rate, uint64_t burst, uint64_t 
    (its `readable` flag set) meanwhile, so what its peer sends waits in the kernel, and the
    peer's own full buffers hold it back. Throttled bridges are never lent, so L is b's loop. */
 static size_t t2t_tokens(t2t_loop *L, t2t_bridge *b, int i) {
-    t2t_dir *d = &b->dir[i];
-    if (L->now > d->tokens_ns) {
-        d->tokens += (double)(L->now - d->tokens_ns) * (double)b->rate / 1e9;
-        if (d->tokens > (double)b->burst) d->tokens = (double)b->burst;
-        d->tokens_ns = L->now;
+    t2t_throttle *th = b->throttle;
+    double *tokens = &th->tokens[i];
+    if (L->now > th->tokens_ns[i]) {
+        *tokens += (double)(L->now - th->tokens_ns[i]) * (double)th->rate / 1e9;
+        if (*tokens > (double)th->burst) *tokens = (double)th->burst;
+        th->tokens_ns[i] = L->now;
     }
     /* Reads of a quantum at least: a read of the few bytes earned since the last one, at each
        new segment from the peer, made a throttled bridge cost more CPU than a free one. */
-    if (d->tokens >= (double)b->quantum || d->tokens >= (double)b->burst) return (size_t)d->tokens;
+    if (*tokens >= (double)th->quantum || *tokens >= (double)th->burst) return (size_t)*tokens;
     /* Rounded up, and at least 1 ns ahead: the timer then finds the quantum there, and a timer
        that services this bridge never finds it due again within the same turn. */
-    double wait_ns = ((double)b->quantum - d->tokens) * 1e9 / (double)b->rate;
+    double wait_ns = ((double)th->quantum - *tokens) * 1e9 / (double)th->rate;
     int64_t when = t2t_add(L->now, wait_ns < 1.0 ? 1 : (int64_t)wait_ns + 1);
-    if (when < b->throttle_ns) {
-        b->throttle_ns = when;
+    if (when < th->wake_ns) {
+        th->wake_ns = when;
         if (b->heap_index != SIZE_MAX) t2t_heap_fix(L, b->heap_index); /* (else pushed with it) */
     }
     return 0;
@@ -316,7 +326,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
         }
         /* A read takes at most this much: the buffer, the pipe, or a throttled bridge's tokens. */
         size_t allowed = SIZE_MAX;
-        if (b->rate && !(allowed = t2t_tokens(L, b, i))) return;
+        if (b->throttle && !(allowed = t2t_tokens(L, b, i))) return;
         ssize_t n;
         size_t asked;
 #if T2T_HAVE_SPLICE
@@ -354,7 +364,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
            the pipe runs out of slots; no new edge would come for what is already queued. */
         b->side[1 - i].writable = 1; /* try the write once; EAGAIN says otherwise */
         moved += (size_t)n;
-        if (b->rate) d->tokens -= (double)n;
+        if (b->throttle) b->throttle->tokens[i] -= (double)n;
         if (d->bulk) {
             d->spliced = 1;
             d->in_pipe = (size_t)n;

@@ -33,6 +33,7 @@ static void t2t_release(t2t_bridge *b) {
         free(b->hello);
         t2t_config_release(b->cfg);
     }
+    free(b->throttle);
     free(b);
 }
 
@@ -87,8 +88,8 @@ static void t2t_run_timers(t2t_loop *L) {
         } else if (b->state == T2T_HEADER) {
             t2t_refuse(b, b->hello ? T2T_REFUSED_HELLO_LATE : T2T_REFUSED_PROXY_LATE, ETIMEDOUT);
         } else if (b->state == T2T_RELAYING) {
-            if (b->throttle_ns <= L->now) { /* a direction's bucket holds a quantum again */
-                b->throttle_ns = T2T_NEVER;
+            if (b->throttle && b->throttle->wake_ns <= L->now) { /* a bucket holds a quantum again */
+                b->throttle->wake_ns = T2T_NEVER;
                 t2t_heap_fix(L, b->heap_index);
                 t2t_service(b); /* may throttle again (later than now), or end it */
             }
