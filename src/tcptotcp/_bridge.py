@@ -12,6 +12,7 @@ test suite pins both.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import socket
@@ -68,6 +69,9 @@ class Plan:
     bandwidth: int = 0
 
 
+# Bridges of one forward (or one program) share their Plan: it is immutable, and one per bridge
+# cost ~100 bytes each with thousands open.
+@functools.lru_cache(maxsize=256)
 def plan_of(
     rate_check_seconds: int,
     keep_alive_delay_time_seconds: int,
