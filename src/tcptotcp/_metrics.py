@@ -142,8 +142,11 @@ class ForwardMetrics:
         """The forward's upstreams now: ``tcptotcp_upstream_up`` asks `is_up` at each scrape
         (1 or 0); upstreams no longer named leave the exposition."""
         for text in set(self._up) - set(texts):
-            self._up_family.remove(self.listen, text)
-            del self._up[text]
+            if self._up.pop(text, None) is not None:
+                try:
+                    self._up_family.remove(self.listen, text)
+                except KeyError:  # (gone already)
+                    pass
         for text in texts:
             if text not in self._up:
                 child = self._up[text] = self._up_family.labels(self.listen, text)

@@ -261,6 +261,7 @@ class Forwarder:
         self._serving = threading.Lock()  # held while serve_forever() runs
         self._wakeup = Wakeup()  # serve_forever() has something to look at
         self._checker: Optional[HealthChecker] = None  # with check_interval, while serving
+        self._following = threading.Lock()  # held by _follow_upstreams
         if listen_socket is not None:
             self._sock = listen_socket
             self._sock.setblocking(False)
@@ -532,34 +533,39 @@ class Forwarder:
     def _follow_upstreams(self) -> None:
         """Start, update or stop the active checks as the options say, and export the
         upstreams' state (serving, and after each reconfigure)."""
-        options = self.options
-        with self._lock:
-            checker = self._checker
-            if options.check_interval is None:
-                self._checker = None
-            elif checker is None and not self._closing.is_set():
-                self._checker = HealthChecker(
+        # One at a time: reconfigure() may be called from several threads at once.
+        with self._following:
+            options = self.options
+            with self._lock:
+                checker = self._checker
+                if options.check_interval is None:
+                    self._checker = None
+                elif checker is None and not self._closing.is_set():
+                    self._checker = HealthChecker(
+                        options.all_upstreams,
+                        interval=options.check_interval,
+                        rise=options.check_rise,
+                        fall=options.check_fall,
+                        on_change=self._checked,
+                        name=self.address_text,
+                    )
+                    self._checker.start()
+            if options.check_interval is None and checker is not None:
+                checker.close()
+                listener = self._listener
+                if listener is not None and not self._listener_closed:
+                    for i in range(len(options.all_upstreams)):
+                        listener.set_checked(i, False)  # nothing checks them now
+            elif options.check_interval is not None and checker is not None:
+                checker.update(
                     options.all_upstreams,
                     interval=options.check_interval,
                     rise=options.check_rise,
                     fall=options.check_fall,
-                    on_change=self._checked,
-                    name=self.address_text,
                 )
-                self._checker.start()
-        if options.check_interval is None and checker is not None:
-            checker.close()
-            listener = self._listener
-            if listener is not None and not self._listener_closed:
-                for i in range(len(options.all_upstreams)):
-                    listener.set_checked(i, False)  # nothing checks them now
-        elif options.check_interval is not None and checker is not None:
-            checker.update(
-                options.all_upstreams, interval=options.check_interval, rise=options.check_rise, fall=options.check_fall
-            )
-        if self._metrics is not None:
-            texts = [u.text for u in options.all_upstreams]
-            self._metrics.upstreams(texts, lambda text: self.upstream_states().get(text, True))
+            if self._metrics is not None:
+                texts = [u.text for u in options.all_upstreams]
+                self._metrics.upstreams(texts, lambda text: self.upstream_states().get(text, True))
 
     def _checked(self, upstream: Address, up: bool, why: str) -> None:
         """The checks flipped an upstream's state (from the checker's thread)."""
