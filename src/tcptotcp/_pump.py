@@ -433,13 +433,18 @@ class ThreadRelay:
             return  # woken by _wake(): the reason is already recorded
         src, other = self._wires[index], self._wires[1 - index]
         if outcome == EOF and self._reason is None:
-            # Either side: a reset there may not have reached a read yet.
-            if any(w not in self._fin_sent and _was_reset(w) for w in (src, other)):
-                outcome = ERROR
+            # Either side: a reset there may not have reached a read yet. Under the lock the
+            # other pump forwards its FIN with: a socket we sent a FIN on closes once the peer
+            # acknowledges it, which must not pass for a reset (it did, between the membership
+            # test and the state read, on free-threaded 3.13).
+            with self._lock:
+                if any(w not in self._fin_sent and _was_reset(w) for w in (src, other)):
+                    outcome = ERROR
         if outcome == EOF and self._plan.half_close and not all_done:
             # Forward the FIN; the other direction keeps flowing.
-            self._fin_sent.add(other)
-            _shutdown(other, socket.SHUT_WR)
+            with self._lock:
+                self._fin_sent.add(other)
+                _shutdown(other, socket.SHUT_WR)
             return
         self._end("closed" if outcome == EOF else "error")
 
