@@ -29,6 +29,15 @@ IPV6_OK = HAS_IPV6 and _ipv6_works()
 HAS_PROC = os.path.isdir("/proc/self/fd")  # per-process memory, CPU and fd counts (Linux)
 
 
+def rss_kib(pid: object = "self") -> int:
+    """A process's resident memory, KiB (Linux's /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def link(kind: str = "tcp", tmp_dir: Optional[str] = None) -> Tuple[socket.socket, socket.socket]:
     """A connected pair (peer end, bridge end) over loopback of the given kind."""
     if kind == "unix":

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import pytest
 
 import tcptotcp
-from helpers import HAS_PROC, Background, Topology, recv_exactly, sha
+from helpers import HAS_PROC, Background, Topology, recv_exactly, rss_kib, sha
 from tcptotcp._bridge import bandwidth_bucket
 from tcptotcp._options import OptionError
 from tcptotcp.cli import forward_parser
@@ -145,14 +145,6 @@ def test_a_throttled_bridge_delivers_every_byte_and_closes(engine) -> None:
     assert result is not None and result.reason == "closed" and result.bytes_1_to_2 == len(payload)
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc for memory")
 def test_backpressure_stays_in_the_kernel(engine) -> None:
     """A sender faster than the rate is held back: what send() accepted minus what arrived stays
@@ -173,7 +165,7 @@ def test_backpressure_stays_in_the_kernel(engine) -> None:
                 (t.peer_b, socket.SO_RCVBUF),
             )
         )
-        rss_before = _rss_kib()
+        rss_before = rss_kib()
         t0 = time.monotonic()
         bridge = engine.Bridge(t.stream1, t.stream2, 5, 60, bandwidth=rate).start()
         meter = Meter(t.peer_b, t0)
@@ -185,7 +177,7 @@ def test_backpressure_stays_in_the_kernel(engine) -> None:
         elapsed = time.monotonic() - t0
         flood.close()
         meter.close()
-        rss_after = _rss_kib()
+        rss_after = rss_kib()
         bridge.stop()
         assert bridge.wait(10) is not None
     burst, _ = bandwidth_bucket(rate)

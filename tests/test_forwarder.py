@@ -15,7 +15,7 @@ from typing import List
 import pytest
 
 import tcptotcp
-from helpers import HAS_PROC, IPV6_OK, Background, recv_exactly, recv_until_eof
+from helpers import HAS_PROC, IPV6_OK, Background, recv_exactly, recv_until_eof, rss_kib
 
 
 @pytest.fixture
@@ -385,14 +385,6 @@ def test_forwarder_library_port_zero(backend, echo):
     assert fwd.stats.accepted == 1 and fwd.stats.bytes_up == 7
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 class BlackholeUpstream(EchoServer):
     """Accepts every connection and never reads from it."""
 
@@ -412,7 +404,7 @@ def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders
     clients: List[socket.socket] = []
     try:
         fp = forwarders("127.0.0.1:0", f"127.0.0.1:{hole_port}", "--max-connections", "40", "--log-level", "warning")
-        rss_start = _rss_kib(fp.proc.pid)
+        rss_start = rss_kib(fp.proc.pid)
         chunk = bytes(256 * 1024)
         for _ in range(150):  # far over the limit: the rest wait in the backlog
             c = fp.connect()
@@ -427,7 +419,7 @@ def test_flood_over_max_connections_into_an_upstream_that_never_reads(forwarders
                 except (BlockingIOError, socket.timeout):
                     break
         time.sleep(1.0)
-        grown = _rss_kib(fp.proc.pid) - rss_start
+        grown = rss_kib(fp.proc.pid) - rss_start
         # Bytes wait in kernel buffers, not in the relay: bounded by one buffer per pump.
         assert grown < 40 * 2 * 512 + 32 * 1024, (grown, pushed)
         for c in clients:

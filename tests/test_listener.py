@@ -14,7 +14,7 @@ from typing import Iterator, List
 import pytest
 
 import tcptotcp
-from helpers import recv_exactly
+from helpers import recv_exactly, rss_kib
 from proxy_corpus import MALFORMED, VALID
 from test_forwarder import EchoServer, ForwarderProcess, forwarders  # noqa: F401  (fixture)
 from test_forwarder_ops import forward_table, wait_for, write_atomically
@@ -115,14 +115,6 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _rss_kib(pid: str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 @pytest.mark.proc
 def test_a_hundred_reconfigures_leave_fds_threads_and_memory_flat(backend):
     server = EchoServer()
@@ -135,7 +127,7 @@ def test_a_hundred_reconfigures_leave_fds_threads_and_memory_flat(backend):
             assert _echoes(fwd.address, b"warm %d" % i)
         assert _wait(lambda: fwd.stats.active == 0)
         ours = lambda: _fds() - len(server._conns)  # noqa: E731  (the echo server keeps its ends open)
-        fds, threads, rss = ours(), threading.active_count(), _rss_kib()
+        fds, threads, rss = ours(), threading.active_count(), rss_kib()
         for i in range(100):
             fwd.reconfigure(upstream, idle_timeout=2000 + i, max_connections=100 + i)
             if i % 10 == 0:
@@ -144,7 +136,7 @@ def test_a_hundred_reconfigures_leave_fds_threads_and_memory_flat(backend):
         time.sleep(0.2)
         assert ours() <= fds + 2, (fds, ours())
         assert threading.active_count() <= threads
-        assert _rss_kib() - rss < 8 * 1024, (rss, _rss_kib())
+        assert rss_kib() - rss < 8 * 1024, (rss, rss_kib())
     finally:
         served.close()
         server.close()
@@ -167,7 +159,7 @@ def test_a_hundred_sighup_reloads_leave_the_process_flat(forwarders, tmp_path): 
         return (
             len(os.listdir(f"/proc/{pid}/fd")),
             len(os.listdir(f"/proc/{pid}/task")),
-            _rss_kib(pid),
+            rss_kib(pid),
         )
 
     def reload(text: str, count: int) -> None:

@@ -14,15 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import HAS_PROC, Background, Topology, no_leaks, recv_exactly, recv_until_eof, sha
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from helpers import HAS_PROC, Background, Topology, no_leaks, recv_exactly, recv_until_eof, rss_kib, sha
 
 
 @pytest.mark.proc
@@ -32,7 +24,7 @@ def test_backpressure_blocks_sender_and_memory_stays_bounded(engine):
     with Topology() as t:
         bridge = engine.Bridge(t.stream1, t.stream2, 1, 60).start()
         t.peer_a.settimeout(0.5)
-        rss_before = _rss_kib()
+        rss_before = rss_kib()
         chunk = bytes(65536)
         pushed = 0
         deadline = time.monotonic() + 10
@@ -45,7 +37,7 @@ def test_backpressure_blocks_sender_and_memory_stays_bounded(engine):
         time.sleep(0.3)
         # Kernel buffers on four sockets (plus a pipe) hold the bytes; the relay holds at most a buffer.
         assert pushed < 64 * 1024 * 1024
-        assert _rss_kib() - rss_before < 8 * 1024
+        assert rss_kib() - rss_before < 8 * 1024
         in_flight = bridge.counts[0]
         time.sleep(0.5)
         assert bridge.counts[0] == in_flight  # stalled, not spinning through data

@@ -154,8 +154,7 @@ static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i);
    While it waits, its source is not watched for input. */
 static int t2t_flush(t2t_loop *L, t2t_bridge *b, int i) {
     int flushed = t2t_flush_held(L, b, i);
-    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING)
-        t2t_watch_input(L, b, i, flushed);
+    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING) t2t_watch_input(L, b, i, flushed);
     return flushed;
 }
 
