@@ -1,11 +1,12 @@
 """``tcptotcp --config FILE``: several forwards from one TOML file.
 
 Top-level option keys are defaults for every ``[[forward]]``; a forward's own keys override
-them. Process-wide keys (``backend``, ``log_level``, ``log_format``, ``metrics``) live only at
-the top level. Everything is checked before anything listens, and a mistake is reported on
-one line naming the file, the forward and the key, so a bad edit fails at start-up, not at
-the first client. The options, their types and bounds are ``_options``' table, the command
-line's too: the file and the command line refuse the same values with the same words.
+them. Process-wide keys (``backend``, ``log_level``, ``log_format``, ``metrics``, ``pid_file``,
+``upgrade_program``) live only at the top level. Everything is checked before anything
+listens, and a mistake is reported on one line naming the file, the forward and the key, so a
+bad edit fails at start-up, not at the first client. The options, their types and bounds are
+``_options``' table, the command line's too: the file and the command line refuse the same
+values with the same words.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class Config:
     log_format: Optional[str]
     metrics: Optional[str]
     path: str
+    pid_file: Optional[str] = None
+    upgrade_program: Optional[str] = None
 
 
 class ConfigError(Exception):
@@ -306,6 +309,8 @@ class _Loader:
             log_format=process["log_format"],
             metrics=process["metrics"],
             path=self.path,
+            pid_file=process["pid_file"],
+            upgrade_program=process["upgrade_program"],
         )
 
     def forward_list(self, raw: object) -> List[Dict[str, Any]]:

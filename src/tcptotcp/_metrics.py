@@ -25,7 +25,7 @@ import selectors
 import socket
 import socketserver
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -276,6 +276,34 @@ class Metrics:
     def ended(self, listen: str, reason: str, bytes_up: int, bytes_down: int, seconds: float) -> None:
         self.forward(listen).ended(reason, bytes_up, bytes_down, seconds)
 
+    def counters(self) -> List[Tuple[str, Dict[str, str], float]]:
+        """Every counter's value by labels: what a successor process continues from (see
+        ``carry``). The duration histogram and the gauges start afresh."""
+        values = []
+        for family in self.registry.collect():
+            if family.type != "counter":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    values.append((family.name, dict(sample.labels), float(sample.value)))
+        return values
+
+    def carry(self, values: Sequence[Any]) -> None:
+        """Add a predecessor's ``counters()``; names this version does not have are skipped."""
+        families = {
+            counter._name: counter  # (prometheus_client keeps the name without "_total")
+            for counter in (self._accepted, self._refused, self._upstream_failures, self._bytes_up)
+            + (self._bytes_down, self._ended)
+        }
+        for name, labels, value in values:
+            family = families.get(name)
+            if family is None or value <= 0:
+                continue
+            try:
+                family.labels(**labels).inc(value)
+            except ValueError:  # its labels differ in this version
+                continue
+
     def exposition(self, accept: str = "") -> Tuple[bytes, str]:
         """(body, content type) for a scrape with this ``Accept`` header (text format by default)."""
         from prometheus_client.exposition import choose_encoder
@@ -318,11 +346,26 @@ class StatusServer:
     prometheus_client versions, and the bound port is needed when `port` is 0.
     """
 
-    def __init__(self, host: str, port: int, metrics: Optional[Metrics] = None, ready: Optional[Ready] = None) -> None:
-        self._server = _server_for(host, port, metrics, ready)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Optional[Metrics] = None,
+        ready: Optional[Ready] = None,
+        *,
+        sock: Optional[socket.socket] = None,
+    ) -> None:
+        """`sock`: a listening socket to serve instead of binding `host`:`port` (one a process
+        handing over gave us; see _upgrade)."""
+        self._server = _server_for(host, port, metrics, ready) if sock is None else _server_on(sock, metrics, ready)
         self._thread = threading.Thread(target=self._server.run, name="tcptotcp-metrics", daemon=True)
         self._thread.start()
         self._closed = False
+
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The listening socket (to hand over to a successor)."""
+        return self._server.socket
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -345,10 +388,12 @@ class _MetricsServer(http.server.ThreadingHTTPServer):
     metrics: Optional[Metrics]
     ready: Optional[Ready]
 
-    def __init__(self, address: Tuple[Any, ...], handler: Type[http.server.BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self, address: Tuple[Any, ...], handler: Type[http.server.BaseHTTPRequestHandler], bind: bool = True
+    ) -> None:
         # Before binding: a failed bind calls server_close(), which closes these.
         self._wake_r, self._wake_w = socket.socketpair()
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate=bind)
 
     def run(self) -> None:
         """``serve_forever()`` without its 0.5 s poll: ``wake()`` ends it at once."""
@@ -427,6 +472,20 @@ def _server_for(host: str, port: int, metrics: Optional[Metrics], ready: Optiona
             server_class = _MetricsServer6
         address = tuple(info[4])
     server = server_class(address, _Handler)
+    server.metrics = metrics
+    server.ready = ready
+    return server
+
+
+def _server_on(sock: socket.socket, metrics: Optional[Metrics], ready: Optional[Ready]) -> _MetricsServer:
+    """A server on a socket that is listening already."""
+    server_class = _MetricsServer6 if sock.family == socket.AF_INET6 else _MetricsServer
+    server = server_class(sock.getsockname(), _Handler, bind=False)
+    server.socket.close()
+    sock.setblocking(True)  # (socketserver's accept expects a blocking socket, as it makes them)
+    server.socket = sock
+    server.server_address = sock.getsockname()
+    server.server_name, server.server_port = str(server.server_address[0]), int(server.server_address[1])
     server.metrics = metrics
     server.ready = ready
     return server

@@ -607,6 +607,29 @@ PROCESS_OPTIONS: Tuple[Option, ...] = (
         scope=PROCESS,
         group=OPERATION,
     ),
+    _option(
+        "pid_file",
+        str,
+        None,
+        "write the process id to FILE (a successor rewrites it; see --upgrade)",
+        metavar="FILE",
+        optional=True,
+        restart=True,
+        scope=PROCESS,
+        group=OPERATION,
+    ),
+    _option(
+        "upgrade_program",
+        str,
+        None,
+        "what SIGUSR2 starts to take over, given this command line's arguments (default: this "
+        "Python's -m tcptotcp), e.g. a newer install's /opt/t2t/bin/tcptotcp",
+        metavar="PROGRAM",
+        optional=True,
+        restart=True,
+        scope=PROCESS,
+        group=OPERATION,
+    ),
 )
 
 #: Every option by name.

@@ -52,6 +52,7 @@ class Service:
         json_lines: bool = False,
         stream: TextIO = sys.stderr,
         wake: Optional[threading.Event] = None,
+        handed: Optional[Mapping[str, socket.socket]] = None,
     ) -> None:
         self.bridge_class = bridge_class
         self.inherited: Mapping[int, str] = inherited or {}
@@ -64,6 +65,9 @@ class Service:
         self._threads: Dict[Forwarder, threading.Thread] = {}
         self.crashed = False  # a serve thread died of an exception: the process should exit
         self._wake = wake
+        # Listening sockets a predecessor handed us, by forward key (see _upgrade): taken by
+        # start() instead of binding; what it leaves is closed by take_handed().
+        self.handed: Dict[str, socket.socket] = dict(handed or {})
 
     # -- lines for people and machines ----------------------------------------------------
 
@@ -83,9 +87,9 @@ class Service:
 
     # -- forwards -------------------------------------------------------------------------
 
-    def _make(self, spec: ForwardSpec) -> Forwarder:
-        listen_socket: Optional[socket.socket] = None
-        if is_inherited_address(spec.listen):
+    def _make(self, spec: ForwardSpec, key: str) -> Forwarder:
+        listen_socket: Optional[socket.socket] = self.handed.pop(key, None)
+        if listen_socket is None and is_inherited_address(spec.listen):
             listen_socket = listener_socket(resolve_listen(spec.listen, self.inherited))
         kwargs = spec.forwarder_kwargs()
         return Forwarder(
@@ -156,13 +160,16 @@ class Service:
         made = self._make_all(specs)
         for key, spec, forwarder in zip(_keys(specs), specs, made):
             self._serve(key, spec, forwarder)
+        for sock in self.handed.values():  # forwards the config no longer has
+            sock.close()
+        self.handed.clear()
 
-    def _make_all(self, specs: Sequence[ForwardSpec]) -> List[Forwarder]:
+    def _make_all(self, specs: Sequence[ForwardSpec], keys: Optional[Sequence[str]] = None) -> List[Forwarder]:
         made: List[Forwarder] = []
         try:
-            for spec in specs:
+            for spec, key in zip(specs, _keys(specs) if keys is None else keys):
                 try:
-                    made.append(self._make(spec))
+                    made.append(self._make(spec, key))
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot listen on {spec.listen}: {exc.strerror or exc}") from None
                 except ValueError as exc:
@@ -179,7 +186,8 @@ class Service:
         added = [(key, spec) for key, spec in wanted.items() if key not in self.forwards]
         removed = [key for key in self.forwards if key not in wanted]
         changed = [(key, spec) for key, spec in wanted.items() if key in self.specs and spec != self.specs[key]]
-        made = self._make_all([spec for _, spec in added])  # binds first: a port in use fails the reload whole
+        # Binds first: a port in use fails the reload whole.
+        made = self._make_all([spec for _, spec in added], [key for key, _ in added])
         for key, spec in changed:
             old = self.specs[key]
             stuck = old.restart_changes(spec)  # the listening socket's own: a restart's
@@ -208,6 +216,24 @@ class Service:
             removed=removed_listens,
             changed=[s.listen for _, s in changed],
         )
+
+    def listening_sockets(self) -> List[Tuple[str, socket.socket]]:
+        """Every forward's listening socket, by key: what a successor takes over."""
+        return [(key, forwarder.listening_socket) for key, forwarder in self.forwards.items()]
+
+    def handed_over(self, pid: int) -> int:
+        """A successor (`pid`) accepts from our sockets now: stop accepting, keep the open
+        bridges until they end. How many bridges stay here."""
+        for key in list(self.forwards):
+            forwarder = self.forwards.pop(key)
+            self.specs.pop(key, None)
+            forwarder.stop_accepting(handed_over=True)
+            self.retired.append(forwarder)  # (all kept: the summary at exit covers them)
+        return self.active()
+
+    def active(self) -> int:
+        """Clients of every forward, retired ones included, not yet gone."""
+        return sum(f.stats.active for f in self.all_forwarders())
 
     def all_forwarders(self) -> List[Forwarder]:
         return list(self.forwards.values()) + self.retired

@@ -25,6 +25,18 @@ from ._jsonlog import JsonFormatter
 from ._metrics import Metrics, MetricsUnavailable, StatusServer, parse_hostport
 from ._options import ACCESS, FORWARD_OPTIONS, OPERATION, OPTIONS, Option, OptionError, check_forward
 from ._service import Service
+from ._upgrade import (
+    Handed,
+    Successor,
+    UpgradeFailed,
+    handed_over,
+    notify,
+    remove_pid_file,
+    request_upgrade,
+    start_successor,
+    successor_command,
+    write_pid_file,
+)
 from ._version import __version__
 from .forwarder import raise_fd_limit
 
@@ -38,6 +50,7 @@ examples:
   tcptotcp 0.0.0.0:443 10.0.0.5:443 --send-proxy v2 --keepalive 60 --user-timeout 30
   tcptotcp systemd:web 127.0.0.1:80 --metrics 127.0.0.1:9464 --log-format json
   tcptotcp --config /etc/tcptotcp.toml           several forwards; SIGHUP reloads the file
+  tcptotcp --upgrade --pid-file /run/t2t.pid     hand the running forwarder's ports to a new process
 """
 
 
@@ -122,8 +135,14 @@ def forward_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM let open bridges finish for this long (default 0)",
     )
-    for name in ("backend", "log_level", "log_format"):
+    for name in ("backend", "log_level", "log_format", "pid_file", "upgrade_program"):
         _add_option(ops, OPTIONS[name], default=None)
+    ops.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="hand the running tcptotcp that --pid-file names over to a new process (as SIGUSR2 "
+        "does there), wait for the outcome: exit status 0 once the new one serves",
+    )
     p.add_argument("--version", action="version", version=f"tcptotcp {__version__} ({BACKEND})")
     return p
 
@@ -164,7 +183,21 @@ def _setup_logging(level: str, fmt: str) -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
-def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def upgrade(pid_file: Optional[str]) -> int:
+    """``--upgrade``: SIGUSR2 to the running process, and its outcome."""
+    if pid_file is None:
+        print("tcptotcp: error: --upgrade needs --pid-file FILE (the running process's)", file=sys.stderr)
+        return 2
+    try:
+        pid = request_upgrade(pid_file)
+    except UpgradeFailed as exc:
+        print(f"tcptotcp: upgrade failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"tcptotcp: upgraded: pid {pid} serves now")
+    return 0
+
+
+def serve(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     config: Optional[Config] = None
     if args.config is not None:
         if args.listen is not None:
@@ -175,6 +208,8 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"tcptotcp: error: {exc}", file=sys.stderr)
             return 2
         specs: List[ForwardSpec] = list(config.forwards)
+    elif args.upgrade:
+        specs = []  # (the running process has them)
     else:
         specs = _specs_from_args(p, args)
     # The command line wins over the file for process-wide settings.
@@ -182,14 +217,50 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     level = args.log_level or (config and config.log_level) or OPTIONS["log_level"].default
     log_format = args.log_format or (config and config.log_format) or OPTIONS["log_format"].default
     metrics_at = args.metrics or (config and config.metrics) or OPTIONS["metrics"].default
+    pid_file = args.pid_file or (config and config.pid_file) or None
+    upgrade_program = args.upgrade_program or (config and config.upgrade_program) or None
+    if args.upgrade:
+        return upgrade(pid_file)
     _setup_logging(level, log_format)
-    log = logging.getLogger("tcptotcp")
     raise_fd_limit()
     try:
         inherited = inherited_listeners()
     except ValueError as exc:
         print(f"tcptotcp: error: socket activation: {exc}", file=sys.stderr)
         return 2
+    try:
+        handed = handed_over()  # started by a process handing over to us (see _upgrade)
+    except ValueError as exc:
+        print(f"tcptotcp: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(
+            args, specs, config, backend, log_format, metrics_at, pid_file, upgrade_program, argv, inherited, handed
+        )
+    except BaseException as exc:
+        if handed is not None:
+            handed.failed(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if handed is not None:
+            handed.unused()
+            handed.channel.close()
+
+
+def _serve(
+    args: argparse.Namespace,
+    specs: List[ForwardSpec],
+    config: Optional[Config],
+    backend: str,
+    log_format: str,
+    metrics_at: Optional[str],
+    pid_file: Optional[str],
+    upgrade_program: Optional[str],
+    argv: Sequence[str],
+    inherited: Dict[int, str],
+    handed: Optional[Handed],
+) -> int:
+    log = logging.getLogger("tcptotcp")
     metrics: Optional[Metrics] = None
     status_server: Optional[StatusServer] = None
     services: List[Service] = []  # (the service is made below; /ready asks it once it is)
@@ -197,6 +268,7 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     def ready() -> Tuple[bool, str]:
         return services[0].ready() if services else (False, "starting")
 
+    status_socket = None if handed is None else handed.status_socket
     if metrics_at:
         try:
             host, port = parse_hostport(metrics_at)
@@ -204,7 +276,13 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 metrics = Metrics()
             except MetricsUnavailable as exc:
                 log.warning("%s; serving only /healthz and /ready on %s", exc, metrics_at)
-            status_server = StatusServer(host, port, metrics, ready)
+            if status_socket is not None and port not in (0, status_socket.getsockname()[1]):
+                status_socket.close()  # (the predecessor's was elsewhere)
+                status_socket = None
+            status_server = StatusServer(host, port, metrics, ready, sock=status_socket)
+            status_socket = None
+            if metrics is not None and handed is not None:
+                metrics.carry(handed.counters)  # its counters go on here, not from zero
         except ValueError as exc:
             print(f"tcptotcp: error: {exc}", file=sys.stderr)
             return 2
@@ -212,9 +290,18 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"tcptotcp: error: cannot serve metrics on {metrics_at}: {exc.strerror or exc}", file=sys.stderr)
             return 1
     wake = threading.Event()
+    if status_socket is not None:
+        status_socket.close()
     service = Service(
-        _backend_bridge(backend), inherited=inherited, metrics=metrics, json_lines=log_format == "json", wake=wake
+        _backend_bridge(backend),
+        inherited=inherited,
+        metrics=metrics,
+        json_lines=log_format == "json",
+        wake=wake,
+        handed=None if handed is None else handed.listeners,
     )
+    if handed is not None:
+        handed.listeners.clear()  # (the service owns them now)
     services.append(service)
     # Signal handlers only note what was asked; this thread does it. Installed before the forwards
     # start: a SIGHUP sent once "listening on" was printed must not find the default action
@@ -229,16 +316,20 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     stop_signals = {int(signal.SIGINT), int(signal.SIGTERM)}
     for stop_signal in stop_signals:
         signal.signal(stop_signal, on_signal)
-    for name in ("SIGHUP", "SIGUSR1"):
+    for name in ("SIGHUP", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
     try:
         service.start(specs)
     except ValueError as exc:
         print(f"tcptotcp: error: {exc}", file=sys.stderr)
+        if handed is not None:
+            handed.failed(str(exc))
         return 2
     except OSError as exc:
         print(f"tcptotcp: error: {exc.strerror or exc}", file=sys.stderr)
+        if handed is not None:
+            handed.failed(str(exc.strerror or exc))
         return 1
     if status_server is not None:
         host, port = status_server.address
@@ -248,10 +339,38 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"metrics on http://{shown}:{port}/metrics" if metrics is not None else f"health on http://{shown}:{port}"
         )
         service.announce("metrics", text, address=f"{shown}:{port}")
+    if handed is not None:
+        handed.serving()
+        service.announce("took_over", f"took over from pid {handed.from_pid}", from_pid=handed.from_pid)
+    else:
+        notify("READY=1")
+    if pid_file is not None:
+        try:
+            write_pid_file(pid_file)
+        except OSError as exc:
+            log.error("cannot write the pid file %s: %s", pid_file, exc.strerror or exc)
+
+    upgrading: List[threading.Thread] = []  # the hand-over in flight, if one is
+    outcomes: List[Any] = []  # its end: a Successor, or the UpgradeFailed
+    successor: Optional[Successor] = None  # once handed over: we only see our bridges out
+
+    def hand_over() -> None:
+        try:
+            outcomes.append(
+                start_successor(
+                    successor_command(upgrade_program, argv),
+                    service.listening_sockets(),
+                    None if status_server is None else status_server.listening_socket,
+                    [] if metrics is None else metrics.counters(),
+                )
+            )
+        except UpgradeFailed as exc:
+            outcomes.append(exc)
+        wake.set()
 
     try:
         while True:
-            wake.wait(1.0)
+            wake.wait(0.2 if successor is not None else 1.0)
             wake.clear()
             if service.crashed:
                 status = 1
@@ -259,17 +378,62 @@ def serve(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             todo, asked[:] = list(asked), []
             if any(signum in stop_signals for signum in todo):
                 break
+            if outcomes:
+                upgrading.pop().join()
+                outcome = outcomes.pop()
+                if isinstance(outcome, UpgradeFailed):
+                    log.error(
+                        "upgrade failed, nothing changed: %s", outcome, extra=_event("upgrade_failed", why=str(outcome))
+                    )
+                else:
+                    successor = outcome
+                    listeners = len(service.forwards)
+                    staying = service.handed_over(successor.pid)
+                    successor.channel.close()
+                    if status_server is not None:
+                        status_server.close()  # (the successor serves the port)
+                    notify(f"MAINPID={successor.pid}")
+                    service.announce(
+                        "handed_over",
+                        f"handed over to pid {successor.pid}: {listeners} listeners; "
+                        f"{staying} bridges stay here until they end",
+                        pid=successor.pid,
+                        listeners=listeners,
+                        bridges_staying=staying,
+                    )
             for signum in todo:
                 if signum == getattr(signal, "SIGUSR1", None):
                     service.list_open()
                 elif signum == getattr(signal, "SIGHUP", None):
-                    _reload(service, args.config, log)
+                    if successor is not None:
+                        log.warning("SIGHUP: handed over to pid %d: reload that one", successor.pid)
+                    elif upgrading:
+                        asked.append(signum)  # after the upgrade's outcome
+                    else:
+                        _reload(service, args.config, log)
+                elif signum == getattr(signal, "SIGUSR2", None):
+                    if successor is not None:
+                        log.warning("SIGUSR2: handed over to pid %d already", successor.pid)
+                    elif upgrading:
+                        log.warning("SIGUSR2: an upgrade is under way already")
+                    else:
+                        log.info("upgrade: starting %s", " ".join(successor_command(upgrade_program, argv)))
+                        upgrading.append(threading.Thread(target=hand_over, name="tcptotcp-upgrade", daemon=True))
+                        upgrading[0].start()
+            if successor is not None and service.active() == 0:
+                break
     finally:
         log.info("stopping%s", f", draining up to {args.drain:g} s" if args.drain > 0 else "")
         service.stop(drain_seconds=args.drain)
         if status_server is not None:
             status_server.close()
+        if pid_file is not None:
+            remove_pid_file(pid_file)
     return status
+
+
+def _event(name: str, **fields: Any) -> Dict[str, Any]:
+    return {"event": name, "fields": fields}
 
 
 def _reload(service: Service, path: Optional[str], log: logging.Logger) -> None:
@@ -290,7 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo(args_list[1:])
     parser = forward_parser()
-    return serve(parser, parser.parse_args(args_list))
+    return serve(parser, parser.parse_args(args_list), args_list)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -652,8 +652,18 @@ class Forwarder:
         self._closing.set()
         self._wakeup.set()
 
-    def stop_accepting(self) -> None:
-        """Stop accepting and close the listener; open bridges run on to their own end."""
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The socket clients connect to (to hand over to a successor process)."""
+        return self._sock
+
+    def stop_accepting(self, handed_over: bool = False) -> None:
+        """Stop accepting and close the listener; open bridges run on to their own end.
+
+        `handed_over`: another process accepts from the same socket now, so a unix: listener's
+        path stays (it is theirs)."""
+        if handed_over:
+            self._inherited = True  # (no unlink in _close_listener)
         self.request_stop()
         if not self._serving.acquire(timeout=5.0):
             log.error("serve_forever() did not return in time")
