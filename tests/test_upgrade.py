@@ -21,6 +21,7 @@ import pytest
 
 from helpers import recv_exactly
 from test_forwarder import EchoServer, ForwarderProcess, echo  # noqa: F401
+from test_forwarder_ops import LAUNCHER, LaunchedForwarder
 
 pytestmark = [pytest.mark.signals, pytest.mark.skipif(not hasattr(socket, "send_fds"), reason="needs SCM_RIGHTS")]
 
@@ -294,6 +295,32 @@ def test_sigusr2_twice_and_sighup_after_the_hand_over_are_refused_with_a_reason(
     finally:
         bridge.close()
     fp.proc.wait(10)
+
+
+@pytest.mark.parametrize("listen", ["systemd:web", "fd:3"])
+def test_a_socket_activated_listener_is_handed_over(processes, echo, backend, listen):  # noqa: F811
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    protocol = "systemd" if listen.startswith("systemd:") else "plain"
+    argv = [sys.executable, "-c", LAUNCHER, str(server.fileno()), protocol, listen, f"127.0.0.1:{echo.address[1]}"]
+    fp = LaunchedForwarder(backend.name, [*argv, "--pid-file", str(processes.pid_file)], (server.fileno(),))
+    processes.started.append(fp)
+    try:
+        wait_until(lambda: processes.pid() == fp.proc.pid, 10, "pid file")
+        bridges = Bridges(("127.0.0.1", port), 2)
+        done = processes.upgrade()
+        assert done.returncode == 0, (done.stderr, fp.lines[-20:])
+        fp.wait_log(r"handed over to pid \d+: 1 listeners; 2 bridges stay here")
+        server.close()  # (ours: from here only the new process holds the socket)
+        checksummed_exchange(("127.0.0.1", port), 50_000)
+        bridges.exchange()
+        bridges.close()
+        fp.proc.wait(10)
+        checksummed_exchange(("127.0.0.1", port), 50_000)
+    finally:
+        server.close()
 
 
 def test_upgrade_needs_a_pid_file_and_a_running_process(tmp_path):

@@ -64,7 +64,8 @@ class Channel:
         self.sock.setblocking(True)
         data = _HEADER.pack(len(body)) + body
         sent = socket.send_fds(self.sock, [data], list(fds))  # (the fds ride with the first byte)
-        self.sock.sendall(data[sent:])
+        if sent < len(data):  # (no empty sendall: the peer may have read it all and closed)
+            self.sock.sendall(data[sent:])
 
     def receive(self, deadline: float) -> Tuple[Dict[str, Any], List[int]]:
         """The next message and the descriptors that came with it; EOFError when the other end
@@ -212,7 +213,10 @@ class Handed:
 
     def serving(self) -> None:
         """Tell the predecessor to stop accepting; from here on this process serves alone."""
-        self.channel.send({"kind": "serving", "pid": os.getpid()})
+        try:
+            self.channel.send({"kind": "serving", "pid": os.getpid()})
+        except OSError as exc:  # it is gone: we serve all the same
+            log.warning("upgrade: could not tell pid %d that this process serves: %s", self.from_pid, exc)
 
     def failed(self, why: str) -> None:
         try:

@@ -375,7 +375,7 @@ def _serve(
             if service.crashed:
                 status = 1
                 break
-            todo, asked[:] = list(asked), []
+            todo = [asked.pop(0) for _ in range(len(asked))]  # (a handler may append meanwhile)
             if any(signum in stop_signals for signum in todo):
                 break
             if outcomes:
