@@ -394,7 +394,7 @@ class NamespacedForwarder:
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: "re.Pattern[str] | str", timeout: float = 10) -> re.Match:
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 10) -> re.Match:
         compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
