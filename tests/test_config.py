@@ -230,6 +230,8 @@ def test_forwarder_kwargs(tmp_path: Path) -> None:
         "route_sni": ("db.example.com=127.0.0.1:5432", "*.Example.com.=127.0.0.1:443"),
         "route_sni_strict": True,
         "bandwidth": 10_000_000,
+        "resolve_interval": 30.0,  # (the defaults: FULL leaves them out)
+        "resolve_strict": False,
         "send_proxy": "v1",
         "accept_proxy": True,
         "proxy_timeout": 2.5,

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from typing import Any, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, List, Sequence, Tuple, Union
 
 SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int], Tuple[int, bytes], str]
+#: Where a socket connects: (family, sockaddr).
+Where = Tuple[int, Any]
 
 
 @dataclass(frozen=True)
@@ -18,13 +20,32 @@ class Address:
     sockaddr: SockAddr
     text: str
     weight: int = 1  # an upstream's, for balancing (see parse_upstream)
+    # Every address the host resolved to when parsed, deduplicated, in `ordered()`'s order: the
+    # candidates of an upstream written as a name (see _resolve). Empty for an Address made
+    # by hand, and for a name that did not resolve (family AF_UNSPEC, see parse_upstream).
+    resolved: Tuple[Where, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
-    def parse_upstream(cls, text: str) -> Address:
-        """An upstream: an address with an optional weight, ``HOST:PORT@W``."""
+    def parse_upstream(cls, text: str, *, strict: bool = True) -> Address:
+        """An upstream: an address with an optional weight, ``HOST:PORT@W``.
+
+        Not `strict`: a host name that does not resolve (yet) is no error but an Address of
+        family AF_UNSPEC, its sockaddr ``(host, port)``, for a forward that looks it up again."""
         address, weight = split_weight(text)
-        parsed = cls.parse(address)
-        return parsed if weight == 1 else cls(parsed.family, parsed.sockaddr, parsed.text, weight)
+        try:
+            parsed = cls.parse(address)
+        except UnresolvedName as exc:
+            if strict:
+                raise
+            parsed = cls(socket.AF_UNSPEC, (exc.host, exc.port), address)
+        if weight == 1:
+            return parsed
+        return cls(parsed.family, parsed.sockaddr, parsed.text, weight, parsed.resolved)
+
+    @property
+    def unresolved(self) -> bool:
+        """A host name without an address (yet): see parse_upstream(strict=False)."""
+        return self.family == socket.AF_UNSPEC
 
     @classmethod
     def parse(cls, text: str, *, passive: bool = False) -> Address:
@@ -47,12 +68,43 @@ class Address:
         if not 0 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is out of range")
         try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if passive else 0
-            )[0]
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if passive else 0)
         except socket.gaierror as exc:
-            raise ValueError(f"{text!r}: cannot resolve {host!r} ({exc.strerror})") from None
-        return cls(family, sockaddr, text)
+            raise UnresolvedName(text, host, port, exc.strerror or str(exc)) from None
+        if not infos:  # (not seen from a libc, but then it is no address either)
+            raise UnresolvedName(text, host, port, "no address")
+        family, _, _, _, sockaddr = infos[0]
+        return cls(family, sockaddr, text, 1, ordered([(info[0], info[4]) for info in infos]))
+
+
+class UnresolvedName(ValueError):
+    """A host name that getaddrinfo() could not resolve: ``str()`` is the message."""
+
+    def __init__(self, text: str, host: str, port: int, why: str) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(f"{text!r}: cannot resolve {host!r} ({why})")
+
+
+def ordered(found: Sequence[Where]) -> Tuple[Where, ...]:
+    """getaddrinfo()'s (family, sockaddr) results without duplicates, in an order that does not
+    depend on the order of the answer (DNS servers rotate it): the family getaddrinfo put first
+    (the system's preference, RFC 6724) before the other, then by address. Unix paths and
+    other families keep their place after those."""
+    unique: List[Where] = []
+    for where in found:
+        if where not in unique:
+            unique.append(where)
+    ip = [w for w in unique if w[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not ip:
+        return tuple(unique)
+    preferred = ip[0][0]
+
+    def key(where: Where) -> Tuple[bool, bytes, Any]:
+        family, sockaddr = where
+        return (family != preferred, socket.inet_pton(family, sockaddr[0].partition("%")[0]), sockaddr[1:])
+
+    return tuple(sorted(ip, key=key)) + tuple(w for w in unique if w not in ip)
 
 
 MAX_WEIGHT = 1000  # an upstream's weight: 1 to this (the loops' T2T_MAX_WEIGHT)

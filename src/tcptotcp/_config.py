@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 from . import _options
-from ._address import MAX_WEIGHT, Address, split_weight
+from ._address import MAX_WEIGHT, Address, UnresolvedName, split_weight
 from ._options import FORWARD_NAMES, MAX_INT, PROCESS_NAMES, Option, OptionError, show
 
 PROCESS_KEYS = PROCESS_NAMES
@@ -53,6 +53,8 @@ class ForwardSpec:
     check_interval: Optional[float] = _DEFAULT["check_interval"]
     check_rise: int = _DEFAULT["check_rise"]
     check_fall: int = _DEFAULT["check_fall"]
+    resolve_interval: float = _DEFAULT["resolve_interval"]
+    resolve_strict: bool = _DEFAULT["resolve_strict"]
     max_per_client: Optional[int] = _DEFAULT["max_per_client"]
     rate_per_client: Optional[int] = _DEFAULT["rate_per_client"]
     client_prefix6: int = _DEFAULT["client_prefix6"]
@@ -405,9 +407,19 @@ class _Loader:
                 table,
                 "upstream",
             )
+        # A name that does not resolve is an error only where the forward could not follow it
+        # (see _resolve): resolve_strict, or resolve_interval 0.
+        options = table.options
+        strict = options.get("resolve_strict", _DEFAULT["resolve_strict"]) or not options.get(
+            "resolve_interval", _DEFAULT["resolve_interval"]
+        )
         try:
             address, weight = split_weight(text)
             parsed = self.address(address, passive=False)
+        except UnresolvedName as exc:
+            if strict:
+                raise self.error(str(exc), table, "upstream") from None
+            parsed = Address(socket.AF_UNSPEC, (exc.host, exc.port), address)
         except ValueError as exc:
             raise self.error(str(exc), table, "upstream") from None
         return parsed if weight == 1 else dataclasses.replace(parsed, weight=weight)

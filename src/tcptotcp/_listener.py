@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple, Type, Union
 
 from . import _balance, _events, _proxy, _sni
 from ._access import AccessList
@@ -81,6 +81,17 @@ class ForwardOptions:
     rate_per_client: Optional[int] = None
     client_prefix6: int = 64
     bandwidth: Optional[int] = None  # bytes/s per direction of each bridge
+    # Upstreams written as host names (see _resolve): `upstreams` holds their candidates, one
+    # per address. `configured` is the forward's upstreams as written, `found` each name's
+    # addresses now (by the upstream's text; empty: none yet, its candidate is NO_ADDRESS).
+    configured: Tuple[Address, ...] = ()
+    found: Tuple[Tuple[str, Tuple[Any, ...]], ...] = ()
+    resolve_interval: float = 30.0
+
+    @property
+    def unresolved(self) -> FrozenSet[str]:
+        """The texts of the upstream names without an address (yet)."""
+        return frozenset(text for text, addresses in self.found if not addresses)
 
     @property
     def all_upstreams(self) -> Tuple[Address, ...]:

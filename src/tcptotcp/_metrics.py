@@ -117,6 +117,8 @@ class ForwardMetrics:
         "_ended",
         "_up_family",
         "_up",
+        "_resolutions_family",
+        "_resolutions",
     )
 
     def __init__(self, owner: Metrics, listen: str, upstream: Optional[str]) -> None:
@@ -137,6 +139,8 @@ class ForwardMetrics:
             self._failures[upstream] = owner._upstream_failures.labels(listen, upstream)
         self._up_family: Gauge = owner._upstream_up
         self._up: Dict[str, Gauge] = {}
+        self._resolutions_family: Counter = owner._resolutions
+        self._resolutions: Dict[Tuple[str, str], Counter] = {}
 
     def upstreams(self, texts: Sequence[str], is_up: Callable[[str], bool]) -> None:
         """The forward's upstreams now: ``tcptotcp_upstream_up`` asks `is_up` at each scrape
@@ -151,6 +155,15 @@ class ForwardMetrics:
             if text not in self._up:
                 child = self._up[text] = self._up_family.labels(self.listen, text)
                 child.set_function(_up_function(is_up, text))
+
+    def resolved(self, upstream: str, result: str) -> None:
+        """An upstream written as a host name was looked up again: `result` is ``changed``
+        (new addresses), ``unchanged`` or ``failed`` (the last good ones kept)."""
+        key = (upstream, result)
+        child = self._resolutions.get(key)
+        if child is None:
+            child = self._resolutions[key] = self._resolutions_family.labels(self.listen, upstream, result)
+        child.inc()
 
     def accepted(self) -> None:
         """A client was accepted."""
@@ -224,6 +237,12 @@ class Metrics:
             "tcptotcp_upstream_up",
             "1 while an upstream gets new clients, 0 while it is marked down (failed connects or checks).",
             ("listen", "upstream"),
+            registry=reg,
+        )
+        self._resolutions = Counter(
+            "tcptotcp_upstream_resolutions",
+            "Lookups of upstreams written as host names, by result: changed, unchanged, failed.",
+            ("listen", "upstream", "result"),
             registry=reg,
         )
         self._active = Gauge("tcptotcp_connections_active", "Bridges running now.", listen, registry=reg)

@@ -414,6 +414,25 @@ FORWARD_OPTIONS: Tuple[Option, ...] = (
         group=ACCESS,
     ),
     _option(
+        "resolve_interval",
+        float,
+        30.0,
+        "look an upstream written as a host name up again this often (seconds, 0 to 86400; default 30; "
+        "0: only at start and on reloads): every address it has is a candidate, new clients follow a change",
+        metavar="SECONDS",
+        minimum=0,
+        maximum=86400,
+        group=ACCESS,
+    ),
+    _option(
+        "resolve_strict",
+        bool,
+        False,
+        "an upstream host name that does not resolve at start is an error (default: the forward starts, "
+        "its clients are refused until the name resolves; always an error with --resolve-interval 0)",
+        group=ACCESS,
+    ),
+    _option(
         "max_per_client",
         int,
         None,

@@ -48,6 +48,7 @@ examples:
   tcptotcp 127.0.0.1:2222 10.0.0.5:22 --idle-timeout 600 --activity any --half-close
   tcptotcp 0.0.0.0:8080 10.0.0.5:80 10.0.0.6:80 --balance roundrobin --allow 10.0.0.0/8
   tcptotcp 0.0.0.0:443 10.0.0.5:443 --send-proxy v2 --keepalive 60 --user-timeout 30
+  tcptotcp 0.0.0.0:5432 db.internal:5432 --balance roundrobin --resolve-interval 10
   tcptotcp systemd:web 127.0.0.1:80 --metrics 127.0.0.1:9464 --log-format json
   tcptotcp --config /etc/tcptotcp.toml           several forwards; SIGHUP reloads the file
   tcptotcp --upgrade --pid-file /run/t2t.pid     hand the running forwarder's ports to a new process
@@ -153,7 +154,9 @@ def _specs_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Li
         p.error("LISTEN and at least one UPSTREAM are needed (or --config FILE)")
     try:
         listen_address = None if is_inherited_address(args.listen) else Address.parse(args.listen, passive=True)
-        upstreams = tuple(Address.parse_upstream(text) for text in args.upstreams)
+        # A name that does not resolve yet is followed unless told otherwise (see _resolve).
+        strict = args.resolve_strict or not args.resolve_interval
+        upstreams = tuple(Address.parse_upstream(text, strict=strict) for text in args.upstreams)
     except ValueError as exc:
         p.error(str(exc))
     if (args.allow or args.deny) and listen_address is not None and listen_address.family == socket.AF_UNIX:

@@ -20,8 +20,8 @@ import socket
 import threading
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 from ._access import AccessList
 from ._address import Address, format_sockaddr
@@ -31,6 +31,7 @@ from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved,
 from ._health import HealthChecker
 from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
 from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs, parse_route
+from ._resolve import Resolver, Results, address_text_of, addresses_text, expand, host_of, is_no_address
 
 __all__ = ["Forwarder", "ForwarderStats", "ForwardOptions", "raise_fd_limit"]
 
@@ -82,6 +83,7 @@ _AS_GIVEN = (
     "client_prefix6",
     "route_sni_strict",
     "bandwidth",
+    "resolve_interval",
 )
 
 
@@ -135,12 +137,17 @@ def _as_address(value: Union[str, Address], passive: bool = False) -> Address:
     return value if isinstance(value, Address) else Address.parse(value, passive=passive)
 
 
-def _upstream_list(upstream: Union[str, Address, Sequence[Union[str, Address]]]) -> Tuple[Address, ...]:
-    """The upstreams, each with its weight (``HOST:PORT@W``; 1 where none is given)."""
+def _upstream_list(
+    upstream: Union[str, Address, Sequence[Union[str, Address]]], strict: bool = True
+) -> Tuple[Address, ...]:
+    """The upstreams, each with its weight (``HOST:PORT@W``; 1 where none is given). Not
+    `strict`: a name that does not resolve is an unresolved Address, not an error."""
     items = [upstream] if isinstance(upstream, (str, Address)) else list(upstream)
     if not items:
         raise ValueError("at least one upstream is needed")
-    addresses = tuple(item if isinstance(item, Address) else Address.parse_upstream(item) for item in items)
+    addresses = tuple(
+        item if isinstance(item, Address) else Address.parse_upstream(item, strict=strict) for item in items
+    )
     return addresses
 
 
@@ -154,7 +161,11 @@ class Forwarder:
     `upstream_backoff` seconds, and `check_interval` checks them actively (`check_rise`,
     `check_fall`); a down one is skipped unless all are. `max_per_client`, `rate_per_client` and
     `client_prefix6` limit each client; `route_sni` routes TLS clients by the server name of their
-    ClientHello. `allow`/`deny` are networks (CIDR or one address);
+    ClientHello. An upstream written as a host name stands for every address it has, and is
+    looked up again every `resolve_interval` seconds (0: never), from one thread, for new
+    clients (see ``_resolve``); one that does not resolve is an error only with
+    `resolve_strict` (or `resolve_interval` 0), else its clients are refused until it does.
+    `allow`/`deny` are networks (CIDR or one address);
     `send_proxy` ("v1"/"v2") sends the upstream a PROXY protocol header first; `accept_proxy`
     requires one from every client, within `proxy_timeout` seconds. `keepalive` (idle seconds,
     with `keepalive_interval` and `keepalive_count`) and `user_timeout` (seconds) find peers
@@ -202,6 +213,8 @@ class Forwarder:
         route_sni: Sequence[str] = (),
         route_sni_strict: bool = False,
         bandwidth: Optional[Union[int, str]] = None,
+        resolve_interval: float = 30.0,
+        resolve_strict: bool = False,
         reuse_port: bool = False,
         listen_socket: Optional[socket.socket] = None,
         metrics: Optional[Any] = None,
@@ -245,8 +258,14 @@ class Forwarder:
             route_sni=route_sni,
             route_sni_strict=route_sni_strict,
             bandwidth=bandwidth,
+            resolve_interval=resolve_interval,
+            resolve_strict=resolve_strict,
         )
+        self._resolver: Optional[Resolver] = None  # with upstream names, while serving
+        self._configuring = threading.Lock()  # one options change at a time: a reload's or a lookup's
+        self._failing: Set[str] = set()  # upstream names whose last lookup failed (logged once)
         self.options = self._options(upstream, **self._settings)
+        self._note_unresolved(self.options)
         self.bridge_class: Type[Bridge] = DefaultBridge if bridge_class is None else bridge_class
         self._stats = ForwarderStats()
 
@@ -288,13 +307,49 @@ class Forwarder:
         routes = tuple((pattern, Address.parse_upstream(to)) for pattern, to in map(parse_route, kw["route_sni"]))
         if routes and self.listen.family not in _IP_FAMILIES:
             raise ValueError(f"route_sni needs a TCP listener, not {self.listen.text}")
+        strict = kw["resolve_strict"] or not kw["resolve_interval"]
+        configured = _upstream_list(upstream, strict)
+        found = self._found(configured, strict)
         return ForwardOptions(
-            upstreams=_upstream_list(upstream),
+            upstreams=expand(configured, found),
+            configured=configured,
+            found=tuple(found.items()),
             routes=routes,
             access=access,
             rate_check=kw["rate_check_seconds"],
             **{name: kw[name] for name in _AS_GIVEN},
         )
+
+    def _found(self, configured: Tuple[Address, ...], strict: bool) -> Dict[str, Tuple[Any, ...]]:
+        """Each upstream name's addresses: as parsed just now, else the last good ones (a name
+        that did not resolve this time keeps what it had), else none yet."""
+        previous: Dict[str, Tuple[Any, ...]] = dict(self.options.found) if hasattr(self, "options") else {}
+        found: Dict[str, Tuple[Any, ...]] = {}
+        for u in configured:
+            where = host_of(u)
+            if where is None:
+                continue
+            if u.resolved:
+                addresses: Tuple[Any, ...] = u.resolved
+            elif u.unresolved:
+                addresses = previous.get(u.text, ())
+            else:  # an Address made by hand: its own address, until a lookup says more
+                addresses = previous.get(u.text) or ((u.family, u.sockaddr),)
+            if not addresses and strict:
+                raise ValueError(f"{u.text!r}: cannot resolve {where[0]!r}")
+            found[u.text] = addresses
+        return found
+
+    def _note_unresolved(self, options: ForwardOptions) -> None:
+        """Log each upstream name without an address once (until it has one)."""
+        for text in sorted(options.unresolved - self._failing):
+            self._failing.add(text)
+            log.warning(
+                "upstream %s has no address yet: its clients are refused until it resolves%s",
+                text,
+                f" (looked up every {options.resolve_interval:g} s)" if options.resolve_interval else "",
+                extra=_event("upstream_unresolved", listen=self.listen.text, upstream=text, error="no address"),
+            )
 
     def reconfigure(self, upstream: Union[str, Address, Sequence[Union[str, Address]]], **options: Any) -> None:
         """New options (the constructor's, less the listener's own) for clients from now on;
@@ -306,14 +361,18 @@ class Forwarder:
         unknown = set(options) - set(self._settings)
         if unknown:
             raise TypeError(f"reconfigure() got unexpected options: {', '.join(sorted(unknown))}")
-        settings = {**self._settings, **options}
-        new = self._options(upstream, **settings)
-        prepare_listening_socket(self._sock, new)
-        with self._lock:
-            self._settings = settings
-            self.options = new
-            if self._listener is not None and not self._listener_closed:
-                self._listener.configure(new)
+        with self._configuring:
+            settings = {**self._settings, **options}
+            new = self._options(upstream, **settings)
+            prepare_listening_socket(self._sock, new)
+            with self._lock:
+                # The listener first: options it refuses change nothing.
+                if self._listener is not None and not self._listener_closed:
+                    self._listener.configure(new)
+                self._settings = settings
+                self.options = new
+            self._failing &= set(dict(new.found))
+            self._note_unresolved(new)
         if self._listener is not None:
             self._follow_upstreams()
 
@@ -456,6 +515,17 @@ class Forwarder:
                     stats.upstream_failures += 1
                 if metrics is not None:
                     metrics.upstream_failed(e.upstream)
+                if e.upstream in self.options.unresolved:  # its candidate is NO_ADDRESS (see _resolve)
+                    log.error(
+                        "#%d %s: upstream %s has no address yet",
+                        e.conn_id,
+                        e.peer,
+                        e.upstream,
+                        extra=_event(
+                            "upstream_failed", id=e.conn_id, client=str(e.peer), upstream=e.upstream, error="no address"
+                        ),
+                    )
+                    continue
                 log.error(
                     "#%d %s: upstream %s failed: %s",
                     e.conn_id,
@@ -524,6 +594,9 @@ class Forwarder:
             return {u.text: True for u in upstreams}
         states = {}
         for i, u in enumerate(upstreams):
+            if is_no_address(u):  # a name without an address serves no one
+                states[u.text] = False
+                continue
             try:
                 states[u.text] = not listener.upstream_down(i)
             except IndexError:  # (options swapped meanwhile)
@@ -534,15 +607,20 @@ class Forwarder:
         """Start, update or stop the active checks as the options say, and export the
         upstreams' state (serving, and after each reconfigure)."""
         # One at a time: reconfigure() may be called from several threads at once.
+        # The lookups first, outside the lock below: stopping them waits for their thread, which
+        # may itself be on its way into this method.
+        self._follow_names(self.options)
         with self._following:
             options = self.options
+            # A name without an address has nothing to check.
+            checked = tuple(u for u in options.all_upstreams if not is_no_address(u))
             with self._lock:
                 checker = self._checker
                 if options.check_interval is None:
                     self._checker = None
                 elif checker is None and not self._closing.is_set():
                     self._checker = HealthChecker(
-                        options.all_upstreams,
+                        checked,
                         interval=options.check_interval,
                         rise=options.check_rise,
                         fall=options.check_fall,
@@ -558,14 +636,111 @@ class Forwarder:
                         listener.set_checked(i, False)  # nothing checks them now
             elif options.check_interval is not None and checker is not None:
                 checker.update(
-                    options.all_upstreams,
+                    checked,
                     interval=options.check_interval,
                     rise=options.check_rise,
                     fall=options.check_fall,
                 )
+            listener = self._listener
+            if listener is not None and not self._listener_closed:
+                for i, u in enumerate(options.all_upstreams):
+                    if is_no_address(u):
+                        # Down for the balance: skipped while any other candidate is up, and
+                        # when tried (all down) it fails at once, logged as having no address.
+                        listener.set_checked(i, True)
             if self._metrics is not None:
                 texts = [u.text for u in options.all_upstreams]
                 self._metrics.upstreams(texts, lambda text: self.upstream_states().get(text, True))
+
+    # -- upstream names ----------------------------------------------------------------------
+
+    def _follow_names(self, options: ForwardOptions) -> None:
+        """Start, update or stop the lookups of the upstream names as the options say."""
+        names: Dict[str, Tuple[str, int]] = {}
+        for u in options.configured:
+            where = host_of(u)
+            if where is not None:
+                names[u.text] = where
+        wanted = bool(names) and options.resolve_interval > 0
+        with self._lock:
+            resolver = self._resolver
+            if not wanted:
+                self._resolver = None
+            elif resolver is None and not self._closing.is_set():
+                self._resolver = Resolver(
+                    names, interval=options.resolve_interval, on_result=self._resolved, name=self.address_text
+                )
+                self._resolver.start()
+        if not wanted and resolver is not None:
+            resolver.close()
+        elif wanted and resolver is not None:
+            resolver.update(names, options.resolve_interval)
+
+    def _resolved(self, resolver: Resolver, results: Results) -> None:
+        """A round of lookups (from the resolver's thread): a name's new addresses are its
+        candidates for new clients from now on, applied as a reload applies options."""
+        with self._configuring:
+            if resolver is not self._resolver or resolver.closed or self._closing.is_set():
+                return  # (stopped or replaced while it looked up)
+            options = self.options
+            found = dict(options.found)
+            changed = False
+            for text, result in results.items():
+                old = found.get(text)
+                if old is None:
+                    continue  # a reload removed it meanwhile
+                if isinstance(result, str):
+                    self._count_resolution(text, "failed")
+                    if text not in self._failing:  # once per streak of failures
+                        self._failing.add(text)
+                        log.warning(
+                            "upstream %s: cannot resolve it (%s); %s",
+                            text,
+                            result,
+                            f"keeping {addresses_text(old)}" if old else "it has no address yet",
+                            extra=_event("upstream_unresolved", listen=self.address_text, upstream=text, error=result),
+                        )
+                    continue
+                if text in self._failing:
+                    self._failing.discard(text)
+                    if result == old:
+                        log.info("upstream %s resolves again: %s", text, addresses_text(result))
+                if result == old:
+                    self._count_resolution(text, "unchanged")
+                    continue
+                self._count_resolution(text, "changed")
+                log.warning(
+                    "upstream %s now %s (was %s)",
+                    text,
+                    addresses_text(result),
+                    addresses_text(old),
+                    extra=_event(
+                        "upstream_resolved",
+                        listen=self.address_text,
+                        upstream=text,
+                        addresses=[address_text_of(w) for w in result],
+                        was=[address_text_of(w) for w in old],
+                    ),
+                )
+                found[text] = result
+                changed = True
+            if not changed:
+                return
+            new = replace(options, upstreams=expand(options.configured, found), found=tuple(found.items()))
+            with self._lock:
+                listener = None if self._listener_closed else self._listener
+                try:
+                    if listener is not None:
+                        listener.configure(new)
+                except ValueError as exc:  # (more candidates than the loops take)
+                    log.error("%s: new upstream addresses not applied: %s", self.address_text, exc)
+                    return
+                self.options = new
+        self._follow_upstreams()
+
+    def _count_resolution(self, upstream: str, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.resolved(upstream, result)
 
     def _checked(self, upstream: Address, up: bool, why: str) -> None:
         """The checks flipped an upstream's state (from the checker's thread)."""
@@ -672,8 +847,11 @@ class Forwarder:
         self._close_listener()
         with self._lock:
             checker, self._checker = self._checker, None
+            resolver, self._resolver = self._resolver, None
         if checker is not None:
             checker.close()
+        if resolver is not None:
+            resolver.close()
         self._wakeup.close()  # (only serve_forever() is ever woken)
         if self._pump is None and not self._pump_stop.is_set() and self._listener is not None:
             # Bridges run on (a forward a reload removed), but serve_forever() no longer takes
