@@ -262,7 +262,7 @@ def test_resume_from_fds_and_a_state(engine):
         t.peer_a.sendall(b"abc")
         t.peer_b.settimeout(10)
         assert t.peer_b.recv(10) == b"abc"
-        assert bridge.counts == (103, 7)
+        wait_for(lambda: bridge.counts == (103, 7), timeout=5, what="the carried counts plus 3")
         record = bridge.detach()
         assert record is not None
         assert (record.state.bytes_1_to_2, record.state.bytes_2_to_1) == (103, 7)
