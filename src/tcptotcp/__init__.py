@@ -9,7 +9,7 @@ The compiled core (``BACKEND == "cython"``) is used where it loaded; otherwise, 
 from . import pure
 from ._aio import take_socket
 from ._backend import BACKEND, Bridge, aconnect, connect
-from ._bridge import BridgeResult
+from ._bridge import BridgeResult, BridgeState, Detached
 from ._version import __version__
 from .forwarder import Forwarder
 
@@ -17,6 +17,8 @@ __all__ = [
     "BACKEND",
     "Bridge",
     "BridgeResult",
+    "BridgeState",
+    "Detached",
     "Forwarder",
     "aconnect",
     "connect",

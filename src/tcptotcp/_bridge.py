@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import os
 import socket
 import sys
 import threading
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 from . import _pump
 
 ACTIVITY_RULES = ("both", "any")
-REASONS = ("closed", "idle", "error", "stopped")
+REASONS = ("closed", "idle", "error", "stopped", "detached")
 
 # A throttled direction's bucket (see bandwidth_bucket).
 _MIN_BURST = 64 * 1024
@@ -111,6 +112,47 @@ def check_bandwidth(bandwidth: object) -> int:
     return rate
 
 
+@dataclass(frozen=True)
+class BridgeState:
+    """Where a detached bridge was: what ``Bridge(..., resume=state)`` carries on from.
+
+    Plain numbers, so that it can be written down and passed to another process beside the fds.
+    """
+
+    bytes_1_to_2: int  # delivered so far, in all the bridge's lives
+    bytes_2_to_1: int
+    seconds: float  # its age
+    idle_checks: int  # consecutive idle checks that found no qualifying traffic
+    next_check_in: float  # seconds from the detach to the next idle check
+    moved_1_to_2: bool  # each direction relayed bytes since the last idle check
+    moved_2_to_1: bool
+
+
+@dataclass(frozen=True)
+class Detached:
+    """What ``Bridge.detach()`` hands over: the two connections, as blocking sockets the caller
+    now owns and must close (they are the fds the engine relayed on, neither shut down nor
+    drained: bytes the peers sent and the bridge had not read wait in them), and the state."""
+
+    stream1: socket.socket
+    stream2: socket.socket
+    state: BridgeState
+
+
+@dataclass(frozen=True)
+class EngineDetached:
+    """An engine's side of a detach: its two fds (now the caller's) and the idle state."""
+
+    fd1: int
+    fd2: int
+    bytes_1_to_2: int
+    bytes_2_to_1: int
+    seconds: float
+    idle_checks: int
+    next_check_in: float
+    moved: Tuple[bool, bool]
+
+
 class Relay(Protocol):
     """A running bridge inside an engine."""
 
@@ -118,15 +160,29 @@ class Relay(Protocol):
 
     def counts(self) -> Tuple[int, int]: ...
 
+    def detach(self, timeout: float) -> Optional[EngineDetached]:
+        """Stop reading, deliver what the bridge holds, give up both fds unclosed and end the
+        bridge, reason "detached"; None if it ended first, or could not deliver in `timeout` s
+        (it then relays on as before). Blocks the calling thread, never the engine's."""
+        ...
+
 
 OnEnd = Callable[[int, int, str, float], None]
 
 
 class Engine(Protocol):
-    """Given sockets, an engine relays on private dups of them; given fds (ints), it adopts them."""
+    """Given sockets, an engine relays on private dups of them; given fds (ints), it adopts them.
+    With `resume` (only passed when given), the idle rule goes on from that state instead of
+    starting with a check."""
 
     def __call__(
-        self, stream1: Union[socket.socket, int], stream2: Union[socket.socket, int], plan: Plan, on_end: OnEnd
+        self,
+        stream1: Union[socket.socket, int],
+        stream2: Union[socket.socket, int],
+        plan: Plan,
+        on_end: OnEnd,
+        *,
+        resume: Optional[BridgeState] = None,
     ) -> Relay: ...
 
 
@@ -136,8 +192,23 @@ class BridgeResult:
 
     bytes_1_to_2: int
     bytes_2_to_1: int
-    reason: str  # "closed" | "idle" | "error" | "stopped"
+    reason: str  # "closed" | "idle" | "error" | "stopped" | "detached"
     seconds: float
+
+
+def _check_resume(resume: object) -> Optional[BridgeState]:
+    if resume is None:
+        return None
+    if isinstance(resume, Detached):
+        resume = resume.state
+    if not isinstance(resume, BridgeState):
+        raise TypeError(f"resume must be a BridgeState or Detached, not {type(resume).__name__}")
+    counts = (resume.bytes_1_to_2, resume.bytes_2_to_1, resume.idle_checks)
+    if any(_check_int(n, "resume counts") < 0 for n in counts):
+        raise ValueError("resume: counts must not be negative")
+    if not (resume.seconds >= 0 and resume.next_check_in >= 0):  # (NaN fails too)
+        raise ValueError("resume: seconds and next_check_in must not be negative")
+    return resume
 
 
 def _check_socket(sock: object, name: str) -> socket.socket:
@@ -201,13 +272,20 @@ class Bridge:
         activity: str = "both",
         half_close: bool = False,
         bandwidth: Optional[int] = None,
+        resume: Union[BridgeState, Detached, None] = None,
     ) -> None:
         _check_socket(stream1, "stream1")
         _check_socket(stream2, "stream2")
         if _same_connection(stream1, stream2):
             raise ValueError("stream1 and stream2 are the same socket")
         self._setup(
-            (stream1, stream2), rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close, bandwidth
+            (stream1, stream2),
+            rate_check_seconds,
+            keep_alive_delay_time_seconds,
+            activity,
+            half_close,
+            bandwidth,
+            resume,
         )
 
     @classmethod
@@ -221,6 +299,7 @@ class Bridge:
         activity: str = "both",
         half_close: bool = False,
         bandwidth: Optional[int] = None,
+        resume: Union[BridgeState, Detached, None] = None,
     ) -> Bridge:
         """A bridge that adopts two fds of connected stream sockets: it relays on them without
         duplicating them, and closes them when it ends. If ``start()``/``run()`` raises, they
@@ -231,7 +310,7 @@ class Bridge:
         if fds[0] < 0 or fds[1] < 0 or fds[0] == fds[1]:
             raise ValueError(f"two distinct open fds needed, not {fds[0]} and {fds[1]}")
         bridge = cls.__new__(cls)
-        bridge._setup(fds, rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close, bandwidth)
+        bridge._setup(fds, rate_check_seconds, keep_alive_delay_time_seconds, activity, half_close, bandwidth, resume)
         return bridge
 
     def _setup(
@@ -242,7 +321,9 @@ class Bridge:
         activity: str,
         half_close: bool,
         bandwidth: Optional[int],
+        resume: object,
     ) -> None:
+        self._resume = _check_resume(resume)
         self._plan = plan_of(
             rate_check_seconds,
             keep_alive_delay_time_seconds,
@@ -263,6 +344,7 @@ class Bridge:
         self._result: Optional[BridgeResult] = None
         self._ended: Optional[threading.Event] = None  # made by the first wait() that must block
         self._callbacks: List[Callable[[BridgeResult], object]] = []
+        self._detaching = threading.Lock()  # one detach() at a time
 
     # -- public API -------------------------------------------------------------------
 
@@ -296,6 +378,57 @@ class Bridge:
             relay = self._relay
         if relay is not None:
             relay.stop()
+
+    def detach(self, timeout: float = 1.0) -> Optional[Detached]:
+        """Quiesce the bridge and hand its two connections over, unclosed, with its state.
+
+        The engine stops reading both sides, delivers what it holds (a short write's tail, a
+        pipe's bytes), then gives up both fds without a shutdown, a FIN or a read of what the
+        peers still send; the bridge ends, reason ``"detached"``. The socket objects given to
+        ``Bridge()`` are closed as at any end; the returned ``Detached`` holds new blocking
+        sockets on the engine's fds, which the caller owns. ``Bridge(..., resume=detached)``
+        goes on relaying them. From any thread; blocks (without the GIL) for at most about
+        `timeout` seconds.
+
+        None, with the bridge left as it is: if it was never started, has ended (or ends
+        meanwhile), has half-closed a side, relays TLS, or could not deliver what it holds
+        within `timeout` (a peer that does not read): reading then resumes, nothing lost.
+        """
+        timeout = float(timeout)
+        if not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout}")
+        with self._detaching:
+            with self._lock:
+                relay = self._relay
+                if relay is None or self._result is not None or self._stop_asked:
+                    return None
+            detach = getattr(relay, "detach", None)
+            got = detach(timeout) if detach is not None else None
+            if got is None:
+                return None
+            streams: List[socket.socket] = []
+            for fd in (got.fd1, got.fd2):
+                try:
+                    sock = socket.socket(fileno=fd)
+                    sock.setblocking(True)  # the engine made it non-blocking
+                except BaseException:
+                    for made in streams:
+                        made.close()
+                    os.close(got.fd1)
+                    os.close(got.fd2)
+                    raise
+                streams.append(sock)
+            carried = self._resume
+            state = BridgeState(
+                bytes_1_to_2=got.bytes_1_to_2 + (carried.bytes_1_to_2 if carried else 0),
+                bytes_2_to_1=got.bytes_2_to_1 + (carried.bytes_2_to_1 if carried else 0),
+                seconds=got.seconds + (carried.seconds if carried else 0.0),
+                idle_checks=got.idle_checks,
+                next_check_in=got.next_check_in,
+                moved_1_to_2=got.moved[0],
+                moved_2_to_1=got.moved[1],
+            )
+            return Detached(streams[0], streams[1], state)
 
     def wait(self, timeout: Optional[float] = None) -> Optional[BridgeResult]:
         """The result, or ``None`` if the bridge still runs after `timeout` seconds.
@@ -333,7 +466,11 @@ class Bridge:
         if self._result is not None:
             return (self._result.bytes_1_to_2, self._result.bytes_2_to_1)
         relay = self._relay
-        return relay.counts() if relay is not None else (0, 0)
+        counts = relay.counts() if relay is not None else (0, 0)
+        carried = self._resume
+        if carried is None:
+            return counts
+        return (counts[0] + carried.bytes_1_to_2, counts[1] + carried.bytes_2_to_1)
 
     def __enter__(self) -> Bridge:
         if not self._launched:
@@ -398,7 +535,10 @@ class Bridge:
         engine = self.fd_engine if fd_bytes else _pump.start
         relay: Optional[Relay] = None
         try:
-            relay = engine(s1, s2, self._plan, self._on_end)
+            if self._resume is None:
+                relay = engine(s1, s2, self._plan, self._on_end)
+            else:
+                relay = engine(s1, s2, self._plan, self._on_end, resume=self._resume)
             if launched is not None:
                 launched.append(True)
             with self._lock:
@@ -422,6 +562,11 @@ class Bridge:
                     sock.close()
                 except OSError:
                     pass
+        carried = self._resume
+        if carried is not None:
+            bytes_1_to_2 += carried.bytes_1_to_2
+            bytes_2_to_1 += carried.bytes_2_to_1
+            seconds += carried.seconds
         result = BridgeResult(bytes_1_to_2, bytes_2_to_1, reason, seconds)
         with self._lock:
             self._result = result

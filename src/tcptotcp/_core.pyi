@@ -3,7 +3,7 @@
 import socket
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ._bridge import Plan
+from ._bridge import BridgeState, EngineDetached, Plan
 from ._listener import LoopSettings
 
 BUFFER_SIZE: int
@@ -14,6 +14,7 @@ class Relay:
 
     def stop(self) -> None: ...
     def counts(self) -> Tuple[int, int]: ...
+    def detach(self, timeout: float) -> Optional[EngineDetached]: ...
     @property
     def used_splice(self) -> Tuple[bool, bool]: ...
     @property
@@ -26,6 +27,7 @@ def start(
     on_end: Callable[[int, int, str, float], None],
     *,
     splice: bool = ...,
+    resume: Optional[BridgeState] = ...,
 ) -> Relay: ...
 def claim_results() -> Optional[int]: ...
 def deliver_results() -> None: ...

@@ -17,7 +17,7 @@ from errno import ECANCELED
 import threading
 
 from . import _events
-from ._bridge import REASONS, bandwidth_bucket, report_unraisable
+from ._bridge import REASONS, EngineDetached, bandwidth_bucket, report_unraisable
 from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -77,6 +77,24 @@ cdef class Relay:
     def counts(self):
         """Bytes delivered in full so far: (1 -> 2, 2 -> 1)."""
         return (t2t_bytes(self._b, 0), t2t_bytes(self._b, 1))
+
+    def detach(self, double timeout):
+        """Quiesce, deliver what is held, hand both fds over unclosed and end, reason
+        "detached" (see _bridge.Relay.detach); None if it could not. Waits without the GIL."""
+        cdef int fds[2]
+        cdef t2t_idle_state state
+        cdef int64_t timeout_ns = <int64_t>(min(max(timeout, 0.0), 1e9) * 1e9)
+        cdef int done
+        if self._b == NULL:
+            return None
+        with nogil:
+            done = t2t_detach(self._b, timeout_ns, fds, &state)
+        if not done:
+            return None
+        b = self._b
+        return EngineDetached(fds[0], fds[1], t2t_bytes(b, 0), t2t_bytes(b, 1), (b.ended_ns - b.started_ns) / 1e9,
+                              state.idle_checks, state.next_check_in_ns / 1e9, (bool(state.moved[0]),
+                              bool(state.moved[1])))
 
     @property
     def used_splice(self):
@@ -179,7 +197,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def start(stream1, stream2, plan, on_end, *, bint splice=True):
+def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     """Relay between private dups of two connected sockets on a loop thread; returns at once.
 
     Given two fds (ints) instead, the bridge adopts them: no dups; they are its to close.
@@ -187,7 +205,8 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True):
     `plan` carries ``interval`` (seconds between idle checks), ``idle_limit``,
     ``activity_both``, ``half_close`` and ``bandwidth`` (bytes/s per direction; 0: none).
     ``on_end(bytes_1_to_2, bytes_2_to_1, reason, seconds)`` is called once, from the results
-    thread, after the dups are closed.
+    thread, after the dups are closed. `resume` (a ``_bridge.BridgeState``) continues a detached
+    bridge's idle rule.
     """
     _ensure_engine()
     cdef bint adopt = isinstance(stream1, int) and isinstance(stream2, int)
@@ -197,11 +216,17 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True):
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
     cdef uint64_t rate = plan.bandwidth
     burst, quantum = bandwidth_bucket(rate) if rate else (0, 0)
+    cdef t2t_idle_state carried
+    if resume is not None:
+        carried.idle_checks = min(int(resume.idle_checks), MOST_CHECKS)
+        carried.next_check_in_ns = <int64_t>(min(float(resume.next_check_in), 1e9) * 1e9)
+        carried.moved[0] = bool(resume.moved_1_to_2)
+        carried.moved[1] = bool(resume.moved_2_to_1)
     cdef Relay relay = Relay.__new__(Relay)
     relay._on_end = on_end
     Py_INCREF(relay)  # held for the engine until the results thread finished it
     relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
-                         splice, rate, burst, quantum, <void *>relay)
+                         splice, rate, burst, quantum, &carried if resume is not None else NULL, <void *>relay)
     if relay._b == NULL:
         err = errno
         Py_DECREF(relay)

@@ -1002,6 +1002,8 @@ class PureListener:
         # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
         try:
             options = client.options
+            # (only when set: a custom bridge_class may predate the keyword)
+            extra: Dict[str, Any] = {"bandwidth": options.bandwidth} if options.bandwidth else {}
             bridge = self._bridge_class.from_fds(
                 client.fd,
                 sock.fileno(),
@@ -1009,8 +1011,7 @@ class PureListener:
                 keep_alive_delay_time_seconds=options.idle_timeout,
                 activity=options.activity,
                 half_close=options.half_close,
-                # (only when set: a custom bridge_class may predate the keyword)
-                **({"bandwidth": options.bandwidth} if options.bandwidth else {}),
+                **extra,
             )
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             os.close(client.fd)

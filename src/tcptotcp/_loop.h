@@ -16,7 +16,7 @@
  * Python learns of ended bridges from the done queue (t2t_done_take), which one Python thread
  * of _core.pyx empties.
  *
- * Threads: Python threads call t2t_start / t2t_stop / t2t_bytes; they touch a loop only through
+ * Threads: Python threads call t2t_start / t2t_stop / t2t_detach / t2t_bytes; they touch a loop only through
  * its locked inbox. Everything else about a bridge belongs to its loop's thread.
  */
 #ifndef T2T_LOOP_H
@@ -95,7 +95,8 @@ enum {
 #define T2T_DRAIN_POLL_NS 5000000LL /* quiet, but bytes still unacknowledged: look again */
 #define T2T_NEVER INT64_MAX
 
-enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED };
+/* In _bridge.REASONS' order after T2T_RUNNING (_core.pyx words them by index). */
+enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED, T2T_DETACHED };
 /* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend_maybe); waiting to get it back. */
 /* T2T_CONNECTING: a listener's client, connecting upstream (or writing our PROXY header);
    T2T_HEADER: one reading the client's PROXY header, then (forwards routing by SNI) peeking at its
@@ -119,7 +120,9 @@ enum t2t_refusal {
     T2T_REFUSED_HELLO_READ,   /* reading it failed: error = errno */
     T2T_REFUSED_NO_ROUTE,     /* --route-sni-strict, and no route names it: t2t_hello.name */
 };
-enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8 };
+enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8, T2T_ASK_DETACH = 16 };
+/* t2t_bridge.detach_outcome, under the engine's lock (see t2t_detach). */
+enum { T2T_DETACH_NONE = 0, T2T_DETACH_WAITING, T2T_DETACH_DONE, T2T_DETACH_REFUSED };
 enum { T2T_LEND_START = 1, T2T_LEND_RECALL = 2 };
 
 typedef struct t2t_pipe {
@@ -161,6 +164,15 @@ typedef struct t2t_throttle {
     int64_t tokens_ns[2];
 } t2t_throttle;
 
+/* The idle rule's state, carried from a detached bridge to the one that resumes it: checks in a
+   row that found no traffic, the time to the next check, and whether each direction moved bytes
+   since the last one. */
+typedef struct t2t_idle_state {
+    uint64_t idle_checks;
+    int64_t next_check_in_ns;
+    unsigned char moved[2];
+} t2t_idle_state;
+
 typedef struct t2t_dir {
     unsigned long long bytes; /* delivered in full; read by Python threads (atomic) */
     char *pending;            /* unsent tail of a read (recv/send path) */
@@ -178,6 +190,14 @@ typedef struct t2t_bridge {
     uint64_t idle_limit, idle_checks;
     struct t2t_throttle *throttle; /* --bandwidth: its buckets (NULL: unlimited; see t2t_rate_set) */
     unsigned char activity_both, half_close, may_splice, state, reason, queued_again, reported;
+    /* Detaching (see _loop_detach.h): the loop's, while it quiesces the bridge (until
+       detach_deadline_ns); the outcome, for the asking thread (under the engine's lock); the
+       time it allows (written before the ask is queued); what it hands over. resumed: the idle
+       state came with t2t_start, so no check at the start. */
+    unsigned char detaching, resumed;
+    int detach_outcome;
+    int64_t detach_timeout_ns, detach_deadline_ns;
+    t2t_idle_state detached;
     int asked;  /* T2T_ASK_* waiting in the inbox (under the loop's lock) */
     int taking; /* T2T_ASK_* taken from the inbox, being handled by the loop */
     int refs;   /* the Python object, the engine until reaped, each inbox entry (atomic) */
@@ -253,19 +273,21 @@ typedef struct t2t_engine {
     /* A thread that claimed the done queue (t2t_done_claim) is told of ended bridges through
        claim_r instead of done_cond, and takes them itself: the results thread waits meanwhile. */
     int claimed, claim_told, claim_r, claim_w;
+    pthread_cond_t detach_cond; /* a detach was decided (see t2t_detach) */
 } t2t_engine;
 
 static t2t_engine t2t_the_engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, NULL, 0,
-                                    0, 0, -1, -1};
+                                    0, 0, -1, -1, PTHREAD_COND_INITIALIZER};
 
 /* The engine by concern, one translation unit (each part uses only what the parts before it
    declare, and the forward declarations in _loop_relay.h):
    poller and small helpers; pipes, timers, relaying and ending; lending a direction to another
-   loop; a loop's inbox, timers and done queue; listeners (accept, check, connect upstream); the
+   loop; detaching a bridge (its fds handed back, unclosed); a loop's inbox, timers and done queue; listeners (accept, check, connect upstream); the
    loop thread itself and the API _core.pyx calls (declared for Cython in _loop.pxd). */
 #include "_loop_poller.h"
 #include "_loop_relay.h"
 #include "_loop_lend.h"
+#include "_loop_detach.h"
 #include "_loop_run.h"
 #include "_loop_listener.h"
 #include "_loop_api.h"

@@ -10,6 +10,10 @@ cdef extern from "_loop.h" nogil:
     ctypedef unsigned int socklen_t
     ctypedef struct t2t_dir:
         unsigned char spliced
+    ctypedef struct t2t_idle_state:
+        uint64_t idle_checks
+        int64_t next_check_in_ns
+        unsigned char moved[2]
     ctypedef struct t2t_bridge:
         t2t_dir dir[2]
         int64_t started_ns
@@ -116,8 +120,9 @@ cdef extern from "_loop.h" nogil:
     int t2t_loop_load(int i)
     t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit, int activity_both,
                           int half_close, int may_splice, uint64_t rate, uint64_t burst, uint64_t quantum,
-                          void *owner)
+                          const t2t_idle_state *resume, void *owner)
     void t2t_stop(t2t_bridge *b)
+    int t2t_detach(t2t_bridge *b, int64_t timeout_ns, int fds[2], t2t_idle_state *state)
     void t2t_release(t2t_bridge *b)
     unsigned long long t2t_bytes(t2t_bridge *b, int i)
     t2t_bridge *t2t_done_take()

@@ -181,11 +181,12 @@ static int t2t_loop_load(int i) {
 }
 
 /* A new bridge on private non-blocking dups of fd1 and fd2 (or, with adopt, on fd1 and fd2
-   themselves, which the bridge then owns and closes), handed to the least-loaded loop.
-   NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
+   themselves, which the bridge then owns and closes), handed to the least-loaded loop. With
+   resume (a detached bridge's idle state), the idle rule goes on from there instead of starting
+   with a check. NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
 static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit,
                              int activity_both, int half_close, int may_splice, uint64_t rate, uint64_t burst,
-                             uint64_t quantum, void *owner) {
+                             uint64_t quantum, const t2t_idle_state *resume, void *owner) {
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b || t2t_rate_set(b, rate, burst, quantum, t2t_now()) != 0) {
         free(b);
@@ -213,6 +214,13 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     b->started_ns = t2t_now();
     b->interval_ns = interval_ns;
     b->next_check_ns = b->started_ns;
+    if (resume) {
+        b->resumed = 1;
+        b->idle_checks = resume->idle_checks;
+        int64_t until = resume->next_check_in_ns < interval_ns ? resume->next_check_in_ns : interval_ns;
+        b->next_check_ns = t2t_add(b->started_ns, until > 0 ? until : 0);
+        for (int i = 0; i < 2; i++) b->dir[i].active = resume->moved[i] != 0;
+    }
     b->idle_limit = idle_limit;
     b->activity_both = (unsigned char)(activity_both != 0);
     b->half_close = (unsigned char)(half_close != 0);
@@ -356,6 +364,7 @@ static t2t_bridge *t2t_forget_after_fork(void) {
     pthread_mutex_init(&E->lock, NULL);
     pthread_cond_init(&E->done_cond, NULL);
     pthread_cond_init(&E->barrier_cond, NULL);
+    pthread_cond_init(&E->detach_cond, NULL);
     E->claimed = E->claim_told = 0; /* the claiming thread is the parent's; the fd is kept */
     for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next) { /* the parent's forwarders */
         lst->stopping = 1;

@@ -39,7 +39,7 @@ static void t2t_lend_maybe(t2t_bridge *b) {
 #if T2T_EPOLL && T2T_HAVE_SPLICE
     /* A throttled bridge moves too little to gain from a second core, and its buckets and
        timer are its home loop's. */
-    if (b->lent_once || b->throttle || b->state != T2T_RELAYING || !b->dir[0].bulk || !b->dir[1].bulk || b->dir[0].ended ||
+    if (b->lent_once || b->throttle || b->detaching || b->state != T2T_RELAYING || !b->dir[0].bulk || !b->dir[1].bulk || b->dir[0].ended ||
         b->dir[1].ended)
         return;
     t2t_engine *E = &t2t_the_engine;
@@ -143,6 +143,8 @@ static void t2t_lend_returned(t2t_bridge *b) {
         t2t_end(b, b->reason, b->error);
     } else if (error) {
         t2t_fail(b, error);
+    } else if (b->detaching) {
+        t2t_detach_progress(b); /* recalled for it (an EOF the borrower read waits for the next owner) */
     } else {
         t2t_service(b); /* reads the EOF the borrower stopped at */
     }

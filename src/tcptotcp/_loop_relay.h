@@ -50,8 +50,10 @@ static ssize_t t2t_splice(int from, int to, size_t n) {
 /* ---- timers: a binary heap of bridges by deadline ------------------------------------------- */
 
 static int64_t t2t_deadline(const t2t_bridge *b) {
-    if (b->state == T2T_RELAYING)
-        return b->throttle && b->throttle->wake_ns < b->next_check_ns ? b->throttle->wake_ns : b->next_check_ns;
+    if (b->state == T2T_RELAYING) {
+        int64_t next = b->throttle && b->throttle->wake_ns < b->next_check_ns ? b->throttle->wake_ns : b->next_check_ns;
+        return b->detaching && b->detach_deadline_ns < next ? b->detach_deadline_ns : next;
+    }
     if (b->state == T2T_CONNECTING || b->state == T2T_HEADER) return b->connect_deadline_ns;
     if (b->state == T2T_RECALLING) return T2T_NEVER; /* (not in the heap meanwhile) */
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
@@ -150,11 +152,15 @@ static void t2t_watch_input(t2t_loop *L, t2t_bridge *b, int s, int on) {
 
 static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i);
 
+/* Whether the home loop is quiescing b for a detach: it reads nothing meanwhile. */
+static int t2t_quiescing(const t2t_loop *L, const t2t_bridge *b) { return !t2t_borrowed(L, b) && b->detaching; }
+
 /* Deliver what direction i still holds; 1 once it holds nothing, 0 to wait (or if it failed).
-   While it waits, its source is not watched for input. */
+   While it waits (or the bridge is being detached), its source is not watched for input. */
 static int t2t_flush(t2t_loop *L, t2t_bridge *b, int i) {
     int flushed = t2t_flush_held(L, b, i);
-    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING) t2t_watch_input(L, b, i, flushed);
+    if (t2t_borrowed(L, b) ? t2t_relaying(L, b, i) : b->state == T2T_RELAYING)
+        t2t_watch_input(L, b, i, flushed && !t2t_quiescing(L, b));
     return flushed;
 }
 
@@ -318,7 +324,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
     t2t_side *src = &b->side[i];
     size_t moved = 0;
     for (int turn = 0; t2t_relaying(L, b, i); turn++) {
-        if (!t2t_flush(L, b, i) || !src->readable) return;
+        if (!t2t_flush(L, b, i) || !src->readable || t2t_quiescing(L, b)) return;
         if (turn == T2T_READS_PER_TURN || moved >= T2T_TURN_BYTES) {
             t2t_again(L, b);
             return;
@@ -382,6 +388,8 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
 static void t2t_connect_check(t2t_bridge *b);
 static void t2t_header_read(t2t_bridge *b);
 static void t2t_lend_maybe(t2t_bridge *b);
+static void t2t_detach_progress(t2t_bridge *b);
+static void t2t_detach_decided(t2t_bridge *b, int outcome);
 
 static void t2t_service(t2t_bridge *b) {
     if (b->state == T2T_HEADER) t2t_header_read(b);
@@ -389,6 +397,7 @@ static void t2t_service(t2t_bridge *b) {
     if (b->state == T2T_RELAYING) {
         t2t_pump(b->loop, b, 0);
         if (!b->lent_to) t2t_pump(b->loop, b, 1);
+        if (b->detaching && b->state == T2T_RELAYING) t2t_detach_progress(b);
         t2t_lend_maybe(b);
     } else if (b->state == T2T_DRAINING) {
         t2t_drain(b);
@@ -412,6 +421,7 @@ static void t2t_drop_held(t2t_bridge *b) {
    drain can take what the peers still send and the close ends with FIN, not RST. */
 static void t2t_end(t2t_bridge *b, int reason, int error) {
     if (b->state != T2T_RELAYING) return;
+    if (b->detaching) t2t_detach_decided(b, T2T_DETACH_REFUSED); /* it ended first */
     b->reason = (unsigned char)reason;
     b->error = error;
     if (b->lent_to) { /* direction 1 comes back first (see t2t_lend_returned) */
@@ -446,11 +456,14 @@ static void t2t_listener_defer(t2t_bridge *b) {
 
 static void t2t_listener_report(t2t_bridge *b);
 
-static void t2t_close(t2t_bridge *b) {
+/* The bridge is done: out of its loop, onto the done queue. Its fds are closed, unless they
+   are handed over (keep_fds: a detach), and then only out of the poller. */
+static void t2t_finish(t2t_bridge *b, int keep_fds) {
     t2t_loop *L = b->loop;
     t2t_heap_remove(L, b);
     for (int s = 0; s < 2; s++) {
         t2t_poller_del(L, b->side[s].fd);
+        if (keep_fds) continue;
         close(b->side[s].fd);
         b->side[s].fd = -1;
     }
@@ -470,6 +483,8 @@ static void t2t_close(t2t_bridge *b) {
     else L->done_head = b;
     L->done_tail = b;
 }
+
+static void t2t_close(t2t_bridge *b) { t2t_finish(b, 0); }
 
 /* Drop what the peers still send. The common case, nothing unread, costs one recv a side. */
 static void t2t_drain(t2t_bridge *b) {

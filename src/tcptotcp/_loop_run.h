@@ -19,7 +19,7 @@ static void t2t_begin(t2t_bridge *b) {
         t2t_fail(b, error);
         return;
     }
-    t2t_idle_check(b); /* the check at the start: no traffic yet */
+    if (!b->resumed) t2t_idle_check(b); /* the check at the start: no traffic yet */
     if (b->state == T2T_RELAYING && t2t_heap_push(b->loop, b) != 0) t2t_fail(b, ENOMEM);
 }
 
@@ -70,6 +70,7 @@ static void t2t_take_inbox(t2t_loop *L) {
         if (b->taking & T2T_ASK_CONNECT) t2t_connect_handed(b);
         if (b->taking & T2T_ASK_RETURN) t2t_lend_returned(b);
         if ((b->taking & T2T_ASK_STOP) && b->state == T2T_RELAYING) t2t_end(b, T2T_STOPPED, 0);
+        if (b->taking & T2T_ASK_DETACH) t2t_detach_begin(b);
         b->taking = 0;
         t2t_release(b); /* the inbox entry's reference */
     }
@@ -97,6 +98,8 @@ static void t2t_run_timers(t2t_loop *L) {
                 t2t_idle_check(b);
                 if (b->state == T2T_RELAYING) t2t_heap_fix(L, b->heap_index);
             }
+            if (b->state == T2T_RELAYING && b->detaching && b->detach_deadline_ns <= L->now)
+                t2t_detach_give_up(b); /* relays on: fixes its place in the heap */
         } else {
             t2t_drain(b); /* at its deadline: closes it */
         }

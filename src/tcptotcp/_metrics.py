@@ -62,7 +62,7 @@ DURATION_BUCKETS: Tuple[float, ...] = (
 
 #: A bridge's end reasons (``BridgeResult.reason``): created up front so each series exists at 0,
 #: which ``rate()`` and absence alerts need.
-REASONS: Tuple[str, ...] = ("closed", "idle", "error", "stopped")
+REASONS: Tuple[str, ...] = ("closed", "idle", "error", "stopped", "detached")
 
 log = logging.getLogger("tcptotcp")
 

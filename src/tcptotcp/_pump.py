@@ -27,7 +27,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 if TYPE_CHECKING:
-    from ._bridge import Plan
+    from ._bridge import BridgeState, EngineDetached, Plan
 
 EOF = "eof"
 ERROR = "error"
@@ -36,6 +36,19 @@ STOPPED = "stopped"
 # 64 KiB: the pure loop pays a few Python-level calls a chunk; larger buffers gain little
 # on loopback and cost memory per idle bridge.
 BUFFER_SIZE = 64 * 1024
+
+
+class Gate(Protocol):
+    """A bridge's say over its pumps beyond the wake socket: a detach pauses them (they stop
+    reading and wait in `park`), and only an ended bridge stops them."""
+
+    pausing: bool
+
+    def park(self) -> bool:
+        """Wait while the pause lasts: True to read on, False once the bridge ended."""
+        ...
+
+    def ended(self) -> bool: ...
 
 
 class PumpProtocol(Protocol):
@@ -129,8 +142,16 @@ _MUST_WAIT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 class Pump:
     """Copies src -> dst with recv_into on one preallocated buffer and complete writes."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, wake: socket.socket, bandwidth: int = 0) -> None:
+    def __init__(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        wake: socket.socket,
+        bandwidth: int = 0,
+        gate: Optional[Gate] = None,
+    ) -> None:
         self._src = src
+        self._gate = gate
         self._dst = dst
         self._waiter = _Waiter(wake)
         self._bucket = Bucket(bandwidth) if bandwidth else None
@@ -143,6 +164,23 @@ class Pump:
         active, self._active = self._active, False
         return active
 
+    def _stopping(self) -> bool:
+        """The wake socket fired: True if the bridge ended; False for a detach's pause, which
+        the loop's top (or, mid-write, nothing) obeys."""
+        gate = self._gate
+        return gate is None or gate.ended()
+
+    def _writable(self, dst: socket.socket, for_write: bool) -> bool:
+        """Wait until `dst` can take the rest of a write; False once the bridge ended. A
+        detach waits for this write to complete, and its pause leaves the wake socket
+        readable: then watch `dst` alone, in short waits, looking at the bridge between."""
+        while not self._waiter.ready(dst, for_write):
+            if self._stopping():
+                return False
+            if wait_ready(dst, for_write, 0.01):
+                return True
+        return True
+
     def run(self) -> str:
         view = memoryview(self._buffer)
         src, dst, ready = self._src, self._dst, self._waiter.ready
@@ -153,23 +191,29 @@ class Pump:
         poll_first = not isinstance(src, ssl.SSLSocket)
         emptied = poll_first
         bucket = self._bucket
+        gate = self._gate
         wanted = BUFFER_SIZE
         try:
             while True:
+                # A detach: read nothing more (this pump holds nothing here) until it is over.
+                if gate is not None and gate.pausing and not gate.park():
+                    return STOPPED
                 if bucket is not None:
                     # Past the burst, read no faster than the rate: what the peer sends
                     # meanwhile waits in the kernel, whose full buffers hold the sender back.
                     wanted = min(BUFFER_SIZE, bucket.available())
                     if not wanted:
-                        if not self._waiter.sleep(bucket.wait_seconds()):
+                        if not self._waiter.sleep(bucket.wait_seconds()) and self._stopping():
                             return STOPPED
                         continue
                 if emptied and not ready(src, for_write=False):
-                    return STOPPED
+                    if self._stopping():
+                        return STOPPED
+                    continue
                 try:
                     received = recv_into(view[:wanted] if wanted < BUFFER_SIZE else view)
                 except _MUST_WAIT as exc:
-                    if not ready(src, for_write=isinstance(exc, ssl.SSLWantWriteError)):
+                    if not ready(src, for_write=isinstance(exc, ssl.SSLWantWriteError)) and self._stopping():
                         return STOPPED
                     continue
                 if not received:
@@ -181,7 +225,7 @@ class Pump:
                     try:
                         just_sent = send(view[sent:received])
                     except _MUST_WAIT as exc:
-                        if not ready(dst, for_write=not isinstance(exc, ssl.SSLWantReadError)):
+                        if not self._writable(dst, not isinstance(exc, ssl.SSLWantReadError)):
                             return STOPPED
                         continue
                     sent += just_sent
@@ -335,11 +379,16 @@ class ThreadRelay:
         plan: Plan,
         on_end: OnEnd,
         pump_cls: Callable[..., PumpProtocol],
+        resume: Optional[BridgeState] = None,
     ) -> None:
         self._plan = plan
         self._on_end = on_end
         self._pump_cls = pump_cls
         self._lock = threading.Lock()
+        # Notified when a pump parks, a FIN is forwarded, the bridge ends or a detach is over.
+        self._changed = threading.Condition(self._lock)
+        self.pausing = False  # a detach asked the pumps to stop reading (Gate)
+        self._parked = 0  # pumps waiting in park()
         self._ended = threading.Event()
         self._reason: Optional[str] = None
         self._started = False  # everything _wake() needs exists
@@ -352,12 +401,81 @@ class ThreadRelay:
         self._pump_threads: List[threading.Thread] = []
         self._pumps_running = 0
         self._started_at = time.monotonic()
+        # The idle rule's state (under the lock): checks without traffic in a row, when the
+        # next one runs, and traffic a detached bridge had seen since its last check.
+        self._resumed = resume is not None
+        interval = min(float(plan.interval), _LONGEST_INTERVAL)
+        self._idle_checks = resume.idle_checks if resume else 0
+        self._next_check = self._started_at + (min(resume.next_check_in, interval) if resume else 0.0)
+        self._carried_moved = [resume.moved_1_to_2, resume.moved_2_to_1] if resume else [False, False]
 
     def stop(self) -> None:
         self._end("stopped")
 
     def counts(self) -> Tuple[int, int]:
         return (self._pumps[0].bytes, self._pumps[1].bytes) if self._pumps else (0, 0)
+
+    # -- detaching (Gate for the pumps) -------------------------------------------------
+
+    def ended(self) -> bool:
+        return self._reason is not None
+
+    def park(self) -> bool:
+        with self._changed:
+            self._parked += 1
+            self._changed.notify_all()
+            while self.pausing and self._reason is None:
+                self._changed.wait()
+            self._parked -= 1
+            return self._reason is None
+
+    def detach(self, timeout: float) -> Optional[EngineDetached]:
+        """See _bridge.Relay.detach. Both pumps park at their next read (a pump finishes the
+        write it is in first: the bridge then holds nothing); then the fds are taken out of
+        their socket objects, unclosed, and the checker ends the bridge without a shutdown."""
+        from ._bridge import EngineDetached
+
+        if len(self._owned) != 2:  # TLS: its state lives in the objects, not in the fds
+            return None
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            if not self._started or self._reason is not None or self._fin_sent or self.pausing:
+                return None
+            self.pausing = True
+            try:
+                self._wake_pair[1].send(b"!")  # out of poll() (the pumps' _stopping says why)
+            except OSError:
+                self.pausing = False
+                return None
+            while self._parked < 2 and self._reason is None and not self._fin_sent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            if self._parked < 2 or self._reason is not None or self._fin_sent:
+                # Not quiet in time, or it ended: undo the pause (its byte first, so that no
+                # pump that sees the pause over finds the wake socket readable for it).
+                if self._reason is None:
+                    self._wake_pair[0].recv(1)
+                self.pausing = False
+                self._changed.notify_all()
+                return None
+            self._reason = "detached"
+            fds = (self._owned[0].detach(), self._owned[1].detach())
+            moved = [pump.take_activity() or carried for pump, carried in zip(self._pumps, self._carried_moved)]
+            result = EngineDetached(
+                fd1=fds[0],
+                fd2=fds[1],
+                bytes_1_to_2=self._pumps[0].bytes,
+                bytes_2_to_1=self._pumps[1].bytes,
+                seconds=time.monotonic() - self._started_at,
+                idle_checks=self._idle_checks,
+                next_check_in=max(0.0, self._next_check - time.monotonic()),
+                moved=(moved[0], moved[1]),
+            )
+            self._changed.notify_all()  # the parked pumps return
+        self._ended.set()  # the checker tears down: no drain, nothing to close but its own
+        return result
 
     # -- starting -----------------------------------------------------------------------
 
@@ -390,7 +508,9 @@ class ThreadRelay:
             w2.setblocking(False)
             wake = self._wake_pair[0]
             rate = self._plan.bandwidth
-            more = {"bandwidth": rate} if rate else {}  # (a test's pump class may not take it)
+            more: Dict[str, Any] = {"bandwidth": rate} if rate else {}  # (a test's pump may take neither)
+            if self._pump_cls is Pump:
+                more["gate"] = self
             self._pumps = [self._pump_cls(w1, w2, wake, **more), self._pump_cls(w2, w1, wake, **more)]
             self._pumps_running = 2
             for index, name in ((0, "1->2"), (1, "2->1")):
@@ -403,6 +523,8 @@ class ThreadRelay:
             checker.start()
         except BaseException:
             # Leave nothing behind: stop a pump that did start, then close what we opened.
+            with self._lock:
+                self._reason = self._reason or "error"  # (a pump stops only for an ended bridge)
             self._wake_pair[1].send(b"!")
             for thread in self._pump_threads:
                 thread.join()
@@ -445,6 +567,7 @@ class ThreadRelay:
             with self._lock:
                 self._fin_sent.add(other)
                 _shutdown(other, socket.SHUT_WR)
+                self._changed.notify_all()  # a detach waiting for the pumps gives up
             return
         self._end("closed" if outcome == EOF else "error")
 
@@ -454,6 +577,7 @@ class ThreadRelay:
             if self._reason is not None:
                 return
             self._reason = reason
+            self._changed.notify_all()  # parked pumps return; a detach gives up
             if not self._started:
                 return  # launch() will see the reason and wake everything itself
         self._wake()
@@ -476,26 +600,35 @@ class ThreadRelay:
     # -- the idle checker ---------------------------------------------------------------
 
     def _traffic_since_last_check(self) -> bool:
-        moved = [pump.take_activity() for pump in self._pumps]
+        moved = [pump.take_activity() or carried for pump, carried in zip(self._pumps, self._carried_moved)]
+        self._carried_moved = [False, False]
         return all(moved) if self._plan.activity_both else any(moved)
 
     def _supervise(self) -> None:
-        """The contract's idle rule: a check at the start and every r seconds; then tear down."""
+        """The contract's idle rule: a check at the start (or, resumed, when the detached
+        bridge's next one was due) and every r seconds; then tear down."""
         idle_limit = self._plan.idle_limit
         interval = min(float(self._plan.interval), _LONGEST_INTERVAL)
-        idle_checks = 0
-        next_check = self._started_at
         try:
+            if self._resumed:
+                self._wait_until(self._next_check)
             while not self._ended.is_set():
-                if self._traffic_since_last_check():
-                    idle_checks = 0
-                elif idle_checks > idle_limit:
+                with self._lock:  # (a detach reads the idle state)
+                    if self._reason is not None:
+                        break
+                    idle = False
+                    if self._traffic_since_last_check():
+                        self._idle_checks = 0
+                    elif self._idle_checks > idle_limit:
+                        idle = True
+                    else:
+                        self._idle_checks += 1
+                    if not idle:
+                        self._next_check += interval
+                if idle:
                     self._end("idle")
                     break
-                else:
-                    idle_checks += 1
-                next_check += interval
-                self._wait_until(next_check)
+                self._wait_until(self._next_check)
         finally:
             self._end("stopped")
             self._tear_down()
@@ -511,10 +644,11 @@ class ThreadRelay:
         for thread in self._pump_threads:
             thread.join()
         _live.discard(self)
-        # Only now that no pump can touch them: drain, then close the private fds.
+        # Only now that no pump can touch them: drain, then close the private fds (a detached
+        # bridge's are the caller's already: what is unread stays for their next owner).
         deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
         for wire in self._wires:
-            if wire.fileno() >= 0:
+            if wire.fileno() >= 0 and self._reason != "detached":
                 _discard_unread(wire, deadline)
         for sock in (*self._owned, *self._wake_pair):
             try:
@@ -551,6 +685,7 @@ def start(
     on_end: OnEnd,
     *,
     pump: Callable[..., PumpProtocol] = Pump,
+    resume: Optional[BridgeState] = None,
 ) -> ThreadRelay:
     """The pure engine's side of the seam: relay in the background; see the module doc.
 
@@ -568,7 +703,7 @@ def start(
         adopt, sock1, sock2 = False, stream1, stream2
     else:
         raise TypeError("two sockets or two fds")
-    relay = ThreadRelay(sock1, sock2, plan, on_end, pump)
+    relay = ThreadRelay(sock1, sock2, plan, on_end, pump, resume)
     try:
         relay.launch(adopt)
     except BaseException:

@@ -6,9 +6,9 @@ It is also what ``tcptotcp`` becomes where the compiled core cannot load, or wit
 
 from . import _bridge, _pump
 from ._aio import take_socket
-from ._bridge import BridgeResult
+from ._bridge import BridgeResult, BridgeState, Detached
 
-__all__ = ["BACKEND", "Bridge", "BridgeResult", "aconnect", "connect", "take_socket"]
+__all__ = ["BACKEND", "Bridge", "BridgeResult", "BridgeState", "Detached", "aconnect", "connect", "take_socket"]
 
 BACKEND = "pure"
 
