@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -133,6 +134,99 @@ class Bridges:
             sock.close()
 
 
+class Traffic:
+    """`n` bridges through an echo upstream, each sending a seeded pseudo-random stream in
+    small chunks and checking every echoed byte, from one thread. A FIN or a reset on any of
+    them is a failure. `pause(start, end)`: the longest wait of a bridge between two echoes
+    around that time."""
+
+    CHUNK = 1024
+
+    def __init__(self, address: Tuple[str, int], n: int, per_bridge: int = 2_000_000) -> None:
+        self.socks = [socket.create_connection(address, timeout=10) for _ in range(n)]
+        for sock in self.socks:
+            sock.setblocking(False)
+        self.per_bridge = per_bridge
+        self.sent = [0] * n
+        self.echoed = [0] * n
+        self.expected = [b""] * n  # sent, not yet echoed
+        self.unsent = [b""] * n  # generated, not yet taken by send()
+        self.last_echo = [0.0] * n
+        self.gaps: List[Tuple[float, float]] = []  # (from, to) between two echoes of a bridge
+        self.failures: List[str] = []
+        self._seed = [hashlib.sha256(str(i).encode()) for i in range(n)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _chunk(self, i: int) -> bytes:
+        if not self.unsent[i]:
+            out = b""
+            while len(out) < self.CHUNK:
+                self._seed[i].update(b"more")
+                out += self._seed[i].digest()
+            self.unsent[i] = out[: self.CHUNK]
+        return self.unsent[i]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        with selectors.DefaultSelector() as selector:
+            for i, sock in enumerate(self.socks):
+                selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, i)
+            live = set(range(len(self.socks)))
+            now = time.monotonic()
+            self.last_echo = [now] * len(self.socks)
+            while live and time.monotonic() < deadline:
+                sending = not self._stop.is_set()
+                for key, events in selector.select(0.05):
+                    i, sock = key.data, key.fileobj
+                    try:
+                        if events & selectors.EVENT_WRITE and sending and len(self.expected[i]) < 8 * self.CHUNK:
+                            if self.sent[i] < self.per_bridge:
+                                chunk = self._chunk(i)
+                                n = sock.send(chunk)
+                                self.sent[i] += n
+                                self.expected[i] += chunk[:n]
+                                self.unsent[i] = chunk[n:]
+                        if events & selectors.EVENT_READ:
+                            data = sock.recv(65536)
+                            if not data:
+                                self.failures.append(f"bridge {i}: EOF after {self.echoed[i]} bytes")
+                                selector.unregister(sock)
+                                live.discard(i)
+                                continue
+                            if not self.expected[i].startswith(data):
+                                self.failures.append(f"bridge {i}: wrong bytes at {self.echoed[i]}")
+                            self.expected[i] = self.expected[i][len(data) :]
+                            self.echoed[i] += len(data)
+                            now = time.monotonic()
+                            if now - self.last_echo[i] > 0.01:
+                                self.gaps.append((self.last_echo[i], now))
+                            self.last_echo[i] = now
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        self.failures.append(f"bridge {i}: {exc!r}")
+                        selector.unregister(sock)
+                        live.discard(i)
+                if not sending and all(not self.expected[i] for i in live):
+                    return
+
+    def pause(self, start: float, end: float) -> float:
+        """The longest wait between two echoes of one bridge that overlaps [start, end]."""
+        return max([to - since for since, to in self.gaps if since <= end and to >= start], default=0.0)
+
+    def stop(self) -> None:
+        """Stop sending; return once every byte sent came back (or the thread gave up)."""
+        self._stop.set()
+        self._thread.join(30)
+
+    def close(self) -> None:
+        self.stop()
+        for sock in self.socks:
+            sock.close()
+
+
 class Hammer:
     """Clients connecting one after another, each checking a checksummed echo, until stopped."""
 
@@ -176,41 +270,86 @@ def accepted(url: str, listen: str) -> float:
     return 0.0
 
 
-def test_upgrade_hands_the_port_over_while_clients_keep_connecting(processes, echo, backend):  # noqa: F811
+def test_upgrade_hands_over_the_port_and_every_bridge_while_clients_keep_connecting(processes, echo, backend):  # noqa: F811
     upstream = f"127.0.0.1:{echo.address[1]}"
-    fp = processes.start("127.0.0.1:0", upstream, "--metrics", "127.0.0.1:0")
+    fp = processes.start("127.0.0.1:0", upstream, "--metrics", "127.0.0.1:0", "--log-level", "warning")
     old = fp.proc.pid
     address = hostport(fp.address)
     metrics_url = "http://" + fp.wait_log(r"metrics on http://(\S+)/metrics").group(1) + "/metrics"
-    bridges = Bridges(address, 20)
+    traffic = Traffic(address, 200)
     hammer = Hammer(address)
     try:
-        bridges.exchange()
-        wait_until(lambda: hammer.served >= 20, 20, "clients served before the upgrade")
+        wait_until(lambda: min(traffic.echoed) > 0 and hammer.served >= 20, 20, "traffic before the upgrade")
         # (The forward records its clients in batches: wait for the count to catch up.)
         before = wait_until(
-            lambda: accepted(metrics_url, fp.address) >= 40 and accepted(metrics_url, fp.address), 10, "count"
+            lambda: accepted(metrics_url, fp.address) >= 220 and accepted(metrics_url, fp.address), 10, "count"
         )
+        echoed_at_upgrade = sum(traffic.echoed)
+        upgrading = time.monotonic()
         done = processes.upgrade()
         assert done.returncode == 0, done.stderr
         new = processes.pid()
         assert new is not None and new != old and f"pid {new} serves now" in done.stdout
-        fp.wait_log(rf"handed over to pid {new}: 1 listeners; 20 bridges stay here until they end")
+        line = fp.wait_log(rf"handed over to pid {new}: 1 listeners, (\d+) bridges in ([\d.]+) s; (\d+) bridges stay")
+        # Every bridge moves; a client of the hammer may be on its way (it stays, or moves too).
+        moved, staying = int(line.group(1)), int(line.group(3))
+        assert 200 <= moved and staying <= 1 and moved + staying <= 201, line.group(0)
+        fp.wait_log(r"adopted 200 bridges from pid \d+")
+        upgraded = time.monotonic()
+        fp.proc.wait(10)  # it holds nothing: it exits
+        assert fp.proc.returncode == 0
         served_at_upgrade = hammer.served
         wait_until(lambda: hammer.served >= served_at_upgrade + 20, 20, "clients served after the upgrade")
-        # The bridges stay with the old process, still relaying; it waits for them.
-        bridges.exchange()
-        assert fp.proc.poll() is None
+        # The bridges go on, in the new process (the old one is gone).
+        wait_until(lambda: sum(traffic.echoed) > echoed_at_upgrade + 200 * Traffic.CHUNK, 20, "traffic after")
         # The successor has the metrics port, and the counters went on from the old process's.
         assert accepted(metrics_url, fp.address) >= before
     finally:
         hammer.stop()
-        bridges.close()
+        traffic.close()
     assert hammer.failures == []
-    fp.proc.wait(10)  # its last bridge ended: it exits
-    assert fp.proc.returncode == 0
+    assert traffic.failures == []
+    assert all(not left for left in traffic.expected)  # every byte sent came back
+    pause = traffic.pause(upgrading, upgraded)
+    print(f"hand-over of 200 bridges: {line.group(2)} s; longest pause of a bridge {pause:.3f} s")
+    assert pause < 5.0
     checksummed_exchange(address, 100_000)  # the successor serves on
     assert alive(new)
+
+
+def test_an_idle_bridge_keeps_its_idle_time_across_an_upgrade(processes, echo, backend):  # noqa: F811
+    upstream = f"127.0.0.1:{echo.address[1]}"
+    settings = ("--rate-check", "1", "--idle-timeout", "4")
+    fp = processes.start("127.0.0.1:0", upstream, *settings)
+    control = ForwarderProcess(backend.name, "127.0.0.1:0", upstream, *settings)  # not upgraded
+    processes.started.append(control)
+    upgraded = socket.create_connection(hostport(fp.address), timeout=10)
+    alone = socket.create_connection(hostport(control.address), timeout=10)
+    try:
+        # Past each bridge's first idle check (at its start): the next one sees this traffic in
+        # both, whichever of them started first.
+        time.sleep(0.5)
+        for c in (upgraded, alone):
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+        time.sleep(2.2)
+        done = processes.upgrade()
+        assert done.returncode == 0, done.stderr
+        fp.wait_log(r"1 bridges in [\d.]+ s; 0 bridges stay")
+        ends = []
+        for c in (upgraded, alone):
+            c.settimeout(15)
+            assert c.recv(1) == b""  # each ends idle
+            ends.append(time.monotonic())
+    finally:
+        upgraded.close()
+        alone.close()
+    # The handed-over bridge ends when the one that stayed put does (its idle checks went on
+    # counting), not 2.2 s later as a fresh bridge would.
+    print("idle end difference", ends[0] - ends[1])
+    assert abs(ends[0] - ends[1]) < 1.0, ends[0] - ends[1]
+    assert fp.wait_log(r"#1 close .*: 1 bytes up, 1 down, idle after")
+    fp.proc.wait(10)
 
 
 @pytest.mark.parametrize("program", ["false", "sh -c 'exec sleep 60' never-serving"])
@@ -255,7 +394,7 @@ def test_upgrade_with_a_config_file_hands_over_every_forward(processes, echo, ba
     fp.wait_log(rf"listening on unix:{unix_path}")
     done = processes.upgrade()
     assert done.returncode == 0, done.stderr
-    fp.wait_log(r"handed over to pid \d+: 2 listeners; 0 bridges stay here")
+    fp.wait_log(r"handed over to pid \d+: 2 listeners, 0 bridges in [\d.]+ s; 0 bridges stay here")
     fp.proc.wait(10)
     assert os.path.exists(unix_path)  # the successor's now: not removed by the old process
     checksummed_exchange(tcp, 50_000)
@@ -281,20 +420,54 @@ def test_upgrade_under_systemd_moves_the_main_pid(processes, echo, backend, sock
         checksummed_exchange(hostport(fp.address), 10_000)
 
 
-def test_sigusr2_twice_and_sighup_after_the_hand_over_are_refused_with_a_reason(processes, echo, backend):  # noqa: F811
-    fp = processes.start("127.0.0.1:0", f"127.0.0.1:{echo.address[1]}")
-    bridge = Bridges(hostport(fp.address), 1)  # keeps the old process after the hand-over
+def test_a_bridge_that_cannot_be_quiesced_stays_and_the_old_process_refuses_more(processes, backend):
+    # An upstream that does not read yet: the bridge holds bytes it cannot deliver, so it
+    # cannot be detached within the hand-over's time, and runs on in the old process.
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(4)
+    fp = processes.start("127.0.0.1:0", f"127.0.0.1:{sink.getsockname()[1]}")
+    client = socket.create_connection(hostport(fp.address), timeout=10)
+    upstream, _ = sink.accept()
+    sent = hashlib.sha256()
+    total = 0
     try:
+        client.setblocking(False)
+        chunk = os.urandom(65536)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:  # until the kernel and the bridge are full
+            try:
+                n = client.send(chunk)
+                sent.update(chunk[:n])
+                total += n
+                quiet_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.02)
         done = processes.upgrade()
         assert done.returncode == 0, done.stderr
+        new = processes.pid()
+        fp.wait_log(rf"handed over to pid {new}: 1 listeners, 0 bridges in [\d.]+ s; 1 bridges stay here")
         fp.proc.send_signal(signal.SIGUSR2)
-        fp.wait_log(rf"SIGUSR2: handed over to pid {processes.pid()} already")
+        fp.wait_log(rf"SIGUSR2: handed over to pid {new} already")
         fp.proc.send_signal(signal.SIGHUP)
-        fp.wait_log(rf"SIGHUP: handed over to pid {processes.pid()}: reload that one")
-        bridge.exchange()
+        fp.wait_log(rf"SIGHUP: handed over to pid {new}: reload that one")
+        # The upstream reads at last: every byte arrives, through the old process.
+        got = hashlib.sha256()
+        received = 0
+        upstream.settimeout(10)
+        while received < total:
+            data = upstream.recv(1 << 20)
+            assert data, f"EOF after {received} of {total} bytes"
+            got.update(data)
+            received += len(data)
+        assert got.digest() == sent.digest()
+        assert fp.proc.poll() is None  # its bridge is open: it waits
     finally:
-        bridge.close()
-    fp.proc.wait(10)
+        client.close()
+        upstream.close()
+        sink.close()
+    fp.proc.wait(10)  # the bridge ended: the old process exits
+    assert fp.proc.returncode == 0
 
 
 @pytest.mark.parametrize("listen", ["systemd:web", "fd:3"])
@@ -312,7 +485,7 @@ def test_a_socket_activated_listener_is_handed_over(processes, echo, backend, li
         bridges = Bridges(("127.0.0.1", port), 2)
         done = processes.upgrade()
         assert done.returncode == 0, (done.stderr, fp.lines[-20:])
-        fp.wait_log(r"handed over to pid \d+: 1 listeners; 2 bridges stay here")
+        fp.wait_log(r"handed over to pid \d+: 1 listeners, 2 bridges in [\d.]+ s; 0 bridges stay here")
         server.close()  # (ours: from here only the new process holds the socket)
         checksummed_exchange(("127.0.0.1", port), 50_000)
         bridges.exchange()

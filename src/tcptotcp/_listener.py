@@ -34,7 +34,7 @@ from ._access import AccessList
 from ._address import Address
 from ._backend import Bridge as DefaultBridge
 from ._backend import core, env_flag
-from ._bridge import Bridge, BridgeResult, Plan, plan_of
+from ._bridge import Bridge, BridgeResult, Detached, Plan, plan_of
 from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 log = logging.getLogger("tcptotcp")
@@ -373,8 +373,9 @@ class _Client:
         self.reading_hello = False  # peeking at its ClientHello (a forward that routes by SNI)
 
 
-class _PureRelay:
-    """A pure listener's bridge as `Opened.relay`: ``stop()`` and ``counts()``."""
+class BridgeRelay:
+    """A ``Bridge`` as `Opened.relay` (the pure listener's, and the forwarder's adopted ones):
+    ``stop()``, ``counts()`` and ``detach()``."""
 
     __slots__ = ("bridge",)
 
@@ -386,6 +387,9 @@ class _PureRelay:
 
     def counts(self) -> Tuple[int, int]:
         return self.bridge.counts
+
+    def detach(self, timeout: float) -> Optional[Detached]:
+        return self.bridge.detach(timeout)
 
 
 class PureListener:
@@ -1026,7 +1030,7 @@ class PureListener:
             state.open += 1
             client.state = state
         bridge.add_done_callback(lambda result: self._bridge_ended(client, upstream.text, result))
-        self._emit(Opened(conn_id, peer, upstream.text, _PureRelay(bridge)))  # before any end of it
+        self._emit(Opened(conn_id, peer, upstream.text, BridgeRelay(bridge)))  # before any end of it
         try:
             bridge.start()
         except Exception as exc:  # out of threads

@@ -10,6 +10,7 @@ and a reload that cannot be carried out whole changes nothing.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import threading
@@ -17,8 +18,9 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Type
 
 from ._activation import is_inherited_address, listener_socket, resolve_listen
-from ._bridge import Bridge
+from ._bridge import Bridge, BridgeState
 from ._config import ForwardSpec
+from ._events import Peer
 from ._jsonlog import JsonFormatter
 from ._options import RESTART_NAMES
 from .forwarder import Forwarder
@@ -221,15 +223,27 @@ class Service:
         """Every forward's listening socket, by key: what a successor takes over."""
         return [(key, forwarder.listening_socket) for key, forwarder in self.forwards.items()]
 
-    def handed_over(self, pid: int) -> int:
-        """A successor (`pid`) accepts from our sockets now: stop accepting, keep the open
-        bridges until they end. How many bridges stay here."""
+    def handed_over(self) -> Dict[str, Forwarder]:
+        """A successor accepts from our sockets now: stop accepting; the open bridges run on
+        here until they end or are detached. The forwards, by key."""
+        handed = {}
         for key in list(self.forwards):
-            forwarder = self.forwards.pop(key)
+            forwarder = handed[key] = self.forwards.pop(key)
             self.specs.pop(key, None)
             forwarder.stop_accepting(handed_over=True)
             self.retired.append(forwarder)  # (all kept: the summary at exit covers them)
-        return self.active()
+        return handed
+
+    def adopt(
+        self, key: str, fd1: int, fd2: int, state: BridgeState, conn_id: int, family: int, sockaddr: Any, upstream: str
+    ) -> None:
+        """A bridge of forward `key` a predecessor handed over (see _upgrade.Handed.receive_bridges)."""
+        forwarder = self.forwards.get(key)
+        if forwarder is None:
+            os.close(fd1)
+            os.close(fd2)
+            raise KeyError(f"no forward {key} here")
+        forwarder.adopt(fd1, fd2, state, conn_id, Peer(family, sockaddr), upstream)
 
     def active(self) -> int:
         """Clients of every forward, retired ones included, not yet gone."""

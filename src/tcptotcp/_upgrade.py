@@ -8,10 +8,14 @@ over a private socket pair whose end the successor finds in ``TCPTOTCP_UPGRADE_F
 1. predecessor -> successor: ``listeners``, with every forward's listening socket (SCM_RIGHTS)
    by the forward's key, the ``--metrics`` socket, and the metric counters so far;
 2. the successor serves those sockets (it binds only forwards it was not given), then answers
-   ``serving``;
+   ``serving``, with the keys of its forwards;
 3. the predecessor stops accepting (the successor accepts from the same sockets, so the accept
-   queue is kept: no SYN is reset), moves ``MAINPID=`` under systemd, and keeps its open bridges
-   until they end.
+   queue is kept: no SYN is reset) and moves ``MAINPID=`` under systemd;
+4. predecessor -> successor: one ``bridge`` message per open bridge of a forward the successor
+   serves, with its two fds, its counters, age and idle state: the predecessor detaches it
+   (stops reading, delivers what it holds, gives up the fds unclosed), the successor resumes
+   it. Then ``done``. A bridge that cannot be detached in time runs to its end in the
+   predecessor, which exits once it holds nothing.
 
 Anything short of ``serving`` within ``SERVING_SECONDS`` (the successor exits, crashes, says it
 failed, or stays silent) is a failed upgrade: the successor is stopped, and the predecessor,
@@ -31,8 +35,13 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from ._bridge import BridgeState
+
+if TYPE_CHECKING:
+    from .forwarder import HandedBridge
 
 log = logging.getLogger("tcptotcp")
 
@@ -113,6 +122,29 @@ class Successor:
     pid: int
     process: subprocess.Popen  # type: ignore[type-arg]  # (kept: its __del__ would warn while it runs)
     channel: Channel
+    keys: List[str] = field(default_factory=list)  # the forwards it serves
+
+    def send_bridge(self, key: str, bridge: HandedBridge) -> None:
+        """Hand it one detached bridge of forward `key` (our copies of the fds stay ours)."""
+        self.channel.send(
+            {
+                "kind": "bridge",
+                "key": key,
+                "id": bridge.conn_id,
+                "client": [bridge.peer.family, bridge.peer.sockaddr],
+                "upstream": bridge.upstream,
+                "state": asdict(bridge.state),
+            },
+            (bridge.fd1, bridge.fd2),
+        )
+
+    def finish(self) -> None:
+        """Nothing more comes: the successor stops listening to us."""
+        try:
+            self.channel.send({"kind": "done"})
+        except OSError:
+            pass
+        self.channel.close()
 
 
 def start_successor(
@@ -165,7 +197,7 @@ def start_successor(
             for fd in stray:
                 os.close(fd)
             if message.get("kind") == "serving":
-                return Successor(int(message["pid"]), process, channel)
+                return Successor(int(message["pid"]), process, channel, [str(k) for k in message.get("keys", [])])
             if message.get("kind") == "failed":
                 raise UpgradeFailed(f"the new process failed: {message.get('why', 'no reason given')}")
     except (EOFError, BrokenPipeError, ConnectionResetError):  # it is gone, or going
@@ -200,6 +232,11 @@ def _stop(process: subprocess.Popen, channel: Channel) -> None:  # type: ignore[
 # -- the successor -----------------------------------------------------------------------
 
 
+#: Takes one handed bridge: (forward key, fd1, fd2, state, conn id, client family, client
+#: address, upstream text); owns the fds, closing them if it raises.
+Adopt = Callable[[str, int, int, BridgeState, int, int, Any, str], None]
+
+
 @dataclass
 class Handed:
     """What a predecessor handed this process: listening sockets by forward key, the
@@ -211,10 +248,11 @@ class Handed:
     counters: List[Any]
     channel: Channel
 
-    def serving(self) -> None:
-        """Tell the predecessor to stop accepting; from here on this process serves alone."""
+    def serving(self, keys: Sequence[str]) -> None:
+        """Tell the predecessor to stop accepting (we serve the forwards `keys` now) and to send
+        their open bridges."""
         try:
-            self.channel.send({"kind": "serving", "pid": os.getpid()})
+            self.channel.send({"kind": "serving", "pid": os.getpid(), "keys": list(keys)})
         except OSError as exc:  # it is gone: we serve all the same
             log.warning("upgrade: could not tell pid %d that this process serves: %s", self.from_pid, exc)
 
@@ -223,6 +261,40 @@ class Handed:
             self.channel.send({"kind": "failed", "why": why})
         except OSError:
             pass
+
+    def receive_bridges(self, adopt: Adopt) -> Tuple[int, int]:
+        """Take the predecessor's bridges until it says ``done`` (or is gone), each given to
+        `adopt`, which owns the fds from then on. (adopted, failed)."""
+        adopted = failed = 0
+        while True:
+            try:
+                message, fds = self.channel.receive(time.monotonic() + 3600.0)
+            except (EOFError, TimeoutError, OSError, ValueError):
+                break
+            if message.get("kind") != "bridge" or len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                if message.get("kind") == "done":
+                    break
+                continue
+            try:
+                family, sockaddr = message["client"]
+                adopt(
+                    str(message["key"]),
+                    fds[0],
+                    fds[1],
+                    BridgeState(**message["state"]),
+                    int(message["id"]),
+                    int(family),
+                    tuple(sockaddr) if isinstance(sockaddr, list) else sockaddr,
+                    str(message["upstream"]),
+                )
+                adopted += 1
+            except Exception as exc:  # (the fds are closed: the client sees the bridge end)
+                failed += 1
+                log.error("upgrade: bridge #%s from pid %d not adopted: %s", message.get("id"), self.from_pid, exc)
+        self.channel.close()
+        return adopted, failed
 
     def unused(self) -> None:
         """Close the sockets no forward took (a config that no longer has them)."""

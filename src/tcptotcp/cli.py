@@ -7,11 +7,13 @@ The CLI only parses arguments, sets up logging and wires signals; the work is
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import pure
@@ -343,8 +345,9 @@ def _serve(
         )
         service.announce("metrics", text, address=f"{shown}:{port}")
     if handed is not None:
-        handed.serving()
+        handed.serving(list(service.forwards))
         service.announce("took_over", f"took over from pid {handed.from_pid}", from_pid=handed.from_pid)
+        threading.Thread(target=_adopt_bridges, args=(service, handed), name="tcptotcp-adopt", daemon=True).start()
     else:
         notify("READY=1")
     if pid_file is not None:
@@ -390,20 +393,10 @@ def _serve(
                     )
                 else:
                     successor = outcome
-                    listeners = len(service.forwards)
-                    staying = service.handed_over(successor.pid)
-                    successor.channel.close()
+                    _hand_over(service, successor, args.drain)
                     if status_server is not None:
                         status_server.close()  # (the successor serves the port)
                     notify(f"MAINPID={successor.pid}")
-                    service.announce(
-                        "handed_over",
-                        f"handed over to pid {successor.pid}: {listeners} listeners; "
-                        f"{staying} bridges stay here until they end",
-                        pid=successor.pid,
-                        listeners=listeners,
-                        bridges_staying=staying,
-                    )
             for signum in todo:
                 if signum == getattr(signal, "SIGUSR1", None):
                     service.list_open()
@@ -433,6 +426,58 @@ def _serve(
         if pid_file is not None:
             remove_pid_file(pid_file)
     return status
+
+
+#: A bridge's time to quiesce (stop reading, deliver what it holds) before it stays here: the
+#: most a client would wait, on top of the hand-over itself; more with a longer --drain.
+DETACH_SECONDS = 0.1
+HAND_OVER_SECONDS = 10.0  # no bridge starts detaching later than this (or --drain) after the first
+
+
+def _hand_over(service: Service, successor: Successor, drain: float) -> None:
+    """Stop accepting, hand the open bridges of every forward the successor serves over to it
+    one at a time, and say what stays here."""
+    started = time.monotonic()
+    handed = service.handed_over()
+    timeout = max(DETACH_SECONDS, drain)
+    deadline = started + max(HAND_OVER_SECONDS, drain)
+    moved = staying = 0
+    try:
+        for key, forwarder in handed.items():
+            if key not in successor.keys:
+                staying += forwarder.stats.active
+                continue
+            sent, kept = forwarder.hand_over_bridges(functools.partial(successor.send_bridge, key), timeout, deadline)
+            moved += sent
+            staying += kept
+    finally:
+        successor.finish()
+        seconds = time.monotonic() - started
+        service.announce(
+            "handed_over",
+            f"handed over to pid {successor.pid}: {len(handed)} listeners, {moved} bridges in {seconds:.3f} s; "
+            f"{staying} bridges stay here until they end",
+            pid=successor.pid,
+            listeners=len(handed),
+            bridges_handed=moved,
+            bridges_staying=staying,
+            seconds=round(seconds, 6),
+        )
+
+
+def _adopt_bridges(service: Service, handed: Handed) -> None:
+    """The successor's side: take the predecessor's bridges as they come."""
+    started = time.monotonic()
+    adopted, failed = handed.receive_bridges(service.adopt)
+    if adopted or failed:
+        service.announce(
+            "adopted",
+            f"adopted {adopted} bridges from pid {handed.from_pid} in {time.monotonic() - started:.3f} s"
+            + (f" ({failed} failed)" if failed else ""),
+            from_pid=handed.from_pid,
+            bridges=adopted,
+            failed=failed,
+        )
 
 
 def _event(name: str, **fields: Any) -> Dict[str, Any]:

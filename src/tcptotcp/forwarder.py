@@ -21,15 +21,23 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 from ._access import AccessList
 from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
-from ._bridge import Bridge
+from ._bridge import Bridge, BridgeResult, BridgeState, Detached, EngineDetached
 from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 from ._health import HealthChecker
-from ._listener import ForwardOptions, LoopListener, PureListener, Wakeup, open_listener, prepare_listening_socket
+from ._listener import (
+    BridgeRelay,
+    ForwardOptions,
+    LoopListener,
+    PureListener,
+    Wakeup,
+    open_listener,
+    prepare_listening_socket,
+)
 from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs, parse_route
 from ._resolve import Resolver, Results, address_text_of, addresses_text, expand, host_of, is_no_address
 
@@ -102,12 +110,39 @@ class _Open:
 
     __slots__ = ("conn_id", "peer", "upstream", "started", "relay")
 
-    def __init__(self, conn_id: int, peer: Peer, upstream: str, relay: Any) -> None:
+    def __init__(self, conn_id: int, peer: Peer, upstream: str, relay: Any, age: float = 0.0) -> None:
         self.conn_id = conn_id
         self.peer = peer
         self.upstream = upstream
-        self.started = time.monotonic()
+        self.started = time.monotonic() - age
         self.relay = relay
+
+
+@dataclass(frozen=True)
+class HandedBridge:
+    """An open bridge, detached to be handed to a successor: its two fds (the client's, the
+    upstream's; the caller's to close), where it was, and what the logs call it."""
+
+    fd1: int
+    fd2: int
+    state: BridgeState
+    conn_id: int
+    peer: Peer
+    upstream: str
+
+
+def _detach(relay: Any, timeout: float) -> Optional[Tuple[int, int, BridgeState]]:
+    """A listener's or an adopted bridge, detached: (fd1, fd2, state), or None if it could not be."""
+    detach = getattr(relay, "detach", None)
+    got = None if detach is None else detach(timeout)
+    if isinstance(got, Detached):  # (a Bridge's: sockets, and the state of all its lives)
+        return got.stream1.detach(), got.stream2.detach(), got.state
+    if isinstance(got, EngineDetached):  # (the loops listener's own bridge: its first life)
+        state = BridgeState(
+            got.bytes_1_to_2, got.bytes_2_to_1, got.seconds, got.idle_checks, got.next_check_in, *got.moved
+        )
+        return got.fd1, got.fd2, state
+    return None
 
 
 def _error_text(error: OSError) -> str:
@@ -281,6 +316,8 @@ class Forwarder:
         self._wakeup = Wakeup()  # serve_forever() has something to look at
         self._checker: Optional[HealthChecker] = None  # with check_interval, while serving
         self._following = threading.Lock()  # held by _follow_upstreams
+        self._adopted = 0  # bridges a predecessor process handed over, running (see adopt)
+        self._next_adopted = -1  # their keys in _open (negative: apart from the listener's ids)
         if listen_socket is not None:
             self._sock = listen_socket
             self._sock.setblocking(False)
@@ -422,7 +459,8 @@ class Forwarder:
     def _active(self) -> int:
         with self._lock:
             listener = None if self._listener_closed else self._listener
-        return 0 if listener is None else listener.active
+            adopted = self._adopted
+        return adopted + (0 if listener is None else listener.active)
 
     def fd_shortfall(self) -> Optional[Tuple[int, int]]:
         """(fds needed for max_connections, fds this process may open) when the first is
@@ -822,6 +860,107 @@ class Forwarder:
             )
         return listing
 
+    # -- hand-over to a successor process (see _upgrade) ----------------------------------
+
+    def hand_over_bridges(
+        self, send: Callable[[HandedBridge], None], timeout: float, deadline: float
+    ) -> Tuple[int, int]:
+        """Detach the open bridges one at a time (each within `timeout` s, none begun after
+        `deadline`, ``time.monotonic()``) and give each to `send` (which must not keep the fds:
+        they are closed after it), for a successor to go on relaying. Call after
+        ``stop_accepting()``. (Handed over, staying here): a bridge that cannot be detached, and
+        a client still connecting upstream, run on here to their end. If `send` raises OSError,
+        that bridge and the rest stay."""
+        with self._lock:
+            listener = None if self._listener_closed else self._listener
+        if listener is not None:
+            self._take(listener)  # (bridges opened since the last take)
+        clients = self._active()
+        with self._lock:
+            items = sorted(self._open.values(), key=lambda item: item.conn_id)
+        moved = 0
+        for item in items:
+            if time.monotonic() >= deadline:
+                break
+            got = _detach(item.relay, timeout)
+            if got is None:
+                continue
+            bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream)
+            try:
+                send(bridge)
+            except OSError as exc:  # the successor is gone: this one goes on here
+                log.error("upgrade: bridge #%d not handed over: %s", item.conn_id, exc)
+                self.adopt(bridge.fd1, bridge.fd2, bridge.state, bridge.conn_id, bridge.peer, bridge.upstream)
+                break
+            os.close(bridge.fd1)
+            os.close(bridge.fd2)
+            moved += 1
+        return moved, max(0, clients - moved)
+
+    def adopt(self, fd1: int, fd2: int, state: BridgeState, conn_id: int, peer: Peer, upstream: str) -> None:
+        """Go on relaying a bridge a predecessor process detached (its fds are ours now): with
+        this forward's current bridge options, its counters and idle state carried. No check
+        or limit applies again; it counts as active until it ends."""
+        options = self.options
+        try:
+            bridge = self.bridge_class.from_fds(
+                fd1,
+                fd2,
+                rate_check_seconds=options.rate_check,
+                keep_alive_delay_time_seconds=options.idle_timeout,
+                activity=options.activity,
+                half_close=options.half_close,
+                resume=state,
+                **({"bandwidth": options.bandwidth} if options.bandwidth else {}),
+            )
+        except BaseException:
+            os.close(fd1)
+            os.close(fd2)
+            raise
+        with self._lock:
+            key, self._next_adopted = self._next_adopted, self._next_adopted - 1
+            self._open[key] = _Open(conn_id, peer, upstream, BridgeRelay(bridge), state.seconds)
+            self._adopted += 1
+        if self._metrics is not None:
+            self._metrics.opened()
+        log.info(
+            "#%d adopted %s -> %s: %d bytes up, %d down, %.3f s so far",
+            conn_id,
+            peer,
+            upstream,
+            state.bytes_1_to_2,
+            state.bytes_2_to_1,
+            state.seconds,
+            extra=_event("adopted", id=conn_id, client=str(peer), upstream=upstream, seconds=round(state.seconds, 6)),
+        )
+        bridge.add_done_callback(lambda result: self._adopted_ended(key, conn_id, peer, upstream, result))
+        try:
+            bridge.start()
+        except BaseException:  # (the fds are still ours)
+            with self._lock:
+                if self._open.pop(key, None) is not None:
+                    self._adopted -= 1
+            if self._metrics is not None:
+                self._metrics.ended("error", 0, 0, 0.0)
+            os.close(fd1)
+            os.close(fd2)
+            raise
+
+    def _adopted_ended(self, key: int, conn_id: int, peer: Peer, upstream: str, result: BridgeResult) -> None:
+        with self._lock:
+            if self._open.pop(key, None) is None:
+                return
+            self._adopted -= 1
+            self._stats.bytes_up += result.bytes_1_to_2
+            self._stats.bytes_down += result.bytes_2_to_1
+        if self._metrics is not None:
+            self._metrics.ended(result.reason, result.bytes_1_to_2, result.bytes_2_to_1, result.seconds)
+        self._log_close(
+            Ended(
+                conn_id, peer, upstream, result.bytes_1_to_2, result.bytes_2_to_1, result.reason, result.seconds, True
+            )
+        )
+
     def request_stop(self) -> None:
         """Make ``serve_forever()`` return soon; safe from a signal handler or any thread."""
         self._closing.set()
@@ -918,7 +1057,7 @@ class Forwarder:
         listener = None if self._listener_closed else self._listener
         if listener is not None:
             deadline = time.monotonic() + max(0.0, drain_seconds)
-            while self._draining and time.monotonic() < deadline and listener.active:
+            while self._draining and time.monotonic() < deadline and self._active():
                 self._pump_events(0.05)
             listener.stop(cancel_connects=True)  # clients still on their way: dropped, none opens later
             self._take(listener)  # bridges opened since the last take
@@ -929,7 +1068,7 @@ class Forwarder:
                 item.relay.stop()
             # Their ends (bytes, close lines) are recorded before the summary is written.
             stop_waiting = time.monotonic() + 2.0
-            while listener.active and time.monotonic() < stop_waiting:
+            while self._active() and time.monotonic() < stop_waiting:
                 self._pump_events(0.01)
             self._finish_listener()
         self._wakeup.close()
