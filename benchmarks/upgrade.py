@@ -15,6 +15,7 @@ connections to a new process. The targets are the issue's: at most 100 ms per br
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import re
 import resource
@@ -145,9 +146,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backend", default="cython", choices=("cython", "pure"))
     args = p.parse_args()
+    faulthandler.dump_traceback_later(60.0 * args.rounds + 60.0, exit=True)  # a round that hangs: where
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    rows = [one_round(args.bridges, args.backend) for _ in range(args.rounds)]
+    rows = []
+    for i in range(args.rounds):
+        rows.append(one_round(args.bridges, args.backend))
+        print(f"round {i + 1}: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{args.bridges} bridges, backend {args.backend}, {args.rounds} rounds")
     print("round  hand-over s  longest pause ms  moved  failures")
     for i, (seconds, pause, moved, failed) in enumerate(rows, 1):
