@@ -275,6 +275,37 @@ def test_a_name_with_two_addresses_is_balanced_as_two_upstreams(forward_backend,
         serving.close()
 
 
+def test_a_name_without_an_address_is_down_from_the_listeners_first_client(forward_backend, upstreams) -> None:  # type: ignore[no-untyped-def]
+    """Down in the options the listener starts with (and is reconfigured to), not marked down
+    after it: a client accepted at once is never balanced to it."""
+    from tcptotcp._listener import open_listener
+
+    a, _ = upstreams
+    forwarder = tcptotcp.Forwarder(
+        "127.0.0.1:0",
+        [f"{UNKNOWN}:{a.port}", f"127.0.0.2:{a.port}"],
+        resolve_interval=30,
+        bridge_class=forward_backend.Bridge,
+    )
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = open_listener(sock, forwarder.options, forwarder.bridge_class)
+    try:
+        assert (listener.upstream_down(0), listener.upstream_down(1)) == (True, False)
+        # A reload that adds it back (a fresh state in the listener) is down at once too.
+        forwarder.reconfigure(f"127.0.0.2:{a.port}")
+        listener.configure(forwarder.options)
+        assert listener.upstream_down(0) is False
+        forwarder.reconfigure([f"127.0.0.3:{a.port}", f"{UNKNOWN}:{a.port}"], resolve_interval=30)
+        listener.configure(forwarder.options)
+        assert (listener.upstream_down(0), listener.upstream_down(1)) == (False, True)
+    finally:
+        listener.stop()
+        listener.take()
+        listener.close()
+        sock.close()
+        forwarder.close()
+
+
 def test_a_name_without_an_address_refuses_with_its_reason(forward_backend, upstreams, caplog) -> None:  # type: ignore[no-untyped-def]
     a, _ = upstreams
     caplog.set_level("INFO", logger="tcptotcp")

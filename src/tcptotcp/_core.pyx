@@ -325,6 +325,9 @@ cdef t2t_config *_config_of(settings) except NULL:
         weights = settings.weights
         if len(weights) != len(upstreams) or not all(1 <= w <= MAX_WEIGHT for w in weights):
             raise ValueError(f"a weight per upstream, each 1 to {MAX_WEIGHT}")
+        down = settings.down
+        if len(down) != len(upstreams):
+            raise ValueError("a down flag per upstream")
         for i, (family, where, text) in enumerate(upstreams):
             if family == socket.AF_UNIX:
                 path = os.fsencode(where)
@@ -337,7 +340,7 @@ cdef t2t_config *_config_of(settings) except NULL:
             if rc != 0:
                 raise ValueError(f"not a numeric address: {where!r}")
             name = text.encode("utf-8", "surrogateescape")
-            if t2t_config_upstream(c, i, <sockaddr *>&address, address_len, name, len(name), weights[i]) != 0:
+            if t2t_config_upstream(c, i, <sockaddr *>&address, address_len, name, len(name), weights[i], down[i]) != 0:
                 raise OSError(errno, os.strerror(errno))
         for n, (level, option, value) in enumerate(settings.sockopts):
             c.sockopts[n][0] = level

@@ -36,6 +36,7 @@ from ._backend import Bridge as DefaultBridge
 from ._backend import core, env_flag
 from ._bridge import Bridge, BridgeResult, Detached, Plan, plan_of
 from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._resolve import is_no_address
 
 log = logging.getLogger("tcptotcp")
 
@@ -210,6 +211,7 @@ class LoopSettings(NamedTuple):
 
     upstreams: Tuple[Tuple[int, Any, str], ...]  # (family, sockaddr, the forward's name for it)
     weights: Tuple[int, ...]
+    down: Tuple[bool, ...]  # marked down from the start: a name without an address yet
     balance: str
     upstream_backoff: float
     max_fails: int
@@ -236,6 +238,7 @@ def loop_settings(options: ForwardOptions) -> LoopSettings:
     return LoopSettings(
         upstreams=tuple((u.family, u.sockaddr, u.text) for u in options.all_upstreams),
         weights=options.upstream_weights,
+        down=tuple(is_no_address(u) for u in options.all_upstreams),
         balance=options.balance,
         upstream_backoff=options.upstream_backoff,
         max_fails=options.max_fails,
@@ -443,6 +446,8 @@ class PureListener:
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = _balance.UpstreamState()
+                # A name without an address yet: down before any client can be sent to it.
+                state.checked_down = is_no_address(u)
             states.append(state)
         kept = {(u.family, u.sockaddr) for u in options.all_upstreams}
         self._states = {k: v for k, v in self._states.items() if k in kept}

@@ -81,7 +81,7 @@ cdef extern from "_loop.h" nogil:
         T2T_BALANCE_SOURCE
     t2t_config *t2t_config_new(int nupstreams)
     int t2t_config_upstream(t2t_config *c, int i, const sockaddr *address, socklen_t length, const char *text,
-                            size_t text_length, int weight)
+                            size_t text_length, int weight, int down)
     int t2t_config_access(t2t_config *c, const t2t_access *access)
     int t2t_config_routes(t2t_config *c, int nserving, const char *const *patterns, int n, int strict)
     void t2t_config_release(t2t_config *c)

@@ -161,8 +161,10 @@ static t2t_config *t2t_config_new(int nupstreams) {
     return c;
 }
 
+/* `down`: the upstream starts marked down, as by the checks (a name without an address yet), so
+   no client is balanced to it before the forward says so. */
 static int t2t_config_upstream(t2t_config *c, int i, const struct sockaddr *address, socklen_t len,
-                               const char *text, size_t text_len, int weight) {
+                               const char *text, size_t text_len, int weight, int down) {
     if (i < 0 || i >= c->nupstreams || len > sizeof(struct sockaddr_storage) || weight < 1 || weight > T2T_MAX_WEIGHT) {
         errno = EINVAL;
         return -1;
@@ -181,6 +183,7 @@ static int t2t_config_upstream(t2t_config *c, int i, const struct sockaddr *addr
     memcpy(&u->address, address, len);
     u->len = len;
     u->ip = address->sa_family == AF_INET || address->sa_family == AF_INET6;
+    __atomic_store_n(&u->state->checked_down, down, __ATOMIC_RELAXED);
     return 0;
 }
 

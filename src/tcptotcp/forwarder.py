@@ -670,8 +670,9 @@ class Forwarder:
                 checker.close()
                 listener = self._listener
                 if listener is not None and not self._listener_closed:
-                    for i in range(len(options.all_upstreams)):
-                        listener.set_checked(i, False)  # nothing checks them now
+                    for i, u in enumerate(options.all_upstreams):
+                        if not is_no_address(u):
+                            listener.set_checked(i, False)  # nothing checks them now
             elif options.check_interval is not None and checker is not None:
                 checker.update(
                     checked,
@@ -679,13 +680,6 @@ class Forwarder:
                     rise=options.check_rise,
                     fall=options.check_fall,
                 )
-            listener = self._listener
-            if listener is not None and not self._listener_closed:
-                for i, u in enumerate(options.all_upstreams):
-                    if is_no_address(u):
-                        # Down for the balance: skipped while any other candidate is up, and
-                        # when tried (all down) it fails at once, logged as having no address.
-                        listener.set_checked(i, True)
             if self._metrics is not None:
                 texts = [u.text for u in options.all_upstreams]
                 self._metrics.upstreams(texts, lambda text: self.upstream_states().get(text, True))
