@@ -3,7 +3,9 @@ old process takes to hand them all over, and the longest pause a bridge's client
 
 Each bridge relays a ping-pong through an echo upstream (one 64-byte message out, its echo
 back, again), from one selector thread; the pause of a bridge is the longest gap between two
-echoes around the upgrade. Every echo is checked, and a FIN or a reset counts as a failure.
+echoes around the upgrade. Beside it, the longest gap of the 2 s before the upgrade: what the
+client's own thread and the machine's load give without any upgrade. Every echo is checked,
+and a FIN or a reset counts as a failure.
 
     python benchmarks/upgrade.py --bridges 1000 --rounds 3 [--backend cython|pure]
 
@@ -64,9 +66,9 @@ def echo_server() -> Tuple[socket.socket, threading.Thread]:
     return srv, thread
 
 
-def one_round(n: int, backend: str) -> Tuple[float, float, int, int]:
-    """(hand-over seconds as the old process reports it, longest client pause, bridges moved,
-    failures)."""
+def one_round(n: int, backend: str) -> Tuple[float, float, float, int, int]:
+    """(hand-over seconds as the old process reports it, longest client pause, longest gap
+    before the upgrade, bridges moved, failures)."""
     srv, _ = echo_server()
     pid_file = os.path.join(tempfile.mkdtemp(prefix="t2t-up"), "pid")
     env = dict(os.environ)
@@ -117,27 +119,35 @@ def one_round(n: int, backend: str) -> Tuple[float, float, int, int]:
 
     thread = threading.Thread(target=ping_pong, daemon=True)
     thread.start()
-    time.sleep(1.0)
+    time.sleep(3.0)
     start = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "tcptotcp", "--upgrade", "--pid-file", pid_file], capture_output=True, text=True
     )
-    assert done.returncode == 0, done.stderr
+    if done.returncode != 0:
+        proc.kill()
+        proc.wait(10)
+        time.sleep(0.2)
+        raise SystemExit(f"{done.stderr.strip()}\nthe old process's log:\n" + "".join(lines[-30:]))
     proc.wait(30)
     time.sleep(1.0)
     end = time.monotonic()
     stop.set()
     thread.join(10)
     handed = next(line for line in lines if "handed over to pid" in line)
+    for line in lines:
+        if "handed over to pid" in line or "adopted" in line:
+            print("  " + line.strip(), file=sys.stderr, flush=True)
     m = re.search(r"(\d+) bridges in ([\d.]+) s", handed)
     assert m is not None, handed
     pause = max((b - a for a, b in gaps if a <= end and b >= start), default=0.0)
+    before = max((b - a for a, b in gaps if a >= start - 2.0 and b < start), default=0.0)
     for s in socks:
         s.close()
     new = int(open(pid_file).read())
     os.kill(new, 15)
     srv.close()
-    return float(m.group(2)), pause, int(m.group(1)), failures[0]
+    return float(m.group(2)), pause, before, int(m.group(1)), failures[0]
 
 
 def main() -> None:
@@ -154,12 +164,13 @@ def main() -> None:
         rows.append(one_round(args.bridges, args.backend))
         print(f"round {i + 1}: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{args.bridges} bridges, backend {args.backend}, {args.rounds} rounds")
-    print("round  hand-over s  longest pause ms  moved  failures")
-    for i, (seconds, pause, moved, failed) in enumerate(rows, 1):
-        print(f"{i:5}  {seconds:11.3f}  {pause * 1000:16.1f}  {moved:5}  {failed:8}")
+    print("round  hand-over s  longest pause ms  longest gap before ms  moved  failures")
+    for i, (seconds, pause, before, moved, failed) in enumerate(rows, 1):
+        print(f"{i:5}  {seconds:11.3f}  {pause * 1000:16.1f}  {before * 1000:21.1f}  {moved:5}  {failed:8}")
     print(
         f"median: hand-over {statistics.median(r[0] for r in rows):.3f} s, "
-        f"longest pause {statistics.median(r[1] for r in rows) * 1000:.1f} ms"
+        f"longest pause {statistics.median(r[1] for r in rows) * 1000:.1f} ms, "
+        f"longest gap before {statistics.median(r[2] for r in rows) * 1000:.1f} ms"
     )
 
 

@@ -143,6 +143,9 @@ class ForwarderProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._reader.join(5)
+        if self._reader.is_alive():
+            # Closing the pipe under its blocked reader would wait for it forever.
+            raise AssertionError("another process still holds the forwarder's stderr open (one it started?)")
         if self.proc.stdout:
             self.proc.stdout.close()
         if self.proc.stderr:

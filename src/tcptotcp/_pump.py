@@ -63,8 +63,10 @@ class PumpProtocol(Protocol):
 _POLL = getattr(select, "poll", None)
 
 
-def wait_ready(sock: socket.socket, for_write: bool, timeout: float) -> bool:
-    """Whether `sock` turned readable/writable within `timeout` seconds."""
+def wait_ready(sock: Any, for_write: bool, timeout: float) -> bool:
+    """Whether `sock` (anything with a ``fileno()``) turned readable/writable within `timeout`
+    seconds. poll(), not select(): select() cannot take an fd above 1023, which a busy
+    forwarder's sockets reach."""
     if _POLL is not None:
         poller = _POLL()
         poller.register(sock, select.POLLOUT if for_write else select.POLLIN)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import shlex
 import signal
 import socket
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._bridge import BridgeState
+from ._pump import wait_ready
 
 if TYPE_CHECKING:
     from .forwarder import HandedBridge
@@ -90,7 +90,7 @@ class Channel:
                     fds, self._fds = self._fds, []
                     return json.loads(body), fds
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+            if remaining <= 0 or not wait_ready(self.sock, False, remaining):
                 raise TimeoutError
             data, fds, _, _ = socket.recv_fds(self.sock, 65536, _MAX_FDS)
             for fd in fds:

@@ -344,17 +344,17 @@ def _serve(
             f"metrics on http://{shown}:{port}/metrics" if metrics is not None else f"health on http://{shown}:{port}"
         )
         service.announce("metrics", text, address=f"{shown}:{port}")
+    if pid_file is not None:
+        # Before a successor says it serves: from then on the predecessor may exit at any
+        # moment, and `--upgrade` waits for the file to name us (a predecessor that gives up on
+        # us after all writes its own pid back).
+        _write_pid_file(pid_file)
     if handed is not None:
         handed.serving(list(service.forwards))
         service.announce("took_over", f"took over from pid {handed.from_pid}", from_pid=handed.from_pid)
         threading.Thread(target=_adopt_bridges, args=(service, handed), name="tcptotcp-adopt", daemon=True).start()
     else:
         notify("READY=1")
-    if pid_file is not None:
-        try:
-            write_pid_file(pid_file)
-        except OSError as exc:
-            log.error("cannot write the pid file %s: %s", pid_file, exc.strerror or exc)
 
     upgrading: List[threading.Thread] = []  # the hand-over in flight, if one is
     outcomes: List[Any] = []  # its end: a Successor, or the UpgradeFailed
@@ -391,6 +391,8 @@ def _serve(
                     log.error(
                         "upgrade failed, nothing changed: %s", outcome, extra=_event("upgrade_failed", why=str(outcome))
                     )
+                    if pid_file is not None:
+                        _write_pid_file(pid_file)  # (the stopped successor may have written its own)
                 else:
                     successor = outcome
                     _hand_over(service, successor, args.drain)
@@ -423,9 +425,16 @@ def _serve(
         service.stop(drain_seconds=args.drain)
         if status_server is not None:
             status_server.close()
-        if pid_file is not None:
+        if pid_file is not None and successor is None:  # (after a hand-over it is the successor's)
             remove_pid_file(pid_file)
     return status
+
+
+def _write_pid_file(path: str) -> None:
+    try:
+        write_pid_file(path)
+    except OSError as exc:
+        logging.getLogger("tcptotcp").error("cannot write the pid file %s: %s", path, exc.strerror or exc)
 
 
 #: A bridge's time to quiesce (stop reading, deliver what it holds) before it stays here: the

@@ -11,10 +11,10 @@ twin); this module is policy and reporting only. ``serve_forever()`` takes the l
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
-import select
 import selectors
 import socket
 import threading
@@ -39,6 +39,7 @@ from ._listener import (
     prepare_listening_socket,
 )
 from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs, parse_route
+from ._pump import wait_ready
 from ._resolve import Resolver, Results, address_text_of, addresses_text, expand, host_of, is_no_address
 
 __all__ = ["Forwarder", "ForwarderStats", "ForwardOptions", "raise_fd_limit"]
@@ -47,6 +48,8 @@ log = logging.getLogger("tcptotcp")
 
 _BATCH = 0.05  # seconds between two takes of the listener's events (see serve_forever)
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+HAND_OVER_TRIES = 2  # times hand_over_bridges() tries to detach a bridge before it stays
+HAND_OVER_DETACHERS = 8  # bridges hand_over_bridges() detaches at once
 Listener = Union[LoopListener, PureListener]
 
 
@@ -863,8 +866,8 @@ class Forwarder:
         `deadline`, ``time.monotonic()``) and give each to `send` (which must not keep the fds:
         they are closed after it), for a successor to go on relaying. Call after
         ``stop_accepting()``. (Handed over, staying here): a bridge that cannot be detached, and
-        a client still connecting upstream, run on here to their end. If `send` raises OSError,
-        that bridge and the rest stay."""
+        a client still connecting upstream, run on here to their end (each bridge is tried
+        `HAND_OVER_TRIES` times). If `send` raises OSError, that bridge and the rest stay."""
         with self._lock:
             listener = None if self._listener_closed else self._listener
         if listener is not None:
@@ -873,22 +876,53 @@ class Forwarder:
         with self._lock:
             items = sorted(self._open.values(), key=lambda item: item.conn_id)
         moved = 0
-        for item in items:
-            if time.monotonic() >= deadline:
-                break
-            got = _detach(item.relay, timeout)
-            if got is None:
-                continue
-            bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream)
-            try:
-                send(bridge)
-            except OSError as exc:  # the successor is gone: this one goes on here
-                log.error("upgrade: bridge #%d not handed over: %s", item.conn_id, exc)
-                self.adopt(bridge.fd1, bridge.fd2, bridge.state, bridge.conn_id, bridge.peer, bridge.upstream)
-                break
-            os.close(bridge.fd1)
-            os.close(bridge.fd2)
-            moved += 1
+        # A bridge busy past its timeout (a write in progress, its threads not scheduled in time)
+        # gets a second try after the others, a second pause as short as the first.
+        for _ in range(HAND_OVER_TRIES):
+            busy = []
+
+            def detach(item: _Open) -> Optional[Tuple[int, int, BridgeState]]:
+                return None if time.monotonic() >= deadline else _detach(item.relay, timeout)
+
+            # Several detaches wait at once (a pure bridge's for its threads to be scheduled);
+            # the bridges go out in order, each as soon as it and those before it are quiet.
+            with concurrent.futures.ThreadPoolExecutor(HAND_OVER_DETACHERS, "tcptotcp-detach") as pool:
+                pending = [(item, pool.submit(detach, item)) for item in items]
+                for n, (item, future) in enumerate(pending):
+                    got = future.result()
+                    if got is None:
+                        busy.append(item)
+                        continue
+                    bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream)
+                    try:
+                        send(bridge)
+                    except OSError as exc:  # the successor is gone: this one and the rest go on here
+                        log.error("upgrade: bridge #%d not handed over: %s", item.conn_id, exc)
+                        self.adopt(bridge.fd1, bridge.fd2, bridge.state, bridge.conn_id, bridge.peer, bridge.upstream)
+                        rest = pending[n + 1 :]
+                        begun = [(later, detaching) for later, detaching in rest if not detaching.cancel()]
+                        for later, detaching in begun:  # (those not begun relay on untouched)
+                            got = detaching.result()  # (detached meanwhile: it goes on here)
+                            if got is not None:
+                                self.adopt(got[0], got[1], got[2], later.conn_id, later.peer, later.upstream)
+                        return moved, max(0, clients - moved)
+                    os.close(bridge.fd1)
+                    os.close(bridge.fd2)
+                    moved += 1
+            items = busy
+        with self._lock:
+            still_open = {id(open_) for open_ in self._open.values()}
+        staying = [item for item in items if id(item) in still_open]
+        for item in staying:
+            log.warning(
+                "upgrade: #%d %s -> %s stays here until it ends: not quiet within %g s (a peer not reading, "
+                "or a side closed)",
+                item.conn_id,
+                item.peer,
+                item.upstream,
+                timeout,
+                extra=_event("bridge_stays", id=item.conn_id, client=str(item.peer), upstream=item.upstream),
+            )
         return moved, max(0, clients - moved)
 
     def adopt(self, fd1: int, fd2: int, state: BridgeState, conn_id: int, peer: Peer, upstream: str) -> None:
@@ -1000,8 +1034,7 @@ class Forwarder:
         if listener is None or self._listener_closed:
             time.sleep(timeout)
             return
-        ready, _, _ = select.select([listener], [], [], timeout)
-        if ready:
+        if wait_ready(listener, False, timeout):
             self._take(listener)
 
     def _pump_until_done(self) -> None:
