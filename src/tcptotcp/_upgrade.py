@@ -52,6 +52,11 @@ _STOP_SECONDS = 2.0  # a failed successor's SIGTERM, before SIGKILL
 _MAX_MESSAGE = 16 * 1024 * 1024
 _MAX_FDS = 250  # SCM_RIGHTS carries at most 253 descriptors per message on Linux
 _HEADER = struct.Struct("!I")
+#: Bridges handed over and not yet adopted, at most: a bridge waits between its detach and its
+#: adoption, so the predecessor detaches no faster than the successor adopts (with a successor
+#: that does not acknowledge, e.g. an older version, there is no window).
+ADOPT_WINDOW = 8
+_ACK_SECONDS = 2.0  # the longest wait for an acknowledgement before the window is dropped
 
 
 class UpgradeFailed(Exception):
@@ -123,9 +128,26 @@ class Successor:
     process: subprocess.Popen  # type: ignore[type-arg]  # (kept: its __del__ would warn while it runs)
     channel: Channel
     keys: List[str] = field(default_factory=list)  # the forwards it serves
+    acknowledges: bool = False  # it says when it adopted each bridge
+    unacknowledged: int = 0
 
     def send_bridge(self, key: str, bridge: HandedBridge) -> None:
-        """Hand it one detached bridge of forward `key` (our copies of the fds stay ours)."""
+        """Hand it one detached bridge of forward `key` (our copies of the fds stay ours).
+        Waits while `ADOPT_WINDOW` bridges sent are not adopted yet."""
+        while self.acknowledges and self.unacknowledged >= ADOPT_WINDOW:
+            try:
+                message, stray = self.channel.receive(time.monotonic() + _ACK_SECONDS)
+            except TimeoutError:
+                log.warning("upgrade: pid %d acknowledges no bridge within %g s: sending on", self.pid, _ACK_SECONDS)
+                self.acknowledges = False
+                break
+            except (EOFError, ValueError) as exc:
+                raise BrokenPipeError(f"the new process closed the hand-over ({exc or type(exc).__name__})") from None
+            for fd in stray:
+                os.close(fd)
+            if message.get("kind") == "adopted":
+                self.unacknowledged -= 1
+        self.unacknowledged += 1
         self.channel.send(
             {
                 "kind": "bridge",
@@ -178,6 +200,7 @@ def start_successor(
                 "keys": [key for key, _ in listeners],
                 "status": status_socket is not None,
                 "counters": list(counters),
+                "window": ADOPT_WINDOW,  # (acknowledge each bridge)
             },
             fds,
         )
@@ -197,7 +220,8 @@ def start_successor(
             for fd in stray:
                 os.close(fd)
             if message.get("kind") == "serving":
-                return Successor(int(message["pid"]), process, channel, [str(k) for k in message.get("keys", [])])
+                keys = [str(k) for k in message.get("keys", [])]
+                return Successor(int(message["pid"]), process, channel, keys, bool(message.get("acknowledges")))
             if message.get("kind") == "failed":
                 raise UpgradeFailed(f"the new process failed: {message.get('why', 'no reason given')}")
     except (EOFError, BrokenPipeError, ConnectionResetError):  # it is gone, or going
@@ -247,12 +271,15 @@ class Handed:
     status_socket: Optional[socket.socket]
     counters: List[Any]
     channel: Channel
+    acknowledge: bool = False  # the predecessor waits to hear of each bridge adopted
 
     def serving(self, keys: Sequence[str]) -> None:
         """Tell the predecessor to stop accepting (we serve the forwards `keys` now) and to send
         their open bridges."""
         try:
-            self.channel.send({"kind": "serving", "pid": os.getpid(), "keys": list(keys)})
+            self.channel.send(
+                {"kind": "serving", "pid": os.getpid(), "keys": list(keys), "acknowledges": self.acknowledge}
+            )
         except OSError as exc:  # it is gone: we serve all the same
             log.warning("upgrade: could not tell pid %d that this process serves: %s", self.from_pid, exc)
 
@@ -293,6 +320,11 @@ class Handed:
             except Exception as exc:  # (the fds are closed: the client sees the bridge end)
                 failed += 1
                 log.error("upgrade: bridge #%s from pid %d not adopted: %s", message.get("id"), self.from_pid, exc)
+            if self.acknowledge:
+                try:
+                    self.channel.send({"kind": "adopted", "id": message.get("id")})
+                except OSError:  # (it is gone: the next receive says so)
+                    pass
         self.channel.close()
         return adopted, failed
 
@@ -334,6 +366,7 @@ def handed_over(environ: Dict[str, str] = os.environ) -> Optional[Handed]:  # ty
         status_socket=sockets[-1] if status else None,
         counters=list(message.get("counters", [])),
         channel=channel,
+        acknowledge=bool(message.get("window")),
     )
 
 
