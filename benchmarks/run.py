@@ -133,12 +133,13 @@ class Relay:
                 ],
                 stdin=subprocess.DEVNULL,
             )
-        elif name == "haproxy":
+        elif name in ("haproxy", "haproxy-mt"):  # haproxy-mt: nbthread = the machine's cores
             self.port = free_port()
             self._tmp = tempfile.TemporaryDirectory()
             cfg = Path(self._tmp.name) / "haproxy.cfg"
             cfg.write_text(
                 "global\n  maxconn 4500\n  tune.pipesize 1048576\n"
+                f"  nbthread {1 if name == 'haproxy' else os.cpu_count() or 1}\n"
                 "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
                 "  option splice-auto\n"
                 f"frontend f\n  bind 127.0.0.1:{self.port}\n  maxconn 4500\n  default_backend b\n"
@@ -149,7 +150,7 @@ class Relay:
             )
         else:
             raise ValueError(name)
-        if name in ("socat", "haproxy"):
+        if name in ("socat", "haproxy", "haproxy-mt"):
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 try:
@@ -270,7 +271,8 @@ def main() -> int:
     ap.add_argument(
         "--relays",
         default="cython,pure,socat,haproxy",
-        help="comma-separated, of cython, cython-copy, pure, socat, haproxy (direct always runs)",
+        help="comma-separated, of cython, cython-copy, pure, socat, haproxy, haproxy-mt "
+        "(nbthread = cores) (direct always runs)",
     )
     ap.add_argument(
         "--baseline",
@@ -307,7 +309,7 @@ def main() -> int:
             wanted.append("baseline")
     elif "baseline" in wanted:
         ap.error("the relay 'baseline' needs --baseline PATH")
-    relays = ["direct"] + [r for r in wanted if r in OURS or shutil.which(r)]
+    relays = ["direct"] + [r for r in wanted if r in OURS or shutil.which("haproxy" if r == "haproxy-mt" else r)]
     skipped = [r for r in wanted if r not in relays]
     errors: List[str] = []
     rounds = rounds_of(args)
