@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import List, Tuple
+from typing import List, Set, Tuple
 
 
 def echo_server() -> Tuple[socket.socket, threading.Thread]:
@@ -87,6 +87,7 @@ def one_round(n: int, backend: str) -> Tuple[float, float, float, int, int]:
     last = [time.monotonic()] * n
     gaps: List[Tuple[float, float]] = []
     failures = [0]
+    answered: Set[int] = set()  # bridges that echoed once
     stop = threading.Event()
 
     def ping_pong() -> None:
@@ -112,6 +113,7 @@ def one_round(n: int, backend: str) -> Tuple[float, float, float, int, int]:
                         if got[i] != message:
                             failures[0] += 1
                         got[i] = b""
+                        answered.add(i)
                         now = time.monotonic()
                         gaps.append((last[i], now))
                         last[i] = now
@@ -119,7 +121,13 @@ def one_round(n: int, backend: str) -> Tuple[float, float, float, int, int]:
 
     thread = threading.Thread(target=ping_pong, daemon=True)
     thread.start()
-    time.sleep(3.0)
+    # Every bridge open and relaying (the accept queue empty), then 2 s of gaps without an upgrade.
+    deadline = time.monotonic() + 60
+    while len(answered) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if len(answered) < n:
+        raise SystemExit(f"only {len(answered)} of {n} bridges answered within 60 s")
+    time.sleep(2.5)
     start = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "tcptotcp", "--upgrade", "--pid-file", pid_file], capture_output=True, text=True
@@ -129,7 +137,9 @@ def one_round(n: int, backend: str) -> Tuple[float, float, float, int, int]:
         proc.wait(10)
         time.sleep(0.2)
         raise SystemExit(f"{done.stderr.strip()}\nthe old process's log:\n" + "".join(lines[-30:]))
-    proc.wait(30)
+    deadline = time.monotonic() + 30
+    while not any("handed over to pid" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(1.0)
     end = time.monotonic()
     stop.set()
@@ -144,6 +154,7 @@ def one_round(n: int, backend: str) -> Tuple[float, float, float, int, int]:
     before = max((b - a for a, b in gaps if a >= start - 2.0 and b < start), default=0.0)
     for s in socks:
         s.close()
+    proc.wait(30)  # (bridges that stayed there have ended with their clients)
     new = int(open(pid_file).read())
     os.kill(new, 15)
     srv.close()
