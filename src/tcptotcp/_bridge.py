@@ -344,7 +344,7 @@ class Bridge:
         self._result: Optional[BridgeResult] = None
         self._ended: Optional[threading.Event] = None  # made by the first wait() that must block
         self._callbacks: List[Callable[[BridgeResult], object]] = []
-        self._detaching = threading.Lock()  # one detach() at a time
+        self._detaching: Optional[threading.Lock] = None  # one detach() at a time (made by the first)
 
     # -- public API -------------------------------------------------------------------
 
@@ -397,7 +397,11 @@ class Bridge:
         timeout = float(timeout)
         if not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout}")
-        with self._detaching:
+        with self._lock:  # (a lock per bridge only where one is detached: most never are)
+            if self._detaching is None:
+                self._detaching = threading.Lock()
+            detaching = self._detaching
+        with detaching:
             with self._lock:
                 relay = self._relay
                 if relay is None or self._result is not None or self._stop_asked:
