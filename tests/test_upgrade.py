@@ -448,6 +448,41 @@ def test_upgrade_with_a_config_file_hands_over_every_forward(processes, echo, ba
         assert recv_exactly(c, 25) == b"through the unix listener"
 
 
+def test_moved_bridges_count_against_the_new_processs_connection_limit(processes, echo, backend, tmp_path):  # noqa: F811
+    """The new process reads a lower --max-connections (3) from the config, and adopts 5
+    bridges: a new client waits in the backlog until fewer than 3 are left."""
+    config = tmp_path / "t2t.toml"
+    forward = f'[[forward]]\nlisten = "127.0.0.1:0"\nupstream = "127.0.0.1:{echo.address[1]}"\n'
+    config.write_text(forward + "max_connections = 10\n")
+    fp = processes.start("--config", str(config))
+    address = hostport(fp.address)
+    bridges = Bridges(address, 5)
+    waiting = None
+    try:
+        bridges.exchange()
+        config.write_text(forward + "max_connections = 3\n")
+        processes.upgrade()
+        fp.wait_log(r"adopted 5 bridges from pid")
+        fp.proc.wait(10)
+        bridges.exchange()
+        waiting = socket.create_connection(address, timeout=10)  # (the kernel's backlog takes it)
+        waiting.sendall(b"waiting")
+        waiting.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            waiting.recv(16)  # not accepted: 5 bridges open, at a limit of 3
+        for sock in bridges.socks[:3]:
+            sock.close()
+        waiting.settimeout(10)
+        assert recv_exactly(waiting, 7) == b"waiting"  # 2 left: it is served
+        for sock in bridges.socks[3:]:
+            sock.sendall(b"on")
+            assert recv_exactly(sock, 2) == b"on"
+    finally:
+        if waiting is not None:
+            waiting.close()
+        bridges.close()
+
+
 def test_upgrade_under_systemd_moves_the_main_pid(processes, echo, backend, socket_dir, monkeypatch):  # noqa: F811
     notify_path = os.path.join(socket_dir, "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:

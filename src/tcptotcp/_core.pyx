@@ -426,6 +426,11 @@ cdef class Listener:
         cdef t2t_config *c = _config_of(settings)
         t2t_listener_configure(self._l, c)
 
+    def reserve(self, int count):
+        """`count` bridges opened elsewhere (a predecessor's, adopted) count against this
+        listener's connection limit, until the next call."""
+        t2t_listener_reserve(self._l, count)
+
     def set_checked(self, int index, bint down):
         """The active checks marked the current settings' upstream `index` down (or up)."""
         t2t_listener_set_checked(self._l, index, down)

@@ -272,6 +272,9 @@ class LoopListener:
     def configure(self, options: ForwardOptions) -> None:
         self._core.configure(loop_settings(options))
 
+    def reserve(self, count: int) -> None:
+        self._core.reserve(count)
+
     def set_checked(self, index: int, down: bool) -> None:
         self._core.set_checked(index, down)
 
@@ -421,6 +424,7 @@ class PureListener:
         self._turn = 0  # leastconn's first look, turning (ties go round)
         self._hello_waiting: List[_Client] = []  # ClientHellos not yet whole (see _peek_again)
         self._accept_paused_until = 0.0
+        self._reserved = 0  # see reserve()
         self._events_ready = Wakeup()  # take() has something
         self._wakeup = Wakeup()  # the thread has something to look at
         self._told = False
@@ -452,6 +456,12 @@ class PureListener:
         kept = {(u.family, u.sockaddr) for u in options.all_upstreams}
         self._states = {k: v for k, v in self._states.items() if k in kept}
         return states
+
+    def reserve(self, count: int) -> None:
+        """`count` bridges opened elsewhere (a predecessor's, adopted) count against the
+        connection limit, until the next call."""
+        self._reserved = count
+        self._wake()
 
     def set_checked(self, index: int, down: bool) -> None:
         """The active checks marked the current options' upstream `index` down (or up)."""
@@ -602,7 +612,8 @@ class PureListener:
     def _may_accept(self) -> bool:
         # At the connection limit, leave clients in the backlog rather than accepting and
         # dropping them; after EMFILE, wait a moment instead of spinning.
-        return self._active < self.options.max_connections and time.monotonic() >= self._accept_paused_until
+        limit = self.options.max_connections - self._reserved
+        return self._active < limit and time.monotonic() >= self._accept_paused_until
 
     def _select_timeout(self) -> Optional[float]:
         timeout = _PEEK_AGAIN_SECONDS if self._hello_waiting else 1.0

@@ -94,6 +94,7 @@ cdef extern from "_loop.h" nogil:
                            int *accept_error)
     void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
     void t2t_listener_set_checked(t2t_listener *lst, int i, int down)
+    void t2t_listener_reserve(t2t_listener *lst, int n)
     int t2t_listener_upstream_down(t2t_listener *lst, int i)
     size_t t2t_listener_clients(t2t_listener *lst)
     int t2t_listener_free(t2t_listener *lst)

@@ -105,7 +105,8 @@ typedef struct t2t_listener {
     int fd; /* the listening socket: Python's, closed by Python once t2t_listener_stop returned */
     t2t_config *cfg; /* under lock: for clients from now on */
     unsigned char client_tcp;
-    int max_active; /* atomic: the current config's */
+    int max_active; /* atomic: the current config's, less the reserved */
+    int reserved;   /* under lock: bridges outside the listener that count against its limit */
     int active;     /* atomic: accepted and not yet reported ended */
     int stopping;   /* atomic: accepts no more */
     int cancelling; /* atomic: and its clients not yet connected end as ECANCELED (a close) */
@@ -1120,6 +1121,18 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
     return lst;
 }
 
+static int t2t_limit_less(int limit, int reserved) { return reserved <= 0 ? limit : limit > reserved ? limit - reserved : 0; }
+
+/* `n` bridges the listener did not open (handed over by a predecessor process) count against
+   its connection limit from now on: it accepts again as they end. */
+static void t2t_listener_reserve(t2t_listener *lst, int n) {
+    pthread_mutex_lock(&lst->lock);
+    lst->reserved = n;
+    __atomic_store_n(&lst->max_active, t2t_limit_less(lst->cfg->max_active, n), __ATOMIC_RELAXED);
+    t2t_listener_arm_locked(lst, t2t_now());
+    pthread_mutex_unlock(&lst->lock);
+}
+
 /* Settings for clients from now on (a reload); takes the caller's reference to cfg. Clients
    already accepted keep theirs. Back-off carries over to the same upstream addresses. */
 static void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg) {
@@ -1136,7 +1149,7 @@ static void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg) {
                 break;
             }
     lst->cfg = cfg;
-    __atomic_store_n(&lst->max_active, cfg->max_active, __ATOMIC_RELAXED);
+    __atomic_store_n(&lst->max_active, t2t_limit_less(cfg->max_active, lst->reserved), __ATOMIC_RELAXED);
     t2t_listener_arm_locked(lst, t2t_now()); /* a higher limit may let it accept again */
     pthread_mutex_unlock(&lst->lock);
     t2t_config_release(old);

@@ -489,6 +489,7 @@ class Forwarder:
                 if self._listener is None:
                     self._listener = open_listener(self._sock, self.options, self.bridge_class)
                 listener = self._listener
+            self._reserve_adopted()  # (bridges adopted before it listened)
             self._follow_upstreams()
             selector.register(self._wakeup, selectors.EVENT_READ)
             selector.register(listener, selectors.EVENT_READ)
@@ -949,6 +950,7 @@ class Forwarder:
             key, self._next_adopted = self._next_adopted, self._next_adopted - 1
             self._open[key] = _Open(conn_id, peer, upstream, BridgeRelay(bridge), state.seconds)
             self._adopted += 1
+        self._reserve_adopted()
         if self._metrics is not None:
             self._metrics.opened()
         log.info(
@@ -968,11 +970,21 @@ class Forwarder:
             with self._lock:
                 if self._open.pop(key, None) is not None:
                     self._adopted -= 1
+            self._reserve_adopted()
             if self._metrics is not None:
                 self._metrics.ended("error", 0, 0, 0.0)
             os.close(fd1)
             os.close(fd2)
             raise
+
+    def _reserve_adopted(self) -> None:
+        """The adopted bridges count against the listener's connection limit (one count for
+        the forward, as across reloads)."""
+        with self._lock:
+            listener = None if self._listener_closed else self._listener
+            adopted = self._adopted
+        if listener is not None:
+            listener.reserve(adopted)
 
     def _adopted_ended(self, key: int, conn_id: int, peer: Peer, upstream: str, result: BridgeResult) -> None:
         with self._lock:
@@ -981,6 +993,7 @@ class Forwarder:
             self._adopted -= 1
             self._stats.bytes_up += result.bytes_1_to_2
             self._stats.bytes_down += result.bytes_2_to_1
+        self._reserve_adopted()
         if self._metrics is not None:
             self._metrics.ended(result.reason, result.bytes_1_to_2, result.bytes_2_to_1, result.seconds)
         self._log_close(
