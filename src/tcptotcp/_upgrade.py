@@ -156,6 +156,7 @@ class Successor:
                 "client": [bridge.peer.family, bridge.peer.sockaddr],
                 "upstream": bridge.upstream,
                 "state": asdict(bridge.state),
+                "quiesced_at": bridge.quiesced_at,  # (one monotonic clock for the machine)
             },
             (bridge.fd1, bridge.fd2),
         )
@@ -289,10 +290,12 @@ class Handed:
         except OSError:
             pass
 
-    def receive_bridges(self, adopt: Adopt) -> Tuple[int, int]:
+    def receive_bridges(self, adopt: Adopt) -> Tuple[int, int, float]:
         """Take the predecessor's bridges until it says ``done`` (or is gone), each given to
-        `adopt`, which owns the fds from then on. (adopted, failed)."""
+        `adopt`, which owns the fds from then on. (adopted, failed, the longest pause of one:
+        seconds from its quiescing in the predecessor to its relaying here)."""
         adopted = failed = 0
+        longest = 0.0
         while True:
             try:
                 message, fds = self.channel.receive(time.monotonic() + 3600.0)
@@ -317,6 +320,9 @@ class Handed:
                     str(message["upstream"]),
                 )
                 adopted += 1
+                quiesced_at = float(message.get("quiesced_at") or 0.0)
+                if quiesced_at > 0:
+                    longest = max(longest, time.monotonic() - quiesced_at)
             except Exception as exc:  # (the fds are closed: the client sees the bridge end)
                 failed += 1
                 log.error("upgrade: bridge #%s from pid %d not adopted: %s", message.get("id"), self.from_pid, exc)
@@ -326,7 +332,7 @@ class Handed:
                 except OSError:  # (it is gone: the next receive says so)
                     pass
         self.channel.close()
-        return adopted, failed
+        return adopted, failed, longest
 
     def unused(self) -> None:
         """Close the sockets no forward took (a config that no longer has them)."""

@@ -477,15 +477,16 @@ def _hand_over(service: Service, successor: Successor, drain: float) -> None:
 def _adopt_bridges(service: Service, handed: Handed) -> None:
     """The successor's side: take the predecessor's bridges as they come."""
     started = time.monotonic()
-    adopted, failed = handed.receive_bridges(service.adopt)
+    adopted, failed, longest_pause = handed.receive_bridges(service.adopt)
     if adopted or failed:
         service.announce(
             "adopted",
-            f"adopted {adopted} bridges from pid {handed.from_pid} in {time.monotonic() - started:.3f} s"
-            + (f" ({failed} failed)" if failed else ""),
+            f"adopted {adopted} bridges from pid {handed.from_pid} in {time.monotonic() - started:.3f} s, "
+            f"the longest paused {longest_pause * 1000:.1f} ms" + (f" ({failed} failed)" if failed else ""),
             from_pid=handed.from_pid,
             bridges=adopted,
             failed=failed,
+            longest_pause=round(longest_pause, 6),
         )
 
 

@@ -132,6 +132,7 @@ class HandedBridge:
     conn_id: int
     peer: Peer
     upstream: str
+    quiesced_at: float = 0.0  # time.monotonic() when it stopped reading: its pause began
 
 
 def _detach(relay: Any, timeout: float) -> Optional[Tuple[int, int, BridgeState]]:
@@ -882,19 +883,24 @@ class Forwarder:
         for _ in range(HAND_OVER_TRIES):
             busy = []
 
-            def detach(item: _Open) -> Optional[Tuple[int, int, BridgeState]]:
-                return None if time.monotonic() >= deadline else _detach(item.relay, timeout)
+            def detach(item: _Open) -> Optional[Tuple[Tuple[int, int, BridgeState], float]]:
+                began = time.monotonic()
+                if began >= deadline:
+                    return None
+                got = _detach(item.relay, timeout)
+                return None if got is None else (got, began)
 
             # Several detaches wait at once (a pure bridge's for its threads to be scheduled);
             # the bridges go out in order, each as soon as it and those before it are quiet.
             with concurrent.futures.ThreadPoolExecutor(HAND_OVER_DETACHERS, "tcptotcp-detach") as pool:
                 pending = [(item, pool.submit(detach, item)) for item in items]
                 for n, (item, future) in enumerate(pending):
-                    got = future.result()
-                    if got is None:
+                    done = future.result()
+                    if done is None:
                         busy.append(item)
                         continue
-                    bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream)
+                    got, began = done
+                    bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream, began)
                     try:
                         send(bridge)
                     except OSError as exc:  # the successor is gone: this one and the rest go on here
@@ -903,8 +909,9 @@ class Forwarder:
                         rest = pending[n + 1 :]
                         begun = [(later, detaching) for later, detaching in rest if not detaching.cancel()]
                         for later, detaching in begun:  # (those not begun relay on untouched)
-                            got = detaching.result()  # (detached meanwhile: it goes on here)
-                            if got is not None:
+                            done = detaching.result()  # (detached meanwhile: it goes on here)
+                            if done is not None:
+                                got = done[0]
                                 self.adopt(got[0], got[1], got[2], later.conn_id, later.peer, later.upstream)
                         return moved, max(0, clients - moved)
                     os.close(bridge.fd1)
