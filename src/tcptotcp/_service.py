@@ -117,7 +117,8 @@ class Service:
         balance = f", balance {forwarder.options.balance}" if len(forwarder.options.upstreams) > 1 else ""
         self.announce(
             "listening",
-            f"listening on {forwarder.address_text}, forwarding to {upstreams}{balance} (backend {backend})",
+            f"listening on {forwarder.address_text}, forwarding to {upstreams}{balance} (backend {backend}"
+            + (", TLS bridges on the pure engine)" if forwarder.options.tls and backend != "pure" else ")"),
             listen=forwarder.address_text,
             upstreams=[u.text for u in forwarder.options.upstreams],
             backend=backend,

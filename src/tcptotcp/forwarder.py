@@ -212,6 +212,13 @@ class Forwarder:
     that vanished. `bandwidth` (bytes/s as an integer, or ``"10M"``) holds each direction of
     every bridge to that rate. `listen_socket` serves an inherited listening socket instead of
     binding `listen`. `metrics` is a ``_metrics.Metrics`` to count into.
+
+    TLS (see ``_tls``): `tls_cert`/`tls_key` (files; several certificates are chosen by SNI),
+    `tls_client_ca`, `tls_min_version`, `tls_ciphers`, `tls_alpn` terminate it; `upstream_tls`
+    (with `upstream_ca`, `upstream_sni`, `upstream_cert`/`upstream_key`, `upstream_insecure`)
+    originates it; `tls_handshake_timeout` bounds both handshakes. `tls_context` (a server-side
+    ``ssl.SSLContext``) and `upstream_tls_context` (a client-side one) take the caller's own
+    contexts instead of files. A forward with TLS is served by the pure listener and engine.
     """
 
     #: fds one client costs: its socket and the upstream's, adopted by the bridge; the pure
