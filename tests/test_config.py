@@ -241,6 +241,20 @@ def test_forwarder_kwargs(tmp_path: Path) -> None:
         "keepalive_count": 3,
         "user_timeout": 30.0,
         "reuse_port": True,
+        # (the TLS options' defaults: FULL leaves them out)
+        "tls_cert": (),
+        "tls_key": (),
+        "tls_client_ca": None,
+        "tls_min_version": "1.2",
+        "tls_ciphers": None,
+        "tls_alpn": (),
+        "tls_handshake_timeout": 10.0,
+        "upstream_tls": False,
+        "upstream_ca": None,
+        "upstream_sni": None,
+        "upstream_cert": None,
+        "upstream_key": None,
+        "upstream_insecure": False,
     }
 
 

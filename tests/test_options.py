@@ -26,7 +26,15 @@ from tcptotcp.forwarder import Forwarder
 MINIMAL = '[[forward]]\nlisten = "127.0.0.1:8080"\nupstream = "127.0.0.1:80"\n'
 CLI_ADDRESSES = ["127.0.0.1:8080", "127.0.0.1:80"]
 # Forwarder keyword-only parameters that are not forward options.
-NOT_OPTIONS = {"bridge_class", "listen_socket", "metrics", *_options.DEPRECATED_KEYWORDS}
+# (a caller's own SSLContexts: objects, not options of a file or a flag)
+NOT_OPTIONS = {
+    "bridge_class",
+    "listen_socket",
+    "metrics",
+    "tls_context",
+    "upstream_tls_context",
+    *_options.DEPRECATED_KEYWORDS,
+}
 
 
 # -- the two front doors ---------------------------------------------------------------------
@@ -270,6 +278,9 @@ LIST_ITEMS = {
     "allow": ("10.0.0.0/8", "::1", "10.0.0.1/8", "host bits set"),
     "deny": ("10.0.0.0/8", "::1", "10.0.0.1/8", "host bits set"),
     "route_sni": ("db.example.com=127.0.0.1:1", "*.example.com=[::1]:2", "db..example.com=127.0.0.1:3", "empty label"),
+    "tls_cert": ("a.pem", "/etc/b.pem", "", "expected a file name"),
+    "tls_key": ("a.key", "/etc/b.key", "", "expected a file name"),
+    "tls_alpn": ("h2", "http/1.1,h2c", "h2,,x", "expected protocol names"),
 }
 
 

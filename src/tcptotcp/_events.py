@@ -31,6 +31,7 @@ HELLO_LATE = "no complete ClientHello in time"
 HELLO_CLOSED = "closed before its ClientHello ended"
 HELLO_NOT_READ = "ClientHello not read: {}"
 NO_ROUTE = "no route for server name {}"
+TLS_FAILED = "TLS handshake failed: {}"
 
 
 def no_route(name: Optional[str]) -> str:
@@ -47,6 +48,7 @@ _KIND_PREFIXES = (
     (HELLO_BAD.partition("{")[0], "client hello"),
     (HELLO_NOT_READ.partition("{")[0], "client hello"),
     (NO_ROUTE.partition("{")[0], "no route"),
+    (TLS_FAILED.partition("{")[0], "tls handshake"),
 )
 
 
@@ -72,12 +74,14 @@ class Peer:
 
 
 class Opened(NamedTuple):
-    """A client's bridge started relaying. `relay` has ``stop()`` and ``counts()``."""
+    """A client's bridge started relaying. `relay` has ``stop()`` and ``counts()``; `tls`
+    what its TLS sides negotiated (``_tls.TlsInfo``), None for a plaintext bridge."""
 
     conn_id: int
     peer: Peer
     upstream: str
     relay: Any
+    tls: Any = None
 
 
 class Ended(NamedTuple):
@@ -91,6 +95,7 @@ class Ended(NamedTuple):
     reason: str
     seconds: float
     announced: bool
+    tls: Any = None  # its Opened's, when that was not given (announced False)
 
 
 class Refused(NamedTuple):
@@ -115,6 +120,18 @@ class Refused(NamedTuple):
             if self.why.startswith(prefix):
                 return kind
         return "other"
+
+
+class TlsFailed(NamedTuple):
+    """A TLS handshake failed: with the client (`side` "client": it is then refused) or with
+    the upstream ("upstream": an `UpstreamFailed` follows). `reason` is the metrics' label
+    (``_tls.FAILURE_REASONS`` or "other"), `error` the words of the log."""
+
+    conn_id: int
+    peer: Peer
+    side: str
+    reason: str
+    error: str
 
 
 class UpstreamFailed(NamedTuple):

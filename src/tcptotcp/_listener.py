@@ -23,19 +23,20 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple, Type, Union
 
-from . import _balance, _events, _proxy, _sni
+from . import _balance, _events, _proxy, _sni, _tls, pure
 from ._access import AccessList
 from ._address import Address
 from ._backend import Bridge as DefaultBridge
 from ._backend import core, env_flag
 from ._bridge import Bridge, BridgeResult, Detached, Plan, plan_of
-from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, TlsFailed, Unserved, UpstreamFailed
 from ._resolve import is_no_address
 
 log = logging.getLogger("tcptotcp")
@@ -88,6 +89,18 @@ class ForwardOptions:
     configured: Tuple[Address, ...] = ()
     found: Tuple[Tuple[str, Tuple[Any, ...]], ...] = ()
     resolve_interval: float = 30.0
+    # TLS (see _tls): the context clients handshake with (termination) and the one we
+    # handshake upstream with (origination); None: plaintext on that side.
+    tls_server: Optional[ssl.SSLContext] = None
+    tls_client: Optional[ssl.SSLContext] = None
+    upstream_sni: Optional[str] = None
+    upstream_insecure: bool = False
+    tls_handshake_timeout: float = 10.0
+
+    @property
+    def tls(self) -> bool:
+        """TLS on either side: the pure listener and engine serve the forward."""
+        return self.tls_server is not None or self.tls_client is not None
 
     @property
     def unresolved(self) -> FrozenSet[str]:
@@ -270,6 +283,8 @@ class LoopListener:
         self._core = core.listen(sock, loop_settings(options), first_id)
 
     def configure(self, options: ForwardOptions) -> None:
+        if options.tls:
+            raise ValueError("TLS is switched on only with a restart: this forward is served by the loops")
         self._core.configure(loop_settings(options))
 
     def reserve(self, count: int) -> None:
@@ -316,6 +331,8 @@ def loops_lack(options: ForwardOptions, bridge_class: Type[Bridge]) -> Optional[
     operator's attention (the loops lack a capability) rather than a choice: None when they can."""
     if core is None:
         return ("the compiled core is not installed", False)
+    if options.tls:
+        return ("the loops do not speak TLS yet: TLS bridges run on the pure engine", True)
     if bridge_class is not DefaultBridge:
         return (f"bridges of {bridge_class.__name__} run outside the loops", False)
     if env_flag("TCPTOTCP_ACCEPT_IN_PYTHON"):
@@ -359,6 +376,10 @@ class _Client:
         "client_key",
         "state",
         "reading_hello",
+        "among",
+        "tls",
+        "handshaking",
+        "tls_info",
     )
 
     def __init__(self, conn_id: int, fd: int, peer: Peer, options: ForwardOptions) -> None:
@@ -377,6 +398,12 @@ class _Client:
         self.client_key: Optional[bytes] = None  # holds a slot in the client table under this key
         self.state: Optional[_balance.UpstreamState] = None  # its upstream's, once opened
         self.reading_hello = False  # peeking at its ClientHello (a forward that routes by SNI)
+        self.among: List[int] = []  # the upstreams to try once its TLS handshake is done
+        # The client's socket object once one owns its fd: its TLS socket (termination), or
+        # the plain one a TLS bridge relays through.
+        self.tls: Optional[socket.socket] = None
+        self.handshaking = ""  # "client" or "upstream": a TLS handshake under way
+        self.tls_info: Optional[_tls.TlsInfo] = None  # what its handshakes negotiated
 
 
 class BridgeRelay:
@@ -409,6 +436,9 @@ class PureListener:
         self._family = sock.family
         self.options = options
         self._bridge_class = bridge_class
+        # TLS bridges run on the pure engine whatever the default is (a custom class is kept:
+        # every Bridge relays a TLS socket through the pure engine's pumps).
+        self._tls_bridge_class: Type[Bridge] = pure.Bridge if bridge_class is DefaultBridge else bridge_class
         self._next_id = first_id
         self._lock = threading.Lock()
         self._events: List[Any] = []
@@ -496,7 +526,7 @@ class PureListener:
             self._events_ready.clear()
         # A bridge that opened and ended since the last take is reported once, as ended
         # (as the loops' listener does).
-        opened_now = {e.conn_id for e in events if type(e) is Opened}
+        opened_now = {e.conn_id: e for e in events if type(e) is Opened}
         both = {e.conn_id for e in events if type(e) is Ended and e.conn_id in opened_now}
         if not both:
             return events
@@ -510,7 +540,7 @@ class PureListener:
                     if brief:
                         count, up, down = count + 1, up + e.bytes_up, down + e.bytes_down
                         continue
-                    e = e._replace(announced=False)
+                    e = e._replace(announced=False, tls=opened_now[e.conn_id].tls)
             out.append(e)
         if count:
             out.append(Gone(count, up, down))
@@ -664,7 +694,7 @@ class PureListener:
                 self._refuse(client, why)
                 return
         if not options.routes:
-            self._connect_among(selector, client, range(len(options.upstreams)))
+            self._serve(selector, client, range(len(options.upstreams)))
             return
         client.reading_hello = True
         self._watch(selector, client, client.fd, selectors.EVENT_READ, "header")
@@ -717,7 +747,98 @@ class PureListener:
             self._refuse(client, _events.no_route(hello.server_name))
             return
         serving = len(options.upstreams)
-        self._connect_among(selector, client, [serving + route] if route >= 0 else range(serving))
+        self._serve(selector, client, [serving + route] if route >= 0 else range(serving))
+
+    def _serve(self, selector: selectors.BaseSelector, client: _Client, among: Iterable[int]) -> None:
+        """Admitted (and routed): the TLS handshake with the client first, if the forward
+        terminates TLS, then the upstreams `among`."""
+        if client.options.tls_server is None:
+            self._connect_among(selector, client, among)
+            return
+        client.among = list(among)
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, client.fd)
+        try:
+            sock.setblocking(False)
+            client.tls = client.options.tls_server.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            if sock.fileno() >= 0:
+                sock.detach()  # still a bare fd: _refuse closes it
+            else:
+                client.fd = -1  # closed with the failed wrap
+            client.handshaking = "client"
+            self._tls_failed(selector, client, exc)
+            return
+        client.handshaking = "client"
+        self._set_timer(client, client.options.tls_handshake_timeout)
+        self._handshake(selector, client)
+
+    def _start_upstream_tls(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """Connected (and our PROXY header sent, in plaintext): the TLS handshake upstream, if
+        the forward originates TLS; then the bridge."""
+        options = client.options
+        if options.tls_client is None:
+            self._bridge(client)
+            return
+        sock = client.upstream_sock
+        assert sock is not None and client.upstream is not None
+        client.handshaking = "upstream"
+        hostname = options.upstream_sni or _tls.upstream_hostname(client.upstream)
+        try:
+            client.upstream_sock = options.tls_client.wrap_socket(
+                sock, server_side=False, do_handshake_on_connect=False, server_hostname=hostname
+            )
+        except (OSError, ValueError) as exc:
+            client.upstream_sock = sock if sock.fileno() >= 0 else None
+            self._tls_failed(selector, client, exc)
+            return
+        self._set_timer(client, options.tls_handshake_timeout)
+        self._handshake(selector, client)
+
+    def _handshake(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """One step of a TLS handshake, without blocking: on to the next state once it is done."""
+        side = client.handshaking
+        sock = client.tls if side == "client" else client.upstream_sock
+        assert isinstance(sock, ssl.SSLSocket)
+        fd = sock.fileno()
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._rewatch(selector, client, fd, selectors.EVENT_READ, "tls")
+            return
+        except ssl.SSLWantWriteError:
+            self._rewatch(selector, client, fd, selectors.EVENT_WRITE, "tls")
+            return
+        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+            if fd in self._pending:
+                self._unwatch(selector, fd)
+            self._tls_failed(selector, client, exc)
+            return
+        if fd in self._pending:
+            self._unwatch(selector, fd)
+        client.deadline = 0.0  # its timer is void
+        client.handshaking = ""
+        if side == "client":
+            client.tls_info = _tls.client_info(sock)
+            self._connect_among(selector, client, client.among)
+        else:
+            client.tls_info = _tls.with_upstream(client.tls_info, sock)
+            self._bridge(client)
+
+    def _tls_failed(self, selector: selectors.BaseSelector, client: _Client, exc: BaseException) -> None:
+        """A handshake failed (or timed out): the client is refused, or the upstream failed
+        (and the next one is tried)."""
+        side, client.handshaking = client.handshaking, ""
+        text = _tls.failure_text(exc)
+        self._emit(TlsFailed(client.conn_id, client.peer, side, _tls.failure_reason(exc), text))
+        if side == "client":
+            self._refuse(client, _events.TLS_FAILED.format(text))
+            return
+        client.deadline = 0.0
+        sock, client.upstream_sock = client.upstream_sock, None
+        if sock is not None:
+            sock.close()
+        self._upstream_failed(client, OSError(f"TLS handshake failed: {text}"))
+        self._try_next_upstream(selector, client)
 
     def _connect_among(self, selector: selectors.BaseSelector, client: _Client, among: Iterable[int]) -> None:
         """Try the upstreams `among` (indices): those down (marked by failed connects or by the
@@ -830,7 +951,7 @@ class PureListener:
             self._upstream_failed(client, OSError(err, os.strerror(err)))
         # Every upstream failed.
         client.deadline = 0.0  # a connect timer of the last attempt may still be queued: void it
-        os.close(client.fd)
+        self._close_client(client)
         self._emit(Unserved(client.conn_id, client.peer, len(client.options.upstreams)), gone=client)
 
     def _upstream_failed(self, client: _Client, exc: OSError) -> None:
@@ -881,7 +1002,7 @@ class PureListener:
                 self._watch(selector, client, sock.fileno(), selectors.EVENT_WRITE, "send")
                 self._set_timer(client, client.options.connect_timeout)
                 return
-        self._bridge(client)
+        self._start_upstream_tls(selector, client)
 
     def _proxy_header(self, client: _Client) -> bytes:
         family = client.peer.family
@@ -938,6 +1059,9 @@ class PureListener:
 
     def _ready(self, selector: selectors.BaseSelector, fd: int) -> None:
         client, what = self._pending[fd]
+        if what == "tls":
+            self._handshake(selector, client)
+            return
         if what == "header":
             if client.reading_hello:
                 self._read_hello(selector, client)
@@ -965,11 +1089,19 @@ class PureListener:
         client.to_send = client.to_send[sent:]
         if not client.to_send:
             self._unwatch(selector, fd)
-            self._bridge(client)
+            self._start_upstream_tls(selector, client)
 
     def _watch(self, selector: selectors.BaseSelector, client: _Client, fd: int, events: int, what: str) -> None:
         self._pending[fd] = (client, what)
         selector.register(fd, events)
+
+    def _rewatch(self, selector: selectors.BaseSelector, client: _Client, fd: int, events: int, what: str) -> None:
+        """Watch `fd` for `events` now, whether it was watched (for others) or not."""
+        if fd in self._pending:
+            self._pending[fd] = (client, what)
+            selector.modify(fd, events)
+        else:
+            self._watch(selector, client, fd, events, what)
 
     def _unwatch(self, selector: selectors.BaseSelector, fd: int) -> None:
         del self._pending[fd]
@@ -986,6 +1118,12 @@ class PureListener:
             if client.deadline != deadline:
                 continue  # moved on (or gone) since this timer was set
             client.deadline = 0.0
+            if client.handshaking:  # a TLS handshake, with the client or the upstream
+                sock = client.tls if client.handshaking == "client" else client.upstream_sock
+                if sock is not None and sock.fileno() in self._pending:
+                    self._unwatch(selector, sock.fileno())
+                self._tls_failed(selector, client, TimeoutError("timed out"))
+                continue
             if client.upstream_sock is None:  # still on its PROXY header or ClientHello
                 if client.fd in self._pending:  # (not while a ClientHello waits to be looked at again)
                     self._unwatch(selector, client.fd)
@@ -1001,12 +1139,21 @@ class PureListener:
         if client.upstream_sock is not None:
             client.upstream_sock.close()
         client.deadline = 0.0
-        os.close(client.fd)
+        self._close_client(client)
         self._emit(Dropped(client.conn_id, client.peer), gone=client)
+
+    @staticmethod
+    def _close_client(client: _Client) -> None:
+        """Close the client's connection (its TLS socket, or its bare fd)."""
+        if client.tls is not None:
+            client.tls.close()
+        elif client.fd >= 0:
+            os.close(client.fd)
+        client.fd = -1
 
     def _refuse(self, client: _Client, why: str) -> None:
         client.deadline = 0.0
-        os.close(client.fd)
+        self._close_client(client)
         self._emit(Refused(client.conn_id, client.peer, why), gone=client)
 
     def _bridge(self, client: _Client) -> None:
@@ -1015,49 +1162,70 @@ class PureListener:
         client.deadline = 0.0
         if self._cancelling:  # (a stop that cancels: nothing opens once it returned)
             sock.close()
-            os.close(client.fd)
+            self._close_client(client)
             self._emit(Dropped(client.conn_id, client.peer), gone=client)
             return
         conn_id, peer = client.conn_id, client.peer
-        # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
+        options = client.options
+        # (only when set: a custom bridge_class may predate the keyword)
+        extra: Dict[str, Any] = {"bandwidth": options.bandwidth} if options.bandwidth else {}
+        streams: Optional[Tuple[socket.socket, socket.socket]] = None
         try:
-            options = client.options
-            # (only when set: a custom bridge_class may predate the keyword)
-            extra: Dict[str, Any] = {"bandwidth": options.bandwidth} if options.bandwidth else {}
-            bridge = self._bridge_class.from_fds(
-                client.fd,
-                sock.fileno(),
-                rate_check_seconds=options.rate_check,
-                keep_alive_delay_time_seconds=options.idle_timeout,
-                activity=options.activity,
-                half_close=options.half_close,
-                **extra,
-            )
+            if options.tls:
+                # A TLS socket's bytes are not its fd's: the bridge relays through the objects.
+                client_sock = client.tls or socket.socket(self._family, socket.SOCK_STREAM, 0, client.fd)
+                client.tls = client_sock  # (closed as the client's from here on)
+                streams = (client_sock, sock)
+                bridge = self._tls_bridge_class(
+                    client_sock,
+                    sock,
+                    rate_check_seconds=options.rate_check,
+                    keep_alive_delay_time_seconds=options.idle_timeout,
+                    activity=options.activity,
+                    half_close=options.half_close,
+                    **extra,
+                )
+            else:
+                # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
+                bridge = self._bridge_class.from_fds(
+                    client.fd,
+                    sock.fileno(),
+                    rate_check_seconds=options.rate_check,
+                    keep_alive_delay_time_seconds=options.idle_timeout,
+                    activity=options.activity,
+                    half_close=options.half_close,
+                    **extra,
+                )
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
-            os.close(client.fd)
+            self._close_client(client)
             sock.close()
             if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
             self._emit(Refused(conn_id, peer, _events.BRIDGE_NOT_STARTED.format(exc)), gone=client)
             return
-        upstream_fd = sock.detach()  # the bridge's now
+        upstream_fd = -1 if streams is not None else sock.detach()  # the bridge's now
         state = self._states_of(client)[client.tried[-1]]
         with self._lock:
             state.open += 1
             client.state = state
         bridge.add_done_callback(lambda result: self._bridge_ended(client, upstream.text, result))
-        self._emit(Opened(conn_id, peer, upstream.text, BridgeRelay(bridge)))  # before any end of it
+        # before any end of it
+        self._emit(Opened(conn_id, peer, upstream.text, BridgeRelay(bridge), client.tls_info))
         try:
             bridge.start()
         except Exception as exc:  # out of threads
             log.error("#%d %s: bridge not started: %s", conn_id, peer, exc)
             if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
-            for fd in (client.fd, upstream_fd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            if streams is not None:
+                for stream in streams:
+                    stream.close()
+            else:
+                for fd in (client.fd, upstream_fd):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
             self._emit(Ended(conn_id, peer, upstream.text, 0, 0, "error", 0.0, True), gone=client)
 
     def _bridge_ended(self, client: _Client, upstream: str, result: BridgeResult) -> None:

@@ -119,6 +119,8 @@ class ForwardMetrics:
         "_up",
         "_resolutions_family",
         "_resolutions",
+        "_tls_failures_family",
+        "_tls_failures",
     )
 
     def __init__(self, owner: Metrics, listen: str, upstream: Optional[str]) -> None:
@@ -141,6 +143,17 @@ class ForwardMetrics:
         self._up: Dict[str, Gauge] = {}
         self._resolutions_family: Counter = owner._resolutions
         self._resolutions: Dict[Tuple[str, str], Counter] = {}
+        self._tls_failures_family: Counter = owner._tls_failures
+        self._tls_failures: Dict[Tuple[str, str], Counter] = {}
+
+    def tls_failed(self, side: str, reason: str) -> None:
+        """A TLS handshake failed: `side` is ``client`` (ours as the server) or ``upstream``;
+        `reason` one of ``_tls.FAILURE_REASONS`` or ``other``."""
+        key = (side, reason)
+        child = self._tls_failures.get(key)
+        if child is None:
+            child = self._tls_failures[key] = self._tls_failures_family.labels(self.listen, side, reason)
+        child.inc()
 
     def upstreams(self, texts: Sequence[str], is_up: Callable[[str], bool]) -> None:
         """The forward's upstreams now: ``tcptotcp_upstream_up`` asks `is_up` at each scrape
@@ -245,6 +258,12 @@ class Metrics:
             ("listen", "upstream", "result"),
             registry=reg,
         )
+        self._tls_failures = Counter(
+            "tcptotcp_tls_handshake_failures",
+            "TLS handshakes that failed, by side (client, upstream) and the SSL error's reason.",
+            ("listen", "side", "reason"),
+            registry=reg,
+        )
         self._active = Gauge("tcptotcp_connections_active", "Bridges running now.", listen, registry=reg)
         self._upstream_failures = Counter(
             "tcptotcp_upstream_connect_failures",
@@ -312,7 +331,7 @@ class Metrics:
         families = {
             counter._name: counter  # (prometheus_client keeps the name without "_total")
             for counter in (self._accepted, self._refused, self._upstream_failures, self._bytes_up)
-            + (self._bytes_down, self._ended)
+            + (self._bytes_down, self._ended, self._tls_failures)
         }
         for name, labels, value in values:
             family = families.get(name)

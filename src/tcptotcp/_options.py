@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._access import parse_network
 from ._sni import check_route_pattern
+from ._tls import MIN_VERSIONS, check_alpn, check_file
 
 # Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT: out-of-range values would
 # otherwise fail in setsockopt() for every client.
@@ -259,6 +260,7 @@ def _option(
 
 
 ACCESS = "who gets in, where they go"
+TLS = "TLS (served by the pure listener and engine: the loops do not speak TLS yet)"
 OPERATION = "operation"
 
 #: Per-forward options, in the command line's help order.
@@ -525,6 +527,126 @@ FORWARD_OPTIONS: Tuple[Option, ...] = (
         min_inclusive=False,
         group=ACCESS,
         maximum=MAX_SECONDS,
+    ),
+    _option(
+        "tls_cert",
+        str,
+        (),
+        "clients speak TLS to the forwarder with this certificate chain (PEM), the upstream gets plaintext; "
+        "repeatable: the first is the default, another is chosen when the client's SNI matches its names",
+        metavar="FILE",
+        repeatable=True,
+        item_check=check_file,
+        group=TLS,
+    ),
+    _option(
+        "tls_key",
+        str,
+        (),
+        "the private key of each --tls-cert, in the same order (none: each certificate file holds its key)",
+        metavar="FILE",
+        repeatable=True,
+        item_check=check_file,
+        group=TLS,
+    ),
+    _option(
+        "tls_client_ca",
+        str,
+        None,
+        "require a client certificate signed by a CA in FILE (mutual TLS)",
+        metavar="FILE",
+        optional=True,
+        group=TLS,
+    ),
+    _option(
+        "tls_min_version",
+        str,
+        "1.2",
+        "the oldest TLS version spoken, both ways (default 1.2)",
+        choices=tuple(MIN_VERSIONS),
+        group=TLS,
+    ),
+    _option(
+        "tls_ciphers",
+        str,
+        None,
+        "the TLS 1.2 cipher list offered to clients (OpenSSL's syntax)",
+        metavar="LIST",
+        optional=True,
+        group=TLS,
+    ),
+    _option(
+        "tls_alpn",
+        str,
+        (),
+        "ALPN protocols offered to clients, in order of preference (repeatable, or a comma list: h2,http/1.1)",
+        metavar="PROTOCOLS",
+        repeatable=True,
+        item_check=check_alpn,
+        group=TLS,
+    ),
+    _option(
+        "tls_handshake_timeout",
+        float,
+        10.0,
+        f"a TLS handshake, with a client or an upstream, must end within this long "
+        f"(more than 0, at most {MAX_SECONDS}; default 10)",
+        metavar="SECONDS",
+        minimum=0,
+        min_inclusive=False,
+        maximum=MAX_SECONDS,
+        group=TLS,
+    ),
+    _option(
+        "upstream_tls",
+        bool,
+        False,
+        "speak TLS to the upstream, verifying its certificate (the system's CAs, or --upstream-ca) "
+        "and its host name (the upstream's, or --upstream-sni)",
+        group=TLS,
+    ),
+    _option(
+        "upstream_ca",
+        str,
+        None,
+        "with --upstream-tls: trust the CA certificates in FILE instead of the system's",
+        metavar="FILE",
+        optional=True,
+        group=TLS,
+    ),
+    _option(
+        "upstream_sni",
+        str,
+        None,
+        "with --upstream-tls: the server name sent and checked (default: the upstream's host)",
+        metavar="NAME",
+        optional=True,
+        group=TLS,
+    ),
+    _option(
+        "upstream_cert",
+        str,
+        None,
+        "with --upstream-tls: present this client certificate (mutual TLS)",
+        metavar="FILE",
+        optional=True,
+        group=TLS,
+    ),
+    _option(
+        "upstream_key",
+        str,
+        None,
+        "the private key of --upstream-cert (none: the certificate file holds it)",
+        metavar="FILE",
+        optional=True,
+        group=TLS,
+    ),
+    _option(
+        "upstream_insecure",
+        bool,
+        False,
+        "with --upstream-tls: do not verify the upstream's certificate at all (logged as a warning at start)",
+        group=TLS,
     ),
     _option(
         "keepalive",

@@ -186,7 +186,7 @@ class Pump:
     def run(self) -> str:
         view = memoryview(self._buffer)
         src, dst, ready = self._src, self._dst, self._waiter.ready
-        recv_into, send = src.recv_into, dst.send
+        recv_into, send = _one_at_a_time(src, src.recv_into), _one_at_a_time(dst, dst.send)
         # After a short read the queue is empty: wait first instead of paying for a read
         # that raises BlockingIOError (an exception and a syscall per message). Not for
         # TLS, which may hold decrypted bytes that poll() cannot see.
@@ -257,6 +257,25 @@ _TCP_CLOSE = 7  # tcpi_state of a connection that is gone (Linux's TCP_CLOSE)
 _LONGEST_INTERVAL = 10.0**9
 
 OnEnd = Callable[[int, int, str, float], None]
+
+
+_TLS_LOCK = "_tcptotcp_io_lock"
+
+
+def _one_at_a_time(sock: socket.socket, call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` on a TLS socket serialised with the other pump's calls on it: one SSL object
+    must not be read and written by two threads at once (OpenSSL's rule; the ssl module
+    drops the GIL inside, and free-threaded builds have none). The calls never block (the
+    sockets are non-blocking), so the lock is held only for one record's work."""
+    lock = getattr(sock, _TLS_LOCK, None)
+    if lock is None:
+        return call
+
+    def locked(*args: Any) -> Any:
+        with lock:
+            return call(*args)
+
+    return locked
 
 
 def speaks_fd_bytes(sock: socket.socket) -> bool:
@@ -503,6 +522,9 @@ class ThreadRelay:
             # relay through the objects themselves.
             self._wake_pair = socket.socketpair()
         w1, w2 = self._wires
+        for wire in (w1, w2):  # (before the pumps start: they share it, see _one_at_a_time)
+            if isinstance(wire, ssl.SSLSocket) and getattr(wire, _TLS_LOCK, None) is None:
+                setattr(wire, _TLS_LOCK, threading.Lock())
         try:
             # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
             # socket timeout the caller set can never end the bridge.

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Type
 
+from . import _tls
 from ._activation import is_inherited_address, listener_socket, resolve_listen
 from ._bridge import Bridge, BridgeState
 from ._config import ForwardSpec
@@ -116,7 +117,8 @@ class Service:
         balance = f", balance {forwarder.options.balance}" if len(forwarder.options.upstreams) > 1 else ""
         self.announce(
             "listening",
-            f"listening on {forwarder.address_text}, forwarding to {upstreams}{balance} (backend {backend})",
+            f"listening on {forwarder.address_text}, forwarding to {upstreams}{balance} (backend {backend}"
+            + (", TLS bridges on the pure engine)" if forwarder.options.tls and backend != "pure" else ")"),
             listen=forwarder.address_text,
             upstreams=[u.text for u in forwarder.options.upstreams],
             backend=backend,
@@ -188,6 +190,13 @@ class Service:
         added = [(key, spec) for key, spec in wanted.items() if key not in self.forwards]
         removed = [key for key in self.forwards if key not in wanted]
         changed = [(key, spec) for key, spec in wanted.items() if key in self.specs and spec != self.specs[key]]
+        # Certificates are files: a forward whose options did not change reads them again too.
+        same_tls = [
+            key
+            for key, spec in wanted.items()
+            if key in self.specs and spec == self.specs[key] and _tls.wants_tls(spec.settings())
+        ]
+        self._check_tls([(key, spec) for key, spec in wanted.items() if key in self.forwards])
         # Binds first: a port in use fails the reload whole.
         made = self._make_all([spec for _, spec in added], [key for key, _ in added])
         for key, spec in changed:
@@ -198,6 +207,8 @@ class Service:
             kwargs = {k: v for k, v in spec.forwarder_kwargs().items() if k not in RESTART_NAMES}
             self.forwards[key].reconfigure(spec.upstream_addresses or spec.upstreams, **kwargs)
             self.specs[key] = spec
+        for key in same_tls:
+            self.forwards[key].reload_certificates()
         removed_listens = []
         for key in removed:
             forwarder = self.forwards.pop(key)
@@ -218,6 +229,28 @@ class Service:
             removed=removed_listens,
             changed=[s.listen for _, s in changed],
         )
+
+    def _check_tls(self, kept: Sequence[Tuple[str, ForwardSpec]]) -> None:
+        """Before a reload changes anything: ValueError if a kept forward's TLS files do not
+        load, or it would switch TLS on where the loops serve it (a restart's)."""
+        for key, spec in kept:
+            settings = spec.settings()
+            if not _tls.wants_tls(settings):
+                continue
+            if self.forwards[key].listener_kind == "loops":
+                raise ValueError(f"{spec.listen}: TLS is switched on only with a restart (the loops serve it now)")
+            try:
+                _tls.contexts(settings)
+            except ValueError as exc:
+                raise ValueError(f"{spec.listen}: {exc}") from None
+
+    def reload_certificates(self) -> int:
+        """SIGHUP without a config file: every TLS forward reads its certificate files again
+        (ValueError, naming the forward, the file and why: the forwards not yet reloaded keep
+        their old ones). How many forwards did."""
+        forwards = list(self.forwards.items())
+        self._check_tls([(key, self.specs[key]) for key, _ in forwards])
+        return sum(1 for _, forwarder in forwards if forwarder.reload_certificates())
 
     def listening_sockets(self) -> List[Tuple[str, socket.socket]]:
         """Every forward's listening socket, by key: what a successor takes over."""

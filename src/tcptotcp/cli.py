@@ -25,7 +25,7 @@ from ._bridge import Bridge
 from ._config import Config, ConfigError, ForwardSpec, load_config
 from ._jsonlog import JsonFormatter
 from ._metrics import Metrics, MetricsUnavailable, StatusServer, parse_hostport
-from ._options import ACCESS, FORWARD_OPTIONS, OPERATION, OPTIONS, Option, OptionError, check_forward
+from ._options import ACCESS, FORWARD_OPTIONS, OPERATION, OPTIONS, TLS, Option, OptionError, check_forward
 from ._service import Service
 from ._upgrade import (
     Handed,
@@ -124,7 +124,7 @@ def forward_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="read the forwards from a TOML file (SIGHUP reloads it)")
     # The forward options, from the one table (see _options), in its order.
     groups: Dict[Optional[str], Any] = {None: p}
-    for group in (ACCESS, OPERATION):
+    for group in (ACCESS, TLS, OPERATION):
         groups[group] = p.add_argument_group(group)
     for option in FORWARD_OPTIONS:
         _add_option(groups[option.group], option, default=[] if option.repeatable else option.default)
@@ -496,7 +496,18 @@ def _event(name: str, **fields: Any) -> Dict[str, Any]:
 
 def _reload(service: Service, path: Optional[str], log: logging.Logger) -> None:
     if path is None:
-        log.warning("SIGHUP: nothing to reload (no --config)")
+        # The command line's forward: only its TLS files can change.
+        try:
+            count = service.reload_certificates()
+        except (OSError, ValueError) as exc:
+            log.error(
+                "reload failed, the old certificates stay: %s", exc, extra={"event": "reload_failed", "fields": {}}
+            )
+            return
+        if count:
+            service.announce("reload", "reloaded: TLS certificates read again", certificates=count)
+        else:
+            log.warning("SIGHUP: nothing to reload (no --config)")
         return
     try:
         config = load_config(path)

@@ -17,17 +17,19 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
+from . import _tls
 from ._access import AccessList
 from ._address import Address, format_sockaddr
 from ._backend import Bridge as DefaultBridge
 from ._bridge import Bridge, BridgeResult, BridgeState, Detached, EngineDetached
-from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._events import AcceptPaused, Ended, Gone, Opened, Peer, Refused, TlsFailed, Unserved, UpstreamFailed
 from ._health import HealthChecker
 from ._listener import (
     BridgeRelay,
@@ -95,6 +97,9 @@ _AS_GIVEN = (
     "route_sni_strict",
     "bandwidth",
     "resolve_interval",
+    "upstream_sni",
+    "upstream_insecure",
+    "tls_handshake_timeout",
 )
 
 
@@ -211,6 +216,13 @@ class Forwarder:
     that vanished. `bandwidth` (bytes/s as an integer, or ``"10M"``) holds each direction of
     every bridge to that rate. `listen_socket` serves an inherited listening socket instead of
     binding `listen`. `metrics` is a ``_metrics.Metrics`` to count into.
+
+    TLS (see ``_tls``): `tls_cert`/`tls_key` (files; several certificates are chosen by SNI),
+    `tls_client_ca`, `tls_min_version`, `tls_ciphers`, `tls_alpn` terminate it; `upstream_tls`
+    (with `upstream_ca`, `upstream_sni`, `upstream_cert`/`upstream_key`, `upstream_insecure`)
+    originates it; `tls_handshake_timeout` bounds both handshakes. `tls_context` (a server-side
+    ``ssl.SSLContext``) and `upstream_tls_context` (a client-side one) take the caller's own
+    contexts instead of files. A forward with TLS is served by the pure listener and engine.
     """
 
     #: fds one client costs: its socket and the upstream's, adopted by the bridge; the pure
@@ -254,6 +266,21 @@ class Forwarder:
         bandwidth: Optional[Union[int, str]] = None,
         resolve_interval: float = 30.0,
         resolve_strict: bool = False,
+        tls_cert: Sequence[str] = (),
+        tls_key: Sequence[str] = (),
+        tls_client_ca: Optional[str] = None,
+        tls_min_version: str = "1.2",
+        tls_ciphers: Optional[str] = None,
+        tls_alpn: Sequence[str] = (),
+        tls_handshake_timeout: float = 10.0,
+        upstream_tls: bool = False,
+        upstream_ca: Optional[str] = None,
+        upstream_sni: Optional[str] = None,
+        upstream_cert: Optional[str] = None,
+        upstream_key: Optional[str] = None,
+        upstream_insecure: bool = False,
+        tls_context: Optional[ssl.SSLContext] = None,
+        upstream_tls_context: Optional[ssl.SSLContext] = None,
         reuse_port: bool = False,
         listen_socket: Optional[socket.socket] = None,
         metrics: Optional[Any] = None,
@@ -299,6 +326,21 @@ class Forwarder:
             bandwidth=bandwidth,
             resolve_interval=resolve_interval,
             resolve_strict=resolve_strict,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            tls_min_version=tls_min_version,
+            tls_ciphers=tls_ciphers,
+            tls_alpn=tls_alpn,
+            tls_handshake_timeout=tls_handshake_timeout,
+            upstream_tls=upstream_tls,
+            upstream_ca=upstream_ca,
+            upstream_sni=upstream_sni,
+            upstream_cert=upstream_cert,
+            upstream_key=upstream_key,
+            upstream_insecure=upstream_insecure,
+            tls_context=tls_context,
+            upstream_tls_context=upstream_tls_context,
         )
         self._resolver: Optional[Resolver] = None  # with upstream names, while serving
         self._configuring = threading.Lock()  # one options change at a time: a reload's or a lookup's
@@ -334,12 +376,24 @@ class Forwarder:
             raise
         self.address = self._sock.getsockname()
         self._metrics = None if metrics is None else metrics.forward(self.address_text)
+        if self.options.upstream_insecure:
+            log.warning(
+                "%s: --upstream-insecure: the upstream's TLS certificate is NOT verified: anyone on the way "
+                "can read and change the traffic",
+                self.address_text,
+                extra=_event("upstream_insecure", listen=self.address_text),
+            )
 
     # -- options ------------------------------------------------------------------------
 
     def _options(self, upstream: Union[str, Address, Sequence[Union[str, Address]]], **kw: Any) -> ForwardOptions:
+        # A caller's own SSLContexts are not options of the table (no file, no flag).
+        tls_context = kw.pop("tls_context", None)
+        upstream_tls_context = kw.pop("upstream_tls_context", None)
         # The option table's checks and bounds, as the command line and the config file apply them.
         kw = forwarder_kwargs(check_forward(kw, fill=False))
+        # The certificates are read here: at start, and again on every reconfigure (a reload).
+        tls_server, tls_client = _tls.contexts(kw, tls_context, upstream_tls_context)
         if kw["user_timeout"] is not None and not hasattr(socket, "TCP_USER_TIMEOUT"):
             raise ValueError("user_timeout needs TCP_USER_TIMEOUT, which this platform lacks")
         access = AccessList(kw["allow"], kw["deny"])
@@ -350,6 +404,12 @@ class Forwarder:
             raise ValueError(f"route_sni needs a TCP listener, not {self.listen.text}")
         strict = kw["resolve_strict"] or not kw["resolve_interval"]
         configured = _upstream_list(upstream, strict)
+        if tls_client is not None and tls_client.check_hostname and not kw["upstream_sni"]:
+            for u in configured + tuple(address for _, address in routes):
+                if _tls.upstream_hostname(u) is None:
+                    raise ValueError(
+                        f"upstream_tls: {u.text} has no host name to verify: give upstream_sni (or upstream_insecure)"
+                    )
         found = self._found(configured, strict)
         return ForwardOptions(
             upstreams=expand(configured, found),
@@ -358,8 +418,31 @@ class Forwarder:
             routes=routes,
             access=access,
             rate_check=kw["rate_check_seconds"],
+            tls_server=tls_server,
+            tls_client=tls_client,
             **{name: kw[name] for name in _AS_GIVEN},
         )
+
+    def reload_certificates(self) -> bool:
+        """Read the TLS files again (SIGHUP): new clients get the new certificates, open
+        bridges keep theirs. ValueError (naming the file and why) leaves the old ones in
+        place. False for a forward without TLS files (nothing to read)."""
+        if not any(self._settings.get(name) for name in ("tls_cert", "upstream_tls")):
+            return False
+        with self._configuring:
+            tls_server, tls_client = _tls.contexts(
+                forwarder_kwargs(
+                    check_forward({k: v for k, v in self._settings.items() if not k.endswith("_context")}, fill=False)
+                ),
+                self._settings.get("tls_context"),
+                self._settings.get("upstream_tls_context"),
+            )
+            with self._lock:
+                new = replace(self.options, tls_server=tls_server, tls_client=tls_client)
+                if self._listener is not None and not self._listener_closed:
+                    self._listener.configure(new)
+                self.options = new
+        return True
 
     def _found(self, configured: Tuple[Address, ...], strict: bool) -> Dict[str, Tuple[Any, ...]]:
         """Each upstream name's addresses: as parsed just now, else the last good ones (a name
@@ -537,7 +620,7 @@ class Forwarder:
                 if metrics is not None:
                     metrics.accepted()
                     metrics.opened()
-                self._log_open(e.conn_id, e.peer, e.upstream)
+                self._log_open(e.conn_id, e.peer, e.upstream, e.tls)
             elif kind is Ended:
                 with self._lock:
                     item = self._open.pop(e.conn_id, None)
@@ -549,10 +632,14 @@ class Forwarder:
                     if metrics is not None:
                         metrics.accepted()
                         metrics.opened()
-                    self._log_open(e.conn_id, e.peer, e.upstream)
+                    self._log_open(e.conn_id, e.peer, e.upstream, e.tls)
                 if metrics is not None:
                     metrics.ended(e.reason, e.bytes_up, e.bytes_down, e.seconds)
                 self._log_close(e)
+            elif kind is TlsFailed:
+                # (the Refused or UpstreamFailed that follows writes the log line)
+                if metrics is not None:
+                    metrics.tls_failed(e.side, e.reason)
             elif kind is UpstreamFailed:
                 with self._lock:
                     stats.upstream_failures += 1
@@ -804,14 +891,24 @@ class Forwarder:
             ),
         )
 
-    def _log_open(self, conn_id: int, peer: Peer, upstream: str) -> None:
+    def _log_open(self, conn_id: int, peer: Peer, upstream: str, tls: Optional[_tls.TlsInfo] = None) -> None:
         if log.isEnabledFor(logging.INFO):
+            if tls is None:
+                log.info(
+                    "#%d open %s -> %s",
+                    conn_id,
+                    peer,
+                    upstream,
+                    extra=_event("open", id=conn_id, client=str(peer), upstream=upstream),
+                )
+                return
             log.info(
-                "#%d open %s -> %s",
+                "#%d open %s -> %s%s",
                 conn_id,
                 peer,
                 upstream,
-                extra=_event("open", id=conn_id, client=str(peer), upstream=upstream),
+                tls.text(),
+                extra=_event("open", id=conn_id, client=str(peer), upstream=upstream, **tls.fields()),
             )
 
     def _log_close(self, e: Ended) -> None:
