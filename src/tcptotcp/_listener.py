@@ -103,6 +103,20 @@ class ForwardOptions:
         return self.tls_server is not None or self.tls_client is not None
 
     @property
+    def bridge_options(self) -> Dict[str, Any]:
+        """The keyword arguments of a `Bridge` for this forward (`bandwidth` only when set: a
+        custom bridge_class may predate the keyword)."""
+        options: Dict[str, Any] = {
+            "rate_check_seconds": self.rate_check,
+            "keep_alive_delay_time_seconds": self.idle_timeout,
+            "activity": self.activity,
+            "half_close": self.half_close,
+        }
+        if self.bandwidth:
+            options["bandwidth"] = self.bandwidth
+        return options
+
+    @property
     def unresolved(self) -> FrozenSet[str]:
         """The texts of the upstream names without an address (yet)."""
         return frozenset(text for text, addresses in self.found if not addresses)
@@ -1167,8 +1181,6 @@ class PureListener:
             return
         conn_id, peer = client.conn_id, client.peer
         options = client.options
-        # (only when set: a custom bridge_class may predate the keyword)
-        extra: Dict[str, Any] = {"bandwidth": options.bandwidth} if options.bandwidth else {}
         streams: Optional[Tuple[socket.socket, socket.socket]] = None
         try:
             if options.tls:
@@ -1176,26 +1188,10 @@ class PureListener:
                 client_sock = client.tls or socket.socket(self._family, socket.SOCK_STREAM, 0, client.fd)
                 client.tls = client_sock  # (closed as the client's from here on)
                 streams = (client_sock, sock)
-                bridge = self._tls_bridge_class(
-                    client_sock,
-                    sock,
-                    rate_check_seconds=options.rate_check,
-                    keep_alive_delay_time_seconds=options.idle_timeout,
-                    activity=options.activity,
-                    half_close=options.half_close,
-                    **extra,
-                )
+                bridge = self._tls_bridge_class(client_sock, sock, **options.bridge_options)
             else:
                 # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
-                bridge = self._bridge_class.from_fds(
-                    client.fd,
-                    sock.fileno(),
-                    rate_check_seconds=options.rate_check,
-                    keep_alive_delay_time_seconds=options.idle_timeout,
-                    activity=options.activity,
-                    half_close=options.half_close,
-                    **extra,
-                )
+                bridge = self._bridge_class.from_fds(client.fd, sock.fileno(), **options.bridge_options)
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
             self._close_client(client)
             sock.close()

@@ -1036,16 +1036,7 @@ class Forwarder:
         or limit applies again; it counts as active until it ends."""
         options = self.options
         try:
-            bridge = self.bridge_class.from_fds(
-                fd1,
-                fd2,
-                rate_check_seconds=options.rate_check,
-                keep_alive_delay_time_seconds=options.idle_timeout,
-                activity=options.activity,
-                half_close=options.half_close,
-                resume=state,
-                **({"bandwidth": options.bandwidth} if options.bandwidth else {}),
-            )
+            bridge = self.bridge_class.from_fds(fd1, fd2, resume=state, **options.bridge_options)
         except BaseException:
             os.close(fd1)
             os.close(fd2)
