@@ -473,6 +473,25 @@ def test_openssl_s_client_through_a_terminating_forward(backend, certs, records)
         upstream.close()
 
 
+def test_clients_that_reset_right_after_the_handshake_are_not_refusals(backend, certs, echo, records, metrics):  # noqa: F811
+    """`openssl s_time -new` handshakes and resets at once (its session tickets unread): a client
+    gone before its bridge started is a bridge that ended ("error"), not a refusal; refusals are
+    only the handshakes it cut short."""
+    options = dict(tls_cert=[certs.crt("server")], tls_key=[certs.key("server")], metrics=metrics)
+    with serving(backend, f"127.0.0.1:{echo.address[1]}", **options) as fwd:
+        run = subprocess.run(
+            [OPENSSL, "s_time", "-new", "-connect", f"127.0.0.1:{fwd.address[1]}", "-time", "1"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "connections" in run.stdout, (run.stdout, run.stderr)
+        assert wait_until(lambda: fwd.stats.active == 0), fwd.stats
+        assert fwd.stats.accepted > 10, fwd.stats
+        assert not [line for line in records.lines() if "bridge not started" in line]
+        assert fwd.stats.refused == sum(tls_failures(fwd, metrics, "client").values()), fwd.stats
+        with tls_client(fwd, certs.client_context()) as client:
+            checksummed_echo(client, 1000)
+
+
 # -- who may not: mutual TLS, verification, garbage, stalls -----------------------------------------
 
 

@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, ClassVar, List, Optional, Protocol, Tuple, Type, Union
 
@@ -35,6 +36,7 @@ REASONS = ("closed", "idle", "error", "stopped", "detached")
 
 # A throttled direction's bucket (see bandwidth_bucket).
 _MIN_BURST = 64 * 1024
+_WAIT_SLICE = 0.2  # seconds: the longest a signal may wait for its handler during Bridge.wait()
 # Up to ~100 GB/s: the loops keep a bucket in a double of bytes and time in int64 ns.
 MAX_BANDWIDTH = 100_000_000_000
 
@@ -447,8 +449,13 @@ class Bridge:
             if self._ended is None:
                 self._ended = threading.Event()
             ended = self._ended
-        ended.wait(timeout)
-        return self._result
+        # In slices: a signal (Ctrl-C) whose handler flag is set just before the wait blocks
+        # does not wake it, and Python would run the handler only when the wait ends.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+            if ended.wait(max(0.0, left)) or (deadline is not None and time.monotonic() >= deadline):
+                return self._result
 
     def add_done_callback(self, fn: Callable[[BridgeResult], object]) -> None:
         """Call ``fn(result)`` once the bridge ended: from the engine's thread, or at once

@@ -420,6 +420,14 @@ class _Client:
         self.tls_info: Optional[_tls.TlsInfo] = None  # what its handshakes negotiated
 
 
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 class BridgeRelay:
     """A ``Bridge`` as `Opened.relay` (the pure listener's, and the forwarder's adopted ones):
     ``stop()``, ``counts()`` and ``detach()``."""
@@ -1193,8 +1201,15 @@ class PureListener:
                 # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
                 bridge = self._bridge_class.from_fds(client.fd, sock.fileno(), **options.bridge_options)
         except Exception as exc:  # out of fds or threads (or a custom bridge_class failed)
+            # Or a TLS client reset right after its handshake (a prober, `openssl s_time`, one
+            # that leaves its session tickets unread): a bridge that ended at once, as a plain
+            # bridge whose client resets does, not a refusal.
+            reset = client.tls is not None and not _connected(client.tls)
             self._close_client(client)
             sock.close()
+            if reset:
+                self._emit(Ended(conn_id, peer, upstream.text, 0, 0, "error", 0.0, False, client.tls_info), gone=client)
+                return
             if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
                 self._accept_paused_until = time.monotonic() + _BACKOFF_SECONDS
             self._emit(Refused(conn_id, peer, _events.BRIDGE_NOT_STARTED.format(exc)), gone=client)
