@@ -961,9 +961,10 @@ class Forwarder:
     def hand_over_bridges(
         self, send: Callable[[HandedBridge], None], timeout: float, deadline: float
     ) -> Tuple[int, int]:
-        """Detach the open bridges one at a time (each within `timeout` s, none begun after
-        `deadline`, ``time.monotonic()``) and give each to `send` (which must not keep the fds:
-        they are closed after it), for a successor to go on relaying. Call after
+        """Detach the open bridges, `HAND_OVER_DETACHERS` at a time (each within `timeout` s,
+        none begun after `deadline`, ``time.monotonic()``), and give each to `send` in the
+        order they opened (which must not keep the fds: they are closed after it), for a
+        successor to go on relaying. Call after
         ``stop_accepting()``. (Handed over, staying here): a bridge that cannot be detached, and
         a client still connecting upstream, run on here to their end (each bridge is tried
         `HAND_OVER_TRIES` times). If `send` raises OSError, that bridge and the rest stay."""
