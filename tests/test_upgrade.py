@@ -613,13 +613,20 @@ def test_bridges_stay_and_relay_on_when_the_successor_is_lost_mid_hand_over(back
             fwd.stop_accepting(handed_over=True)
             moved, staying = fwd.hand_over_bridges(send, timeout=1.0, deadline=time.monotonic() + 10)
             assert (moved, staying) == (4, 16)
-            # The four handed over are closed here (as a successor that took them would hold
-            # them); the other sixteen relay on, every byte.
-            for i, sock in enumerate(bridges.socks):
-                if i >= 4:
-                    chunk = os.urandom(4096)
+            # The four handed over are closed here (as if a successor had taken them, which
+            # their clients see as an end); the other sixteen relay on, every byte.
+            relaying = 0
+            for sock in bridges.socks:
+                chunk = os.urandom(4096)
+                try:
                     sock.sendall(chunk)
-                    assert recv_exactly(sock, 4096) == chunk
+                    got = recv_exactly(sock, 4096)
+                except OSError:  # (reset: one of the four)
+                    continue
+                if got:  # (b"": one of the four)
+                    assert got == chunk
+                    relaying += 1
+            assert relaying == 16
             assert wait_until(lambda: fwd.stats.active == 16, 10, "16 bridges left")
         finally:
             bridges.close()

@@ -11,7 +11,6 @@ twin); this module is policy and reporting only. ``serve_forever()`` takes the l
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import logging
 import os
@@ -51,7 +50,6 @@ log = logging.getLogger("tcptotcp")
 _BATCH = 0.05  # seconds between two takes of the listener's events (see serve_forever)
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 HAND_OVER_TRIES = 2  # times hand_over_bridges() tries to detach a bridge before it stays
-HAND_OVER_DETACHERS = 8  # bridges hand_over_bridges() detaches at once
 Listener = Union[LoopListener, PureListener]
 
 
@@ -344,6 +342,10 @@ class Forwarder:
         )
         self._resolver: Optional[Resolver] = None  # with upstream names, while serving
         self._configuring = threading.Lock()  # one options change at a time: a reload's or a lookup's
+        # One take of the listener's events at a time, recorded before the next: a hand-over's
+        # take must find every bridge the serving thread's took just before (and an Ended is
+        # never recorded ahead of its Opened).
+        self._taking = threading.RLock()
         self._failing: Set[str] = set()  # upstream names whose last lookup failed (logged once)
         self.options = self._options(upstream, **self._settings)
         self._note_unresolved(self.options)
@@ -605,7 +607,8 @@ class Forwarder:
         # Without open and close lines or metrics, bridges that came and went since the last
         # take are only counted: no Python objects per connection.
         brief = self._metrics is None and not log.isEnabledFor(logging.INFO)
-        self._record(listener.take(brief))
+        with self._taking:
+            self._record(listener.take(brief))
 
     def _record(self, events: List[Any]) -> None:
         stats, metrics = self._stats, self._metrics
@@ -961,10 +964,9 @@ class Forwarder:
     def hand_over_bridges(
         self, send: Callable[[HandedBridge], None], timeout: float, deadline: float
     ) -> Tuple[int, int]:
-        """Detach the open bridges, `HAND_OVER_DETACHERS` at a time (each within `timeout` s,
-        none begun after `deadline`, ``time.monotonic()``), and give each to `send` in the
-        order they opened (which must not keep the fds: they are closed after it), for a
-        successor to go on relaying. Call after
+        """Detach the open bridges one at a time (each within `timeout` s, none begun after
+        `deadline`, ``time.monotonic()``) and give each to `send` (which must not keep the fds:
+        they are closed after it), for a successor to go on relaying. Call after
         ``stop_accepting()``. (Handed over, staying here): a bridge that cannot be detached, and
         a client still connecting upstream, run on here to their end (each bridge is tried
         `HAND_OVER_TRIES` times). If `send` raises OSError, that bridge and the rest stay."""
@@ -980,41 +982,25 @@ class Forwarder:
         # gets a second try after the others, a second pause as short as the first.
         for _ in range(HAND_OVER_TRIES):
             busy = []
-
-            def detach(item: _Open) -> Optional[Tuple[Tuple[int, int, BridgeState], float]]:
+            for n, item in enumerate(items):
                 began = time.monotonic()
                 if began >= deadline:
-                    return None
+                    busy.extend(items[n:])
+                    break
                 got = _detach(item.relay, timeout)
-                return None if got is None else (got, began)
-
-            # Several detaches wait at once (a pure bridge's for its threads to be scheduled);
-            # the bridges go out in order, each as soon as it and those before it are quiet.
-            with concurrent.futures.ThreadPoolExecutor(HAND_OVER_DETACHERS, "tcptotcp-detach") as pool:
-                pending = [(item, pool.submit(detach, item)) for item in items]
-                for n, (item, future) in enumerate(pending):
-                    done = future.result()
-                    if done is None:
-                        busy.append(item)
-                        continue
-                    got, began = done
-                    bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream, began)
-                    try:
-                        send(bridge)
-                    except OSError as exc:  # the successor is gone: this one and the rest go on here
-                        log.error("upgrade: bridge #%d not handed over: %s", item.conn_id, exc)
-                        self.adopt(bridge.fd1, bridge.fd2, bridge.state, bridge.conn_id, bridge.peer, bridge.upstream)
-                        rest = pending[n + 1 :]
-                        begun = [(later, detaching) for later, detaching in rest if not detaching.cancel()]
-                        for later, detaching in begun:  # (those not begun relay on untouched)
-                            done = detaching.result()  # (detached meanwhile: it goes on here)
-                            if done is not None:
-                                got = done[0]
-                                self.adopt(got[0], got[1], got[2], later.conn_id, later.peer, later.upstream)
-                        return moved, max(0, clients - moved)
-                    os.close(bridge.fd1)
-                    os.close(bridge.fd2)
-                    moved += 1
+                if got is None:
+                    busy.append(item)
+                    continue
+                bridge = HandedBridge(got[0], got[1], got[2], item.conn_id, item.peer, item.upstream, began)
+                try:
+                    send(bridge)
+                except OSError as exc:  # the successor is gone: this one and the rest go on here
+                    log.error("upgrade: bridge #%d not handed over: %s", item.conn_id, exc)
+                    self.adopt(bridge.fd1, bridge.fd2, bridge.state, bridge.conn_id, bridge.peer, bridge.upstream)
+                    return moved, max(0, clients - moved)
+                os.close(bridge.fd1)
+                os.close(bridge.fd2)
+                moved += 1
             items = busy
         with self._lock:
             still_open = {id(open_) for open_ in self._open.values()}
