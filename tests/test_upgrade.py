@@ -359,9 +359,6 @@ def test_upgrade_hands_over_the_port_and_every_bridge_while_clients_keep_connect
         f"hand-over of {moved} bridges ({staying} stayed): {line.group(2)} s; longest pause of a bridge "
         f"{paused:.3f} s as the successor measured it, {pause:.3f} s between two echoes"
     )
-    # (The successor's figure is from the bridge's quiescing to its relaying there; the
-    # clients' gap is that and the clients' own turns: the clients' is the longer.)
-    assert paused <= pause + 0.05
     checksummed_exchange(address, 100_000)  # the successor serves on
     assert alive(new)
 
