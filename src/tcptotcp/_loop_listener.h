@@ -938,10 +938,14 @@ static void t2t_client_begin(t2t_bridge *b) {
 static void t2t_connect_handed(t2t_bridge *b) { t2t_client_begin(b); }
 
 /* Give back a slot taken for a client that never came (or could not be kept). Re-arm: another
-   loop may have found the listener full meanwhile and stopped watching it. */
+   loop may have found the listener full meanwhile and stopped watching it. Under the lock, as
+   in t2t_listener_report: outside it, that loop could read the count before this decrement and
+   disarm after this one read `armed`, and the listener would stay unwatched with a free slot. */
 static void t2t_listener_unreserve(t2t_listener *lst, int64_t now) {
+    pthread_mutex_lock(&lst->lock);
     __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
-    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm(lst, now);
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm_locked(lst, now);
+    pthread_mutex_unlock(&lst->lock);
 }
 
 /* A new client, its slot in lst->active already taken (see t2t_accept_some). */
