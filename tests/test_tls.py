@@ -473,6 +473,81 @@ def test_openssl_s_client_through_a_terminating_forward(backend, certs, records)
         upstream.close()
 
 
+def _read_to_the_end(tls: ssl.SSLSocket) -> str:
+    """Read a socket wrapped with ``suppress_ragged_eofs=False`` to its end: "close_notify" if
+    the peer ended the TLS stream, "cut" if it only closed the connection."""
+    while True:
+        try:
+            if not tls.recv(65536):
+                return "close_notify"
+        except ssl.SSLEOFError:
+            return "cut"
+
+
+def test_the_end_of_a_terminated_bridge_is_a_close_notify_to_the_client(backend, certs, records):
+    """The upstream answers and closes: the client reads the answer, then the TLS stream's end,
+    not a bare FIN (which a strict client takes for a truncation)."""
+    upstream = LineServer()
+    try:
+        with serving(backend, upstream.text, tls_cert=[certs.crt("server")], tls_key=[certs.key("server")]) as fwd:
+            for size in (10, 300_000):
+                raw = socket.create_connection(fwd.address, timeout=10)
+                with certs.client_context().wrap_socket(
+                    raw, server_hostname="localhost", suppress_ragged_eofs=False
+                ) as client:
+                    line = b"x" * size + b"\n"
+                    client.sendall(line)
+                    answer = b""
+                    while not answer.endswith(b"\n"):
+                        chunk = client.recv(4096)
+                        assert chunk, answer
+                        answer += chunk
+                    assert answer == b"sha256 " + hashlib.sha256(line).hexdigest().encode() + b"\n"
+                    assert _read_to_the_end(client) == "close_notify"
+            assert wait_until(lambda: fwd.stats.active == 0), fwd.stats
+    finally:
+        upstream.close()
+
+
+def test_the_end_of_an_originated_bridge_is_a_close_notify_to_the_upstream(backend, certs, records):
+    """The plain client sends and closes: the TLS upstream reads every byte, then the end of
+    the TLS stream."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ends: List[Any] = []
+
+    def upstream() -> None:
+        conn, _ = listener.accept()
+        with certs.server_context().wrap_socket(conn, server_side=True, suppress_ragged_eofs=False) as tls:
+            tls.settimeout(20)
+            digest, total = hashlib.sha256(), 0
+            while True:
+                try:
+                    data = tls.recv(65536)
+                except ssl.SSLEOFError:
+                    ends.append(("cut", total, digest.hexdigest()))
+                    return
+                if not data:
+                    ends.append(("close_notify", total, digest.hexdigest()))
+                    return
+                digest.update(data)
+                total += len(data)
+
+    thread = threading.Thread(target=upstream, daemon=True)
+    thread.start()
+    payload = os.urandom(500_000)
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with serving(backend, address, upstream_tls=True, upstream_ca=certs.crt("ca")) as fwd:
+            with socket.create_connection(fwd.address, timeout=10) as client:
+                client.sendall(payload)
+            thread.join(20)
+            assert not thread.is_alive()
+            assert ends == [("close_notify", len(payload), hashlib.sha256(payload).hexdigest())], records.lines()
+    finally:
+        listener.close()
+        thread.join(5)
+
+
 def test_clients_that_reset_right_after_the_handshake_are_not_refusals(backend, certs, echo, records, metrics):  # noqa: F811
     """`openssl s_time -new` handshakes and resets at once (its session tickets unread): a client
     gone before its bridge started is a bridge that ended ("error"), not a refusal; refusals are

@@ -323,6 +323,33 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         pass  # already disconnected or closed: nothing left to wake
 
 
+def _close_notify(sock: socket.socket, deadline: float) -> None:
+    """Before the FIN that ends a TLS side: its close_notify alert, so that the peer can tell
+    the end of the stream from a cut (a strict TLS peer takes a FIN alone for a truncation).
+    Waits for room to send it, until `deadline`; best effort, as the peer may be gone.
+
+    Only when the whole bridge ends, never to forward a half-close: OpenSSL's shutdown goes on
+    to read the peer's alert, and application data it meets there fails the connection (seen
+    with TLS 1.2 and 1.3). Through the TLS object's own shutdown, as unwrap() drops the TLS
+    state and leaves the socket reading raw records."""
+    tls = getattr(sock, "_sslobj", None) if isinstance(sock, ssl.SSLSocket) else None
+    if tls is None:
+        return
+    while True:
+        try:
+            tls.shutdown()
+            return  # the peer's alert was there already
+        except ssl.SSLWantWriteError:
+            pass  # the send buffer is full of what the bridge relayed: wait for room
+        except ssl.SSLWantReadError:
+            return  # sent; the peer's alert is not waited for (the socket is non-blocking)
+        except (OSError, ValueError):
+            return
+        left = deadline - time.monotonic()
+        if left <= 0 or not wait_ready(sock, for_write=True, timeout=left):
+            return
+
+
 def _read_and_drop(sock: socket.socket, deadline: float) -> Optional[int]:
     """Drop whatever is queued now (until `deadline`): the byte count, or None once the peer
     has closed."""
@@ -365,11 +392,17 @@ def _discard_unread(sock: socket.socket, deadline: float) -> None:
     Closing a TCP socket with unread bytes, or receiving bytes after it was closed, makes
     the kernel answer with RST, and an RST purges what we sent that the peer has not yet
     received (what it received stays readable there, before the error). The common case,
-    nothing unread, costs one non-blocking recv; otherwise drop until the peer closes, or
-    stays quiet for a moment once it has acknowledged every byte we sent, until `deadline`
-    (one for the bridge's two sides together, as the contract bounds the whole drain).
+    nothing unread and every byte acknowledged, costs one non-blocking recv and an ioctl;
+    otherwise drop until the peer closes, or stays quiet for a moment once it has acknowledged
+    every byte we sent, until `deadline` (one for the bridge's two sides together, as the
+    contract bounds the whole drain). Bytes still unacknowledged are waited for even when
+    nothing is unread: a peer that speaks after our close (a TLS server's session tickets,
+    sent unasked after its handshake) would otherwise get an RST that purges them.
     """
-    if not _MSG_DONTWAIT or not _read_and_drop(sock, deadline):
+    if not _MSG_DONTWAIT:
+        return
+    dropped = _read_and_drop(sock, deadline)
+    if dropped is None or (not dropped and not _unacked(sock)):
         return
     wait = _DRAIN_QUIET_SECONDS
     while True:
@@ -618,7 +651,8 @@ class ThreadRelay:
         except OSError:
             pass  # already woken: the byte is never consumed
         for wire in self._wires:  # also fails a pump's pending write at once
-            _shutdown(wire, socket.SHUT_WR)
+            if not isinstance(wire, ssl.SSLSocket):  # (a TLS side's FIN follows its close_notify)
+                _shutdown(wire, socket.SHUT_WR)
         self._ended.set()
 
     # -- the idle checker ---------------------------------------------------------------
@@ -673,6 +707,9 @@ class ThreadRelay:
         deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
         for wire in self._wires:
             if wire.fileno() >= 0 and self._reason != "detached":
+                if isinstance(wire, ssl.SSLSocket):
+                    _close_notify(wire, deadline)
+                    _shutdown(wire, socket.SHUT_WR)
                 _discard_unread(wire, deadline)
         for sock in (*self._owned, *self._wake_pair):
             try:
