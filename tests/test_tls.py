@@ -548,6 +548,80 @@ def test_the_end_of_an_originated_bridge_is_a_close_notify_to_the_upstream(backe
         thread.join(5)
 
 
+class SClient:
+    """``openssl s_client`` in its interactive mode (a line "R" renegotiates, "k" asks for a key
+    update, "Q" quits), its output read by a thread so that every wait has a deadline."""
+
+    def __init__(self, port: int, certs: Certs, version: str) -> None:
+        self.proc = subprocess.Popen(
+            [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+             "-CAfile", certs.crt("ca"), "-verify_return_error", version],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.lines: List[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> bool:
+        return bool(wait_until(lambda: any(text in line for line in self.lines), timeout))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def test_a_renegotiating_client_is_refused_and_a_key_update_passes(backend, certs, echo, records):  # noqa: F811
+    """TLS 1.2: a client's renegotiation gets a no_renegotiation alert, its bridge ends and the
+    next client is served. TLS 1.3: a key update in mid-stream changes nothing the peers see."""
+    options = dict(tls_cert=[certs.crt("server")], tls_key=[certs.key("server")])
+    with serving(backend, f"127.0.0.1:{echo.address[1]}", **options) as fwd:
+        client = SClient(fwd.address[1], certs, "-tls1_2")
+        try:
+            client.send("before renegotiation")
+            assert client.wait_for("before renegotiation"), client.lines
+            client.send("R")
+            assert client.wait_for("RENEGOTIATING"), client.lines
+            assert client.proc.wait(10) != 0
+            assert any("no renegotiation" in line for line in client.lines), client.lines
+        finally:
+            client.close()
+        assert wait_until(lambda: fwd.stats.active == 0), fwd.stats
+        ended = records.wait(" close ")
+        # (the line and its newline)
+        assert ended.startswith("#1 close ") and ": 21 bytes up, 21 down, error after " in ended, ended
+        client = SClient(fwd.address[1], certs, "-tls1_3")
+        try:
+            client.send("before the key update")
+            assert client.wait_for("before the key update"), client.lines
+            client.send("k")
+            assert client.wait_for("KEYUPDATE"), client.lines
+            client.send("after the key update")
+            assert client.wait_for("after the key update"), client.lines
+            client.send("Q")
+            assert client.proc.wait(10) == 0, client.lines
+        finally:
+            client.close()
+        # (`active` is the listener's count: the bridge's end is recorded a moment later)
+        assert wait_until(lambda: fwd.stats.bytes_up == fwd.stats.bytes_down == 21 + 22 + 21), fwd.stats
+        assert (fwd.stats.accepted, fwd.stats.refused, fwd.stats.active) == (2, 0, 0), fwd.stats
+
+
 def test_clients_that_reset_right_after_the_handshake_are_not_refusals(backend, certs, echo, records, metrics):  # noqa: F811
     """`openssl s_time -new` handshakes and resets at once (its session tickets unread): a client
     gone before its bridge started is a bridge that ended ("error"), not a refusal; refusals are

@@ -294,6 +294,10 @@ def server_context(
     for cert, key in certs:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = MIN_VERSIONS[min_version]
+        # A client's TLS 1.2 renegotiation is refused (a no_renegotiation alert; the client
+        # ends the bridge), as OpenSSL 3 does by default and 1.1.1 does not: it costs a
+        # handshake's CPU each time a client asks. TLS 1.3's key updates pass.
+        context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         if ciphers is not None:
             try:
                 context.set_ciphers(ciphers)
