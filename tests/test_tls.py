@@ -572,8 +572,17 @@ class SClient:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def wait_for(self, text: str, timeout: float = 10.0) -> bool:
-        return bool(wait_until(lambda: any(text in line for line in self.lines), timeout))
+    def exchange(self, line: str, answer: Optional[str] = None) -> None:
+        """Send a line and see `answer` (by default the line, echoed) in the output."""
+        self.send(line)
+        expected = line if answer is None else answer
+        assert wait_until(lambda: any(expected in seen for seen in self.lines)), self.lines
+
+    def __enter__(self) -> SClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -591,32 +600,21 @@ def test_a_renegotiating_client_is_refused_and_a_key_update_passes(backend, cert
     next client is served. TLS 1.3: a key update in mid-stream changes nothing the peers see."""
     options = dict(tls_cert=[certs.crt("server")], tls_key=[certs.key("server")])
     with serving(backend, f"127.0.0.1:{echo.address[1]}", **options) as fwd:
-        client = SClient(fwd.address[1], certs, "-tls1_2")
-        try:
-            client.send("before renegotiation")
-            assert client.wait_for("before renegotiation"), client.lines
-            client.send("R")
-            assert client.wait_for("RENEGOTIATING"), client.lines
+        with SClient(fwd.address[1], certs, "-tls1_2") as client:
+            client.exchange("before renegotiation")
+            client.exchange("R", "RENEGOTIATING")
             assert client.proc.wait(10) != 0
             assert any("no renegotiation" in line for line in client.lines), client.lines
-        finally:
-            client.close()
         assert wait_until(lambda: fwd.stats.active == 0), fwd.stats
         ended = records.wait(" close ")
         # (the line and its newline)
         assert ended.startswith("#1 close ") and ": 21 bytes up, 21 down, error after " in ended, ended
-        client = SClient(fwd.address[1], certs, "-tls1_3")
-        try:
-            client.send("before the key update")
-            assert client.wait_for("before the key update"), client.lines
-            client.send("k")
-            assert client.wait_for("KEYUPDATE"), client.lines
-            client.send("after the key update")
-            assert client.wait_for("after the key update"), client.lines
+        with SClient(fwd.address[1], certs, "-tls1_3") as client:
+            client.exchange("before the key update")
+            client.exchange("k", "KEYUPDATE")
+            client.exchange("after the key update")
             client.send("Q")
             assert client.proc.wait(10) == 0, client.lines
-        finally:
-            client.close()
         # (`active` is the listener's count: the bridge's end is recorded a moment later)
         assert wait_until(lambda: fwd.stats.bytes_up == fwd.stats.bytes_down == 21 + 22 + 21), fwd.stats
         assert (fwd.stats.accepted, fwd.stats.refused, fwd.stats.active) == (2, 0, 0), fwd.stats
