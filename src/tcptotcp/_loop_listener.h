@@ -280,9 +280,13 @@ static int t2t_listener_watch(t2t_listener *lst, int i, int on) {
 #endif
 }
 
-/* Watch the listener in every loop, or in none, as its state asks; the caller holds lst->lock. */
-static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
+/* Watch the listener in every loop, or in none, as its state asks; the caller holds lst->lock.
+   The clock is read here, not taken from a loop's turn: a turn's time can be older than the end
+   of a back-off another loop's retry has already re-armed for, and arming with it would stop
+   the watching with no retry left to start it again. */
+static void t2t_listener_arm_locked(t2t_listener *lst) {
     t2t_engine *E = &t2t_the_engine;
+    int64_t now = t2t_now();
     int want = !__atomic_load_n(&lst->stopping, __ATOMIC_SEQ_CST) &&
                __atomic_load_n(&lst->active, __ATOMIC_ACQUIRE) < __atomic_load_n(&lst->max_active, __ATOMIC_RELAXED) &&
                now >= __atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED);
@@ -300,9 +304,9 @@ static void t2t_listener_arm_locked(t2t_listener *lst, int64_t now) {
     __atomic_store_n(&lst->armed, want && watched, __ATOMIC_RELEASE);
 }
 
-static void t2t_listener_arm(t2t_listener *lst, int64_t now) {
+static void t2t_listener_arm(t2t_listener *lst) {
     pthread_mutex_lock(&lst->lock);
-    t2t_listener_arm_locked(lst, now);
+    t2t_listener_arm_locked(lst);
     pthread_mutex_unlock(&lst->lock);
 }
 
@@ -325,7 +329,7 @@ static void t2t_listener_report(t2t_bridge *b) {
     lst->done_tail = b;
     t2t_listener_tell_locked(lst);
     __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
-    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm_locked(lst, t2t_now());
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm_locked(lst);
     pthread_mutex_unlock(&lst->lock);
 }
 
@@ -941,10 +945,10 @@ static void t2t_connect_handed(t2t_bridge *b) { t2t_client_begin(b); }
    loop may have found the listener full meanwhile and stopped watching it. Under the lock, as
    in t2t_listener_report: outside it, that loop could read the count before this decrement and
    disarm after this one read `armed`, and the listener would stay unwatched with a free slot. */
-static void t2t_listener_unreserve(t2t_listener *lst, int64_t now) {
+static void t2t_listener_unreserve(t2t_listener *lst) {
     pthread_mutex_lock(&lst->lock);
     __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
-    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm_locked(lst, now);
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm_locked(lst);
     pthread_mutex_unlock(&lst->lock);
 }
 
@@ -954,7 +958,7 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b) {
         close(client);
-        t2t_listener_unreserve(lst, L->now);
+        t2t_listener_unreserve(lst);
         return;
     }
     pthread_mutex_lock(&lst->lock);
@@ -967,7 +971,7 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
         free(b->px);
         free(b);
         close(client);
-        t2t_listener_unreserve(lst, L->now);
+        t2t_listener_unreserve(lst);
         return;
     }
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);
@@ -1017,7 +1021,7 @@ static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
            first would let each of them take the last slot. */
         if (__atomic_add_fetch(&lst->active, 1, __ATOMIC_ACQ_REL) > __atomic_load_n(&lst->max_active, __ATOMIC_RELAXED)) {
             __atomic_sub_fetch(&lst->active, 1, __ATOMIC_ACQ_REL);
-            t2t_listener_arm(lst, L->now); /* full: leave clients in the backlog */
+            t2t_listener_arm(lst); /* full: leave clients in the backlog */
             break;
         }
         struct sockaddr_storage peer;
@@ -1035,9 +1039,9 @@ static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
                 t2t_listener_tell_locked(lst);
                 pthread_mutex_unlock(&lst->lock);
             }
-            t2t_listener_unreserve(lst, L->now);
+            t2t_listener_unreserve(lst);
             if (error == EINTR || error == ECONNABORTED) continue;
-            if (__atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED) > L->now) t2t_listener_arm(lst, L->now);
+            if (__atomic_load_n(&lst->paused_until, __ATOMIC_RELAXED) > L->now) t2t_listener_arm(lst);
             break;
         }
         t2t_accept_one(L, lst, client, &peer, peer_len);
@@ -1049,7 +1053,7 @@ static void t2t_retry_listeners(t2t_loop *L) {
     t2t_engine *E = &t2t_the_engine;
     pthread_mutex_lock(&E->lock);
     for (t2t_listener *lst = t2t_listeners; lst; lst = lst->next)
-        if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm(lst, L->now);
+        if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) t2t_listener_arm(lst);
     pthread_mutex_unlock(&E->lock);
 }
 
@@ -1108,8 +1112,19 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
         lst->tags[i].lst = lst;
         lst->tags[i].loop = i;
     }
-    t2t_listener_arm(lst, t2t_now());
-    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE)) { /* not a socket the loops could watch */
+    /* Linked first, so that a loop's retry after a back-off finds it; armed and checked under
+       both locks, so that no retry arms it between the check and the unlinking, and no loop
+       that accepted from it (and found it full) can have disarmed it before the check. */
+    pthread_mutex_lock(&E->lock);
+    lst->next = t2t_listeners;
+    t2t_listeners = lst;
+    pthread_mutex_lock(&lst->lock);
+    t2t_listener_arm_locked(lst);
+    int watched = lst->armed;
+    if (!watched) t2t_listeners = lst->next;
+    pthread_mutex_unlock(&lst->lock);
+    pthread_mutex_unlock(&E->lock);
+    if (!watched) { /* not a socket the loops could watch (no loop ever did: nothing holds lst) */
         pthread_mutex_destroy(&lst->lock);
         pthread_mutex_destroy(&lst->balance_lock);
         close(lst->ev_r);
@@ -1118,10 +1133,6 @@ static t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long firs
         errno = EINVAL;
         return NULL; /* (cfg stays the caller's) */
     }
-    pthread_mutex_lock(&E->lock);
-    lst->next = t2t_listeners;
-    t2t_listeners = lst;
-    pthread_mutex_unlock(&E->lock);
     return lst;
 }
 
@@ -1133,7 +1144,7 @@ static void t2t_listener_reserve(t2t_listener *lst, int n) {
     pthread_mutex_lock(&lst->lock);
     lst->reserved = n;
     __atomic_store_n(&lst->max_active, t2t_limit_less(lst->cfg->max_active, n), __ATOMIC_RELAXED);
-    t2t_listener_arm_locked(lst, t2t_now());
+    t2t_listener_arm_locked(lst);
     pthread_mutex_unlock(&lst->lock);
 }
 
@@ -1154,7 +1165,7 @@ static void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg) {
             }
     lst->cfg = cfg;
     __atomic_store_n(&lst->max_active, t2t_limit_less(cfg->max_active, lst->reserved), __ATOMIC_RELAXED);
-    t2t_listener_arm_locked(lst, t2t_now()); /* a higher limit may let it accept again */
+    t2t_listener_arm_locked(lst); /* a higher limit may let it accept again */
     pthread_mutex_unlock(&lst->lock);
     t2t_config_release(old);
 }
@@ -1311,7 +1322,7 @@ static const char *t2t_bridge_upstream(const t2t_bridge *b) {
 static void t2t_listener_stop(t2t_listener *lst, int cancel_connects) {
     if (cancel_connects) __atomic_store_n(&lst->cancelling, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&lst->stopping, 1, __ATOMIC_SEQ_CST);
-    t2t_listener_arm(lst, t2t_now());
+    t2t_listener_arm(lst);
     /* The first turn ends every accept batch already running (and its hand-overs are posted);
        the second, that each loop took its inbox: every client accepted is begun. */
     t2t_barrier();
