@@ -557,3 +557,33 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path))
+
+
+def test_relative_files_are_taken_from_the_config_files_directory(tmp_path: Path, monkeypatch) -> None:
+    """Wherever the process runs (systemd's directory is /), as an operator reads the file."""
+    etc, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    (etc / "certs").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("certs/a.crt", "certs/a.key", "certs/b.crt", "ca.pem"):
+        (etc / name).write_text("(never read by load_config)\n")
+    absolute = tmp_path / "absolute.pem"
+    absolute.write_text("-\n")
+    write(
+        etc,
+        'pid_file = "run/t2t.pid"\n'
+        'upstream_ca = "ca.pem"\n'
+        "[[forward]]\n"
+        'listen = "127.0.0.1:8443"\n'
+        'upstream = "127.0.0.1:80"\n'
+        'tls_cert = ["certs/a.crt", "certs/b.crt"]\n'
+        'tls_key = "certs/a.key"\n'
+        f'tls_client_ca = "{absolute}"\n',
+    )
+    monkeypatch.chdir(elsewhere)
+    config = load_config("../etc/tcptotcp.toml")
+    forward = config.forwards[0]
+    assert forward.tls_cert == (str(etc / "certs/a.crt"), str(etc / "certs/b.crt"))
+    assert forward.tls_key == (str(etc / "certs/a.key"),)
+    assert forward.upstream_ca == str(etc / "ca.pem")
+    assert forward.tls_client_ca == str(absolute)
+    assert config.pid_file == str(etc / "run/t2t.pid")

@@ -290,10 +290,22 @@ class _Loader:
         return ConfigError(self.path, problem, forward=table.index, listen=table.listen, key=key)
 
     def check(self, key: str, value: object, check: _Check, table: Optional[_Table] = None) -> object:
+        option = _options.OPTIONS.get(key)
+        if option is not None and option.names_a_file:
+            value = self.beside_the_file(value)
         try:
             return check(value)
         except _Bad as exc:
             raise self.error(str(exc), table, key) from None
+
+    def beside_the_file(self, value: object) -> object:
+        """A relative path (or each of a list's) from the config file's directory, as an
+        operator reads it and whatever directory the process runs in (systemd's is /)."""
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return os.path.join(os.path.dirname(os.path.abspath(self.path)), value)
+        if isinstance(value, list):
+            return [self.beside_the_file(item) for item in value]
+        return value
 
     def load(self) -> Config:
         document = _read(self.path)

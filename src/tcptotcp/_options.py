@@ -123,6 +123,12 @@ class Option:
     si: bool = False  # an integer also written as text with an SI suffix ("10M"; see parse_si)
 
     @property
+    def names_a_file(self) -> bool:
+        """Whether the value is a path (a relative one in a config file is taken from the
+        file's directory)."""
+        return self.metavar == "FILE"
+
+    @property
     def expected(self) -> str:
         """What the option takes, as a message says it: ``an integer from 1 to 127``."""
         if self.si:
