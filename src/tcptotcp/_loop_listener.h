@@ -1032,8 +1032,9 @@ static void t2t_accept_some(t2t_loop *L, t2t_listen_tag *tag) {
             if (error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM) {
                 /* Out of fds for now: wait a moment instead of spinning on a ready listener,
                    and tell Python (once per take, however many loops paused). */
-                __atomic_store_n(&lst->paused_until, L->now + T2T_ACCEPT_BACKOFF_NS, __ATOMIC_RELAXED);
-                L->retry_listeners_ns = L->now + T2T_ACCEPT_BACKOFF_NS;
+                int64_t until = t2t_now() + T2T_ACCEPT_BACKOFF_NS; /* (the clock arming reads) */
+                __atomic_store_n(&lst->paused_until, until, __ATOMIC_RELAXED);
+                L->retry_listeners_ns = until;
                 pthread_mutex_lock(&lst->lock);
                 lst->accept_error = error;
                 t2t_listener_tell_locked(lst);

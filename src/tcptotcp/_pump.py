@@ -324,9 +324,10 @@ def _shutdown(sock: socket.socket, how: int) -> None:
 
 
 def _close_notify(sock: socket.socket, deadline: float) -> None:
-    """Before the FIN that ends a TLS side: its close_notify alert, so that the peer can tell
-    the end of the stream from a cut (a strict TLS peer takes a FIN alone for a truncation).
-    Waits for room to send it, until `deadline`; best effort, as the peer may be gone.
+    """Before the FIN that ends a TLS side cleanly: its close_notify alert, so that the peer
+    can tell the end of the stream from a cut (a strict TLS peer takes a FIN alone for a
+    truncation). Waits for room to send it, until `deadline`; best effort, as the peer may be
+    gone. Called once no pump can touch the socket.
 
     Only when the whole bridge ends, never to forward a half-close: OpenSSL's shutdown goes on
     to read the peer's alert, and application data it meets there fails the connection (seen
@@ -351,10 +352,10 @@ def _close_notify(sock: socket.socket, deadline: float) -> None:
 
 
 def _read_and_drop(sock: socket.socket, deadline: float) -> Optional[int]:
-    """Drop whatever is queued now (until `deadline`): the byte count, or None once the peer
-    has closed."""
+    """Drop whatever is queued now (until `deadline`, but one read at least: bytes left
+    unread make the close an RST): the byte count, or None once the peer has closed."""
     dropped = 0
-    while time.monotonic() < deadline:
+    while True:
         try:
             data = socket.socket.recv(sock, 65536, _MSG_DONTWAIT)  # raw bytes, TLS or not
         except OSError:  # EAGAIN, or the connection is already gone
@@ -362,7 +363,8 @@ def _read_and_drop(sock: socket.socket, deadline: float) -> Optional[int]:
         if not data:
             return None
         dropped += len(data)
-    return dropped
+        if time.monotonic() >= deadline:
+            return dropped
 
 
 if sys.platform.startswith("linux"):
@@ -704,22 +706,27 @@ class ThreadRelay:
         _live.discard(self)
         # Only now that no pump can touch them: drain, then close the private fds (a detached
         # bridge's are the caller's already: what is unread stays for their next owner).
+        p12, p21 = self._pumps
+        reason = self._reason or "stopped"
+        if reason == "closed" and any(p.last_errno in _PEER_FAILURES for p in self._pumps):
+            reason = "error"
         deadline = time.monotonic() + _DRAIN_LIMIT_SECONDS
-        for wire in self._wires:
-            if wire.fileno() >= 0 and self._reason != "detached":
-                if isinstance(wire, ssl.SSLSocket):
+        wires = [wire for wire in self._wires if wire.fileno() >= 0 and reason != "detached"]
+        for wire in wires:  # both ends first, then the drains: one side's drain can take it all
+            if isinstance(wire, ssl.SSLSocket):
+                # The alert says the stream is whole: only for a bridge that ended cleanly. A
+                # reset, a stop or an idle end gets the FIN alone, which a TLS peer takes for
+                # a cut (as nginx does on errors and timeouts).
+                if reason == "closed":
                     _close_notify(wire, deadline)
-                    _shutdown(wire, socket.SHUT_WR)
-                _discard_unread(wire, deadline)
+                _shutdown(wire, socket.SHUT_WR)
+        for wire in wires:
+            _discard_unread(wire, deadline)
         for sock in (*self._owned, *self._wake_pair):
             try:
                 sock.close()
             except OSError:
                 pass
-        p12, p21 = self._pumps
-        reason = self._reason or "stopped"
-        if reason == "closed" and any(p.last_errno in _PEER_FAILURES for p in self._pumps):
-            reason = "error"
         self._on_end(p12.bytes, p21.bytes, reason, time.monotonic() - self._started_at)
 
 
