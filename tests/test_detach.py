@@ -3,8 +3,11 @@ or reset byte, its counts, age and idle state carried on."""
 
 from __future__ import annotations
 
+import fcntl
 import random
 import socket
+import sys
+import termios
 import threading
 import time
 from typing import Optional
@@ -24,11 +27,24 @@ class Flow:
     keeps its write side open; a reader at `dst` checks every byte arrives once, in order.
     An early EOF or a reset fails the reader."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, data: bytes, chunk: int = 32768, gap: float = 0.0):
+    def __init__(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        data: bytes,
+        chunk: int = 32768,
+        gap: float = 0.0,
+        paused: bool = False,
+    ):
         self.data = data
         self.sent = 0
         self.received = 0
-        self.stop_reading = threading.Event()  # set: the reader pauses
+        # Set: the reader pauses. A paused reader starts paused: one that read even a little first
+        # would let the kernel grow its receive buffer to megabytes, and the bytes meant to stay in
+        # the bridge would fit in the kernel instead.
+        self.stop_reading = threading.Event()
+        if paused:
+            self.stop_reading.set()
         self.sender = Background(lambda: self._send(src, chunk, gap))
         self.reader = Background(lambda: self._read(dst))
 
@@ -56,6 +72,11 @@ class Flow:
     def finish(self, timeout: float = 60.0) -> None:
         self.sender.result(timeout)
         assert self.reader.result(timeout) == len(self.data)
+
+
+def queued(sock: socket.socket, request: int) -> int:
+    """Bytes in a socket's receive queue (FIONREAD) or unacknowledged in its send queue (TIOCOUTQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), request, bytes(4)), sys.byteorder, signed=True)
 
 
 def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
@@ -126,8 +147,8 @@ def test_detach_bulk_with_bytes_held(engine):
     with Topology() as t:
         t.stream2.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         first = engine.Bridge(t.stream1, t.stream2, 1, 60, half_close=True).start()
-        flows = [Flow(t.peer_a, t.peer_b, up), Flow(t.peer_b, t.peer_a, down)]
-        flows[0].stop_reading.set()  # peer_b reads nothing for now: direction 1 -> 2 holds bytes
+        # peer_b reads nothing for now: direction 1 -> 2 holds bytes
+        flows = [Flow(t.peer_a, t.peer_b, up, paused=True), Flow(t.peer_b, t.peer_a, down)]
         wait_for(lambda: first.counts[1] >= 4 * 1024 * 1024, what="bulk 2 -> 1")
         time.sleep(0.1)
         slow_start = threading.Timer(0.2, flows[0].stop_reading.clear)
@@ -158,16 +179,22 @@ def test_detach_gives_up_when_a_receiver_does_not_read(engine):
     up = known_bytes(5, size)
     with Topology() as t:
         bridge = engine.Bridge(t.stream1, t.stream2, 1, 60).start()
-        flow = Flow(t.peer_a, t.peer_b, up)
-        flow.stop_reading.set()
-        previous = [-1]
+        flow = Flow(t.peer_a, t.peer_b, up, paused=True)
 
-        def stalled() -> bool:
-            now, previous[0] = bridge.counts[0], bridge.counts[0]
+        def held_back() -> bool:
+            # Counts standing still alone can be a sender the machine has not scheduled for a
+            # moment; then the bridge holds nothing and would detach at once. Held back means:
+            # the receiver's window is full (bytes stay in stream2's send queue) and the bridge
+            # leaves bytes unread on stream1, with nothing moving for 0.1 s.
+            before = bridge.counts[0]
             time.sleep(0.1)
-            return bridge.counts[0] == now and now > 0
+            return (
+                bridge.counts[0] == before > 0
+                and queued(t.stream2, termios.TIOCOUTQ) > 0
+                and queued(t.stream1, termios.FIONREAD) > 0
+            )
 
-        wait_for(stalled, what="the receiver's buffers full")
+        wait_for(held_back, what="the bridge held back by the receiver")
         began = time.monotonic()
         assert bridge.detach(0.3) is None
         assert 0.25 < time.monotonic() - began < 3
