@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -30,6 +31,7 @@ import pytest
 
 import tcptotcp
 from helpers import recv_exactly
+from tcptotcp._backend import tls_relay_text
 from test_forwarder import EchoServer, ForwarderProcess, echo, forwarders  # noqa: F401  (fixtures)
 
 OPENSSL = shutil.which("openssl")
@@ -369,12 +371,16 @@ def metrics() -> Any:
 def test_termination_relays_every_byte_both_ways(backend, certs, echo, records):  # noqa: F811
     upstream = f"127.0.0.1:{echo.address[1]}"
     with serving(backend, upstream, tls_cert=[certs.crt("server")], tls_key=[certs.key("server")]) as fwd:
-        records.wait("accepting in Python: the loops do not speak TLS yet: TLS bridges run on the pure engine")
+        records.wait("accepting in Python: the loops do not do TLS handshakes yet")
         for size in SIZES:
             with tls_client(fwd, certs.client_context()) as client:
                 version = client.version()
                 assert version in ("TLSv1.2", "TLSv1.3")
                 checksummed_echo(client, size)
+                # The bridge runs: on pump threads only where the loops cannot relay its records.
+                pumps = [t for t in threading.enumerate() if t.name.startswith("tcptotcp-pump")]
+                in_the_loops = backend.name == "cython" and tls_relay_text() == "TLS records in the loops"
+                assert (not pumps) == in_the_loops, pumps
         line = records.wait(" open ")
         assert f"-> {upstream} (TLS: {version} " in line and ", sni localhost)" in line
         opened = records.event("open")[0]
@@ -907,8 +913,8 @@ def test_sighup_reloads_certificates_keeps_open_bridges(backend, forwarders, ech
         config.write_text(f'[[forward]]\nlisten = "127.0.0.1:0"\nupstream = "{upstream}"\n' + files)
         fp = forwarders("--config", str(config))
     if backend.name == "cython":  # (the pure backend has no loops to say it of)
-        fp.wait_log("accepting in Python: the loops do not speak TLS yet")
-        fp.wait_log(r"listening on \S+, forwarding to \S+ \(backend cython, TLS bridges on the pure engine\)$")
+        fp.wait_log("accepting in Python: the loops do not do TLS handshakes yet")
+        fp.wait_log(r"listening on \S+, forwarding to \S+ \(backend cython, " + re.escape(tls_relay_text()) + r"\)$")
     assert _subject(fp, certs) == "localhost"
     host, port = fp.address.rsplit(":", 1)
     raw = socket.create_connection((host, int(port)), timeout=10)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Optional, Type
+from typing import Any, Optional, Type
 
-from . import _bridge, pure
+from . import _bridge, _pump, pure
 
 
 def env_flag(name: str) -> bool:
@@ -38,10 +38,21 @@ if core is None:
 else:
     BACKEND = "cython"
     _core_start = core.start
+    _relays_tls_of = core.relays_tls_of
+
+    def _core_tls_start(
+        stream1: Any, stream2: Any, plan: _bridge.Plan, on_end: Any, *, resume: Optional[_bridge.BridgeState] = None
+    ) -> Any:
+        """A bridge with a TLS side: its records relayed by the loops where they can use its SSL
+        objects (see _core.tls_unavailable), else by the pure engine. A resumed bridge is plain."""
+        if resume is None and _relays_tls_of(stream1) and _relays_tls_of(stream2):
+            return _core_start(stream1, stream2, plan, on_end)
+        return _pump.start(stream1, stream2, plan, on_end, resume=resume)
 
     class CoreBridge(_bridge.Bridge):
         __doc__ = _bridge.Bridge.__doc__
         fd_engine = staticmethod(_core_start)
+        tls_engine = staticmethod(_core_tls_start)
         engine_name = "cython"
 
     Bridge = CoreBridge
@@ -49,3 +60,9 @@ else:
 
 connect = _bridge.connect_with(Bridge)
 aconnect = _bridge.aconnect_with(Bridge)
+
+
+def tls_relay_text() -> str:
+    """Where the compiled backend relays a TLS bridge's records, as the start-up log says it."""
+    why = core.tls_unavailable() if core is not None else "the compiled core is not installed"
+    return "TLS records in the loops" if why is None else f"TLS bridges on the pure engine: {why}"

@@ -258,9 +258,12 @@ class Bridge:
     bridge reads no faster, so a faster sender is held back by its own socket's buffers.
     """
 
-    #: The engine for sockets whose bytes are their fd's bytes (TLS always takes the pure
-    #: engine); a face module binds it (a function goes in a staticmethod).
+    #: The engine for sockets whose bytes are their fd's bytes; a face module binds it (a
+    #: function goes in a staticmethod).
     fd_engine: ClassVar[Engine] = staticmethod(_pump.start)
+    #: The engine for a bridge with a TLS side (or another wrapper): one that relays records
+    #: itself where it can, and hands what it cannot to the pure engine.
+    tls_engine: ClassVar[Engine] = staticmethod(_pump.start)
     #: Which engine fd_engine is: "cython" or "pure".
     engine_name: ClassVar[str] = "pure"
 
@@ -535,15 +538,15 @@ class Bridge:
                 raise RuntimeError("a Bridge runs only once")
             self._launched = True
         s1, s2 = self._streams
-        # TLS (or another wrapper): the bytes are not the fd's, so the pure pumps relay
-        # through the objects themselves. Adopted fds are fd bytes.
+        # TLS (or another wrapper): the bytes are not the fd's, so they go through the objects
+        # themselves. Adopted fds are fd bytes.
         fd_bytes = isinstance(s1, int) or (
             isinstance(s1, socket.socket)
             and isinstance(s2, socket.socket)
             and _pump.speaks_fd_bytes(s1)
             and _pump.speaks_fd_bytes(s2)
         )
-        engine = self.fd_engine if fd_bytes else _pump.start
+        engine = self.fd_engine if fd_bytes else self.tls_engine
         relay: Optional[Relay] = None
         try:
             if self._resume is None:

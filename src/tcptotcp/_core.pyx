@@ -13,14 +13,17 @@ Same seam as the pure engine (``_pump.start``).
 
 import os
 import socket
+import ssl
 from errno import ECANCELED
 import threading
+import weakref
 
 from . import _events
 from ._bridge import REASONS, EngineDetached, bandwidth_bucket, report_unraisable
 from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint64_t
@@ -68,6 +71,7 @@ cdef class Relay:
 
     cdef t2t_bridge *_b
     cdef object _on_end
+    cdef object _tls_objects  # a TLS side's SSL object must outlive the bridge's use of it
 
     def stop(self):
         """End it with reason "stopped" (no-op once it ended); returns at once."""
@@ -212,6 +216,13 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     cdef bint adopt = isinstance(stream1, int) and isinstance(stream2, int)
     cdef int fd1 = stream1 if adopt else stream1.fileno()
     cdef int fd2 = stream2 if adopt else stream2.fileno()
+    cdef void *tls1 = NULL
+    cdef void *tls2 = NULL
+    if not adopt and (isinstance(stream1, ssl.SSLSocket) or isinstance(stream2, ssl.SSLSocket)):
+        if not (relays_tls_of(stream1) and relays_tls_of(stream2)):
+            raise ValueError("the loops cannot relay this TLS socket: see relays_tls_of()")
+        tls1 = _ssl_of(stream1)
+        tls2 = _ssl_of(stream2)
     cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
     cdef uint64_t rate = plan.bandwidth
@@ -224,14 +235,65 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
         carried.moved[1] = bool(resume.moved_2_to_1)
     cdef Relay relay = Relay.__new__(Relay)
     relay._on_end = on_end
+    if tls1 != NULL or tls2 != NULL:
+        relay._tls_objects = (getattr(stream1, "_sslobj", None), getattr(stream2, "_sslobj", None))
     Py_INCREF(relay)  # held for the engine until the results thread finished it
     relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
-                         splice, rate, burst, quantum, &carried if resume is not None else NULL, <void *>relay)
+                         splice, rate, burst, quantum, &carried if resume is not None else NULL, tls1, tls2,
+                         <void *>relay)
     if relay._b == NULL:
         err = errno
         Py_DECREF(relay)
         raise OSError(err, os.strerror(err))
     return relay
+
+
+def tls_unavailable():
+    """None when the loops relay TLS records themselves (through the OpenSSL that Python's ssl
+    module loaded), else why not: TLS bridges then run on the pure engine."""
+    cdef const char *why = NULL
+    if os.environ.get("TCPTOTCP_PURE_TLS", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return "TCPTOTCP_PURE_TLS is set"
+    import _ssl
+    path = getattr(_ssl, "__file__", None)
+    if path is None:
+        return "the ssl module is built into the interpreter"
+    if "OpenSSL" not in ssl.OPENSSL_VERSION or ssl.OPENSSL_VERSION_INFO < (1, 1, 1):
+        return f"the ssl module uses {ssl.OPENSSL_VERSION}, not OpenSSL 1.1.1 or later"
+    encoded = os.fsencode(path)
+    if t2t_tls_bind(encoded, &why) != 0:
+        return why.decode()
+    return None
+
+
+cdef void *_ssl_of(sock):
+    """The SSL object of an ssl.SSLSocket, found by the layout of CPython's _ssl._SSLSocket (its
+    reference to the socket, then the SSL pointer); NULL for anything else. The layout is
+    checked before the pointer is read (the reference must be a weak reference to `sock`), and
+    the pointer after (OpenSSL must say it reads `sock`'s fd)."""
+    if type(sock) is not ssl.SSLSocket or tls_unavailable() is not None:
+        return NULL
+    tls = sock._sslobj
+    if tls is None or type(tls).__name__ != "_SSLSocket" or type(tls).__module__ != "_ssl":
+        return NULL
+    cdef char *base = <char *><PyObject *>tls
+    cdef PyObject *owner = (<PyObject **>(base + sizeof(PyObject)))[0]
+    if owner == NULL or type(<object>owner) is not weakref.ReferenceType or (<object>owner)() is not sock:
+        return NULL
+    cdef void *p = (<void **>(base + sizeof(PyObject) + sizeof(void *)))[0]
+    if p == NULL or t2t_tls_fd(p) != sock.fileno():
+        return NULL
+    return p
+
+
+def relays_tls_of(sock):
+    """Whether the loops can relay `sock` as a side of a bridge: its fd's bytes, or an
+    ``ssl.SSLSocket`` (the class itself: a subclass may change what its reads and writes mean)
+    whose SSL object the loops can use."""
+    if not isinstance(sock, ssl.SSLSocket):
+        cls = type(sock)
+        return isinstance(sock, socket.socket) and cls.recv_into is socket.socket.recv_into and cls.send is socket.socket.send
+    return _ssl_of(sock) != NULL
 
 
 def loop_threads():

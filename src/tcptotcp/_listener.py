@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple, Type, Union
 
-from . import _balance, _events, _proxy, _sni, _tls, pure
+from . import _balance, _events, _proxy, _sni, _tls
 from ._access import AccessList
 from ._address import Address
 from ._backend import Bridge as DefaultBridge
@@ -99,7 +99,7 @@ class ForwardOptions:
 
     @property
     def tls(self) -> bool:
-        """TLS on either side: the pure listener and engine serve the forward."""
+        """TLS on either side: the pure listener serves the forward (handshakes in Python)."""
         return self.tls_server is not None or self.tls_client is not None
 
     @property
@@ -346,7 +346,7 @@ def loops_lack(options: ForwardOptions, bridge_class: Type[Bridge]) -> Optional[
     if core is None:
         return ("the compiled core is not installed", False)
     if options.tls:
-        return ("the loops do not speak TLS yet: TLS bridges run on the pure engine", True)
+        return ("the loops do not do TLS handshakes yet", True)
     if bridge_class is not DefaultBridge:
         return (f"bridges of {bridge_class.__name__} run outside the loops", False)
     if env_flag("TCPTOTCP_ACCEPT_IN_PYTHON"):
@@ -458,9 +458,6 @@ class PureListener:
         self._family = sock.family
         self.options = options
         self._bridge_class = bridge_class
-        # TLS bridges run on the pure engine whatever the default is (a custom class is kept:
-        # every Bridge relays a TLS socket through the pure engine's pumps).
-        self._tls_bridge_class: Type[Bridge] = pure.Bridge if bridge_class is DefaultBridge else bridge_class
         self._next_id = first_id
         self._lock = threading.Lock()
         self._events: List[Any] = []
@@ -1196,7 +1193,7 @@ class PureListener:
                 client_sock = client.tls or socket.socket(self._family, socket.SOCK_STREAM, 0, client.fd)
                 client.tls = client_sock  # (closed as the client's from here on)
                 streams = (client_sock, sock)
-                bridge = self._tls_bridge_class(client_sock, sock, **options.bridge_options)
+                bridge = self._bridge_class(client_sock, sock, **options.bridge_options)
             else:
                 # Both sockets are ours: the bridge adopts their fds (no checks, dups or extra closes).
                 bridge = self._bridge_class.from_fds(client.fd, sock.fileno(), **options.bridge_options)

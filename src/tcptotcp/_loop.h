@@ -149,6 +149,8 @@ typedef struct t2t_side {
     unsigned char tcp, urgent, closing;
     unsigned char kind;     /* a t2t_tag_kind: T2T_TAG_LENT for a bridge's lent_tags */
     unsigned char polled;   /* a listener's client: its fd is in the poller (see t2t_poll_side) */
+    unsigned char notifying; /* teardown: its close_notify waits for room, then its FIN */
+    void *tls;              /* a TLS side's SSL object (see _loop_tls.h); NULL: plain bytes */
 } t2t_side;
 
 /* One direction: reads side[i], writes side[1 - i]. */
@@ -281,10 +283,11 @@ static t2t_engine t2t_the_engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INIT
 
 /* The engine by concern, one translation unit (each part uses only what the parts before it
    declare, and the forward declarations in _loop_relay.h):
-   poller and small helpers; pipes, timers, relaying and ending; lending a direction to another
+   poller and small helpers; TLS records; pipes, timers, relaying and ending; lending a direction to another
    loop; detaching a bridge (its fds handed back, unclosed); a loop's inbox, timers and done queue; listeners (accept, check, connect upstream); the
    loop thread itself and the API _core.pyx calls (declared for Cython in _loop.pxd). */
 #include "_loop_poller.h"
+#include "_loop_tls.h"
 #include "_loop_relay.h"
 #include "_loop_lend.h"
 #include "_loop_detach.h"

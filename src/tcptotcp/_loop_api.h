@@ -186,7 +186,7 @@ static int t2t_loop_load(int i) {
    with a check. NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
 static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit,
                              int activity_both, int half_close, int may_splice, uint64_t rate, uint64_t burst,
-                             uint64_t quantum, const t2t_idle_state *resume, void *owner) {
+                             uint64_t quantum, const t2t_idle_state *resume, void *tls1, void *tls2, void *owner) {
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b || t2t_rate_set(b, rate, burst, quantum, t2t_now()) != 0) {
         free(b);
@@ -203,6 +203,22 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
         errno = saved;
         return NULL;
     }
+    void *tls[2] = {tls1, tls2};
+    for (int s = 0; s < 2; s++) {
+        if (tls[s] && t2t_tls_adopt(tls[s], b->side[s].fd) != 0) {
+            int saved = errno;
+            if (!adopt) {
+                close(b->side[0].fd);
+                close(b->side[1].fd);
+            }
+            free(b->throttle);
+            free(b);
+            errno = saved;
+            return NULL;
+        }
+        b->side[s].tls = tls[s];
+    }
+    if (tls1 || tls2) may_splice = 0; /* records go through the buffer */
     int least = INT_MAX;
     t2t_loop *L = t2t_least_loaded(&least); /* (a loop at least: the engine started) */
     __atomic_fetch_add(&L->load, 1, __ATOMIC_RELAXED);

@@ -45,13 +45,14 @@ static void t2t_detach_progress(t2t_bridge *b) {
 }
 
 /* The ask, in the home loop. A bridge that is not relaying, or one that has read or forwarded a
-   FIN, is refused: its state is more than counts and an idle count. A listener's bridge ends as
+   FIN, is refused: its state is more than counts and an idle count. So is a TLS bridge: its
+   state is in its SSL objects too. A listener's bridge ends as
    any of its bridges does (its slot freed, its end told to the listener's take), only with its
    fds kept. */
 static void t2t_detach_begin(t2t_bridge *b) {
     t2t_loop *L = b->loop;
     if (b->state != T2T_RELAYING || b->detaching || b->dir[0].ended || b->dir[1].ended ||
-        b->side[0].fin_sent || b->side[1].fin_sent) {
+        b->side[0].fin_sent || b->side[1].fin_sent || b->side[0].tls || b->side[1].tls) {
         t2t_detach_decided(b, T2T_DETACH_REFUSED);
         return;
     }

@@ -116,6 +116,7 @@ static void t2t_heap_remove(t2t_loop *L, t2t_bridge *b) {
 
 static void t2t_end(t2t_bridge *b, int reason, int error);
 static void t2t_drain(t2t_bridge *b);
+static void t2t_finish_sides(t2t_bridge *b);
 static void t2t_release(t2t_bridge *b);
 
 static void t2t_fail(t2t_bridge *b, int error) { t2t_end(b, T2T_ERROR, error); }
@@ -152,6 +153,13 @@ static void t2t_watch_input(t2t_loop *L, t2t_bridge *b, int s, int on) {
 
 static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i);
 
+/* Bytes to a side: its fd's, or a TLS side's plaintext (EAGAIN: wait until writable). A TLS
+   side's unsent tail must be offered again as it was, which the pending tail is. */
+static ssize_t t2t_side_send(t2t_side *dst, const char *data, size_t n) {
+    if (dst->tls) return t2t_tls_send(dst->tls, data, n);
+    return send(dst->fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 /* Whether the home loop is quiescing b for a detach: it reads nothing meanwhile. */
 static int t2t_quiescing(const t2t_loop *L, const t2t_bridge *b) { return !t2t_borrowed(L, b) && b->detaching; }
 
@@ -169,8 +177,7 @@ static int t2t_flush_held(t2t_loop *L, t2t_bridge *b, int i) {
     t2t_side *dst = &b->side[1 - i];
     while (d->pending_off < d->pending_len) {
         if (!dst->writable) return 0;
-        ssize_t n = send(dst->fd, d->pending + d->pending_off, d->pending_len - d->pending_off,
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = t2t_side_send(dst, d->pending + d->pending_off, d->pending_len - d->pending_off);
         if (n < 0) {
             if (errno == EINTR) continue;
             if (T2T_WOULD_BLOCK(errno)) dst->writable = 0;
@@ -213,7 +220,7 @@ static void t2t_send_read(t2t_loop *L, t2t_bridge *b, int i, size_t n) {
     const char *data = L->buffer;
     size_t done = 0;
     while (done < n) {
-        ssize_t sent = send(dst->fd, data + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t sent = t2t_side_send(dst, data + done, n - done);
         if (sent < 0) {
             if (errno == EINTR) continue;
             if (!T2T_WOULD_BLOCK(errno)) {
@@ -351,7 +358,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
 #endif
         {
             asked = T2T_BUFFER_BYTES < allowed ? T2T_BUFFER_BYTES : allowed;
-            n = recv(src->fd, L->buffer, asked, MSG_DONTWAIT);
+            n = src->tls ? t2t_tls_recv(src->tls, L->buffer, asked) : recv(src->fd, L->buffer, asked, MSG_DONTWAIT);
         }
         if (n == 0) {
             if (t2t_borrowed(L, b)) b->lent_done = 1; /* the home loop reads the EOF again */
@@ -360,7 +367,10 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
         }
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (T2T_WOULD_BLOCK(errno)) src->readable = 0;
+            /* A TLS read that must write first (a key update's answer, say): its side's
+               writability brings the bridge back, still readable. */
+            if (errno == EINPROGRESS && src->tls) src->writable = 0;
+            else if (T2T_WOULD_BLOCK(errno)) src->readable = 0;
             else t2t_dir_fail(L, b, errno);
             return;
         }
@@ -378,7 +388,8 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
                (EPOLLPRI told us of it) or at the end of what is queued, and whatever arrives
                after this edge brings a new one. Saves the read that would say EAGAIN. The FIN
                (or an error) reported with this edge is already queued: read on to it. */
-            if (src->tcp && !src->urgent && !src->closing && (size_t)n < asked) src->readable = 0;
+            /* Not for TLS: the SSL object may hold decrypted bytes the socket no longer shows. */
+            if (src->tcp && !src->tls && !src->urgent && !src->closing && (size_t)n < asked) src->readable = 0;
             t2t_send_read(L, b, i, (size_t)n);
             if (b->may_splice && (size_t)n >= T2T_SPLICE_AFTER) d->bulk = 1;
         }
@@ -433,14 +444,19 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
     b->state = T2T_DRAINING;
     t2t_drop_held(b);
     for (int s = 0; s < 2; s++) {
+        t2t_side *side = &b->side[s];
+        /* A TLS side of a bridge that ended cleanly gets close_notify before its FIN, so its
+           peer can tell the end of the stream from a cut. After an error, a stop or an idle
+           end the FIN goes alone: the alert must not vouch for a truncated stream. */
+        if (side->tls && reason == T2T_CLOSED && !side->fin_sent) side->notifying = 1;
         if (b->dir[s].ended) {
             /* Its FIN was read: nothing more can arrive, so close() alone sends ours, cleanly. */
-            b->side[s].drained = 1;
+            side->drained = 1;
             continue;
         }
         t2t_watch_input(b->loop, b, s, 1); /* the drain reads it */
-        if (!b->side[s].fin_sent) shutdown(b->side[s].fd, SHUT_WR);
     }
+    t2t_finish_sides(b);
     b->drain_limit_ns = t2t_add(b->loop->now, T2T_DRAIN_LIMIT_NS);
     b->drain_quiet_ns = T2T_NEVER;
     t2t_drain(b);
@@ -486,9 +502,26 @@ static void t2t_finish(t2t_bridge *b, int keep_fds) {
 
 static void t2t_close(t2t_bridge *b) { t2t_finish(b, 0); }
 
+/* FIN to each side that has not had one, a TLS side's close_notify first once there is room
+   for it (at the latest, the drain's limit closes it without). */
+static void t2t_finish_sides(t2t_bridge *b) {
+    for (int s = 0; s < 2; s++) {
+        t2t_side *side = &b->side[s];
+        if (side->notifying) {
+            if (!t2t_tls_close_notify(side->tls)) continue;
+            side->notifying = 0;
+        }
+        if (!side->fin_sent && !b->dir[s].ended) {
+            shutdown(side->fd, SHUT_WR);
+            side->fin_sent = 1;
+        }
+    }
+}
+
 /* Drop what the peers still send. The common case, nothing unread, costs one recv a side. */
 static void t2t_drain(t2t_bridge *b) {
     t2t_loop *L = b->loop;
+    t2t_finish_sides(b);
     for (int s = 0; s < 2; s++) {
         t2t_side *side = &b->side[s];
         for (int reads = 0; !side->drained; reads++) {

@@ -266,7 +266,7 @@ def _option(
 
 
 ACCESS = "who gets in, where they go"
-TLS = "TLS (served by the pure listener and engine: the loops do not speak TLS yet)"
+TLS = "TLS (handshakes in the pure listener; records in the loops on the compiled backend)"
 OPERATION = "operation"
 
 #: Per-forward options, in the command line's help order.

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, 
 
 from . import _tls
 from ._activation import is_inherited_address, listener_socket, resolve_listen
+from ._backend import tls_relay_text
 from ._bridge import Bridge, BridgeState
 from ._config import ForwardSpec
 from ._events import Peer
@@ -118,7 +119,7 @@ class Service:
         self.announce(
             "listening",
             f"listening on {forwarder.address_text}, forwarding to {upstreams}{balance} (backend {backend}"
-            + (", TLS bridges on the pure engine)" if forwarder.options.tls and backend != "pure" else ")"),
+            + (f", {tls_relay_text()})" if forwarder.options.tls and backend == "cython" else ")"),
             listen=forwarder.address_text,
             upstreams=[u.text for u in forwarder.options.upstreams],
             backend=backend,

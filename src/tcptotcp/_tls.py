@@ -8,8 +8,9 @@ ValueError which option and which file is wrong, and why. It runs at start and o
 a reload whose files are bad changes nothing.
 
 Where it runs: the pure listener (``_listener.PureListener``) does the handshakes, without
-blocking, as a state of each client in its selector loop, and hands the TLS sockets to the pure
-engine's ``Bridge``. The loops do not speak TLS yet.
+blocking, as a state of each client in its selector loop, and hands the TLS sockets to the
+backend's ``Bridge``. On the compiled backend the loops then relay the records through the SSL
+objects (see ``_loop_tls.h``); the loops do not do handshakes yet.
 """
 
 from __future__ import annotations

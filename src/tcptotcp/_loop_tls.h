@@ -1,0 +1,139 @@
+/* ---- TLS records: through the OpenSSL the interpreter's ssl module loaded ---------------------
+ *
+ * A TLS side of a bridge is an ssl.SSLSocket whose handshake Python did; the loop reads and
+ * writes its records with the SSL object itself (SSL_read_ex/SSL_write_ex through the loop's
+ * buffer, never splice). Nothing is linked: t2t_tls_bind finds the functions in the libssl and
+ * libcrypto that _ssl's module file already mapped (dlopen with RTLD_NOLOAD), so the wheel carries
+ * no OpenSSL and the records use the very library that made the SSL object. Only the API that
+ * OpenSSL 1.1.1 and 3.x share. Without it (a static or non-OpenSSL ssl module), TLS bridges stay
+ * on the pure engine.
+ *
+ * The SSL object is the loop's alone while the bridge runs: its socket BIO is moved to the
+ * bridge's own dup of the fd (so that the Python object's close cannot close it under the loop),
+ * and Python does not touch the object until the bridge ended. */
+
+#include <dlfcn.h>
+
+enum {
+    T2T_SSL_ERROR_SSL = 1,
+    T2T_SSL_ERROR_WANT_READ = 2,
+    T2T_SSL_ERROR_WANT_WRITE = 3,
+    T2T_SSL_ERROR_SYSCALL = 5,
+    T2T_SSL_ERROR_ZERO_RETURN = 6,
+    T2T_SSL_CTRL_MODE = 33,
+    T2T_SSL_MODE_ENABLE_PARTIAL_WRITE = 1,
+};
+
+typedef struct t2t_tls_api {
+    int (*read_ex)(void *ssl, void *buf, size_t num, size_t *got);
+    int (*write_ex)(void *ssl, const void *buf, size_t num, size_t *written);
+    int (*get_error)(const void *ssl, int ret);
+    int (*shutdown)(void *ssl);
+    int (*get_fd)(const void *ssl);
+    int (*set_fd)(void *ssl, int fd);
+    long (*ctrl)(void *ssl, int cmd, long larg, void *parg);
+    void (*clear_errors)(void);
+} t2t_tls_api;
+
+static t2t_tls_api t2t_tls;
+static int t2t_tls_bound; /* atomic: 1 once every function was found */
+
+/* Find the functions in the module at `path` (the _ssl extension) and what it links; 0, or -1
+   with a reason in `why`. Once is enough; later calls answer at once. */
+static int t2t_tls_bind(const char *path, const char **why) {
+    if (__atomic_load_n(&t2t_tls_bound, __ATOMIC_ACQUIRE)) return 0;
+    void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD | RTLD_LOCAL);
+    if (!lib) {
+        *why = "the ssl module's library is not loaded";
+        return -1;
+    }
+    t2t_tls_api api;
+    /* (through a union: ISO C has no cast from an object pointer to a function pointer) */
+#define T2T_FIND(field, name)                          \
+    do {                                               \
+        union { void *p; __typeof__(api.field) f; } u; \
+        u.p = dlsym(lib, name);                        \
+        if (!u.p) {                                    \
+            *why = "its OpenSSL lacks " name;          \
+            return -1;                                 \
+        }                                              \
+        api.field = u.f;                               \
+    } while (0)
+    T2T_FIND(read_ex, "SSL_read_ex");
+    T2T_FIND(write_ex, "SSL_write_ex");
+    T2T_FIND(get_error, "SSL_get_error");
+    T2T_FIND(shutdown, "SSL_shutdown");
+    T2T_FIND(get_fd, "SSL_get_fd");
+    T2T_FIND(set_fd, "SSL_set_fd");
+    T2T_FIND(ctrl, "SSL_ctrl");
+    T2T_FIND(clear_errors, "ERR_clear_error");
+#undef T2T_FIND
+    t2t_tls = api; /* (the handle stays open: the library must outlive every bridge) */
+    __atomic_store_n(&t2t_tls_bound, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* The fd an SSL object reads (-1: none); checks that a pointer found by layout is an SSL. */
+static int t2t_tls_fd(void *ssl) { return t2t_tls.get_fd(ssl); }
+
+/* Give the SSL object to a bridge: its records go through `fd` (the bridge's dup), and a write
+   may complete record by record (so a short write counts what went out). 0, or -1. */
+static int t2t_tls_adopt(void *ssl, int fd) {
+    t2t_tls.clear_errors();
+    if (t2t_tls.set_fd(ssl, fd) != 1) {
+        t2t_tls.clear_errors();
+        errno = ENOMEM;
+        return -1;
+    }
+    t2t_tls.ctrl(ssl, T2T_SSL_CTRL_MODE, T2T_SSL_MODE_ENABLE_PARTIAL_WRITE, NULL);
+    return 0;
+}
+
+/* Why an SSL call failed, as an errno: EAGAIN (wait to read), EINPROGRESS (wait to write),
+   0 for the peer's close_notify, EPROTO for a TLS failure or a stream cut without an alert. */
+static int t2t_tls_errno(void *ssl, int ret) {
+    int e = t2t_tls.get_error(ssl, ret);
+    int saved = errno;
+    t2t_tls.clear_errors();
+    switch (e) {
+    case T2T_SSL_ERROR_WANT_READ: return EAGAIN;
+    case T2T_SSL_ERROR_WANT_WRITE: return EINPROGRESS;
+    case T2T_SSL_ERROR_ZERO_RETURN: return 0;
+    case T2T_SSL_ERROR_SYSCALL: return saved && !T2T_WOULD_BLOCK(saved) ? saved : EPROTO;
+    default: return EPROTO;
+    }
+}
+
+/* Plaintext from a TLS side, like recv: bytes, 0 at its close_notify, or -1 with errno
+   (EINPROGRESS: a read that must first write, so wait until the side is writable). */
+static ssize_t t2t_tls_recv(void *ssl, void *buf, size_t n) {
+    size_t got = 0;
+    t2t_tls.clear_errors();
+    if (t2t_tls.read_ex(ssl, buf, n, &got) == 1) return (ssize_t)got;
+    int e = t2t_tls_errno(ssl, 0);
+    if (e == 0) return 0;
+    errno = e;
+    return -1;
+}
+
+/* Plaintext to a TLS side, like send: bytes taken, or -1 with errno (EAGAIN: wait to write).
+   A write retried after EAGAIN must offer the same bytes again (OpenSSL's rule), which the
+   unsent tail does. One that must first read (a renegotiation, which the forwarder refuses
+   anyway) fails. */
+static ssize_t t2t_tls_send(void *ssl, const void *buf, size_t n) {
+    size_t written = 0;
+    t2t_tls.clear_errors();
+    if (t2t_tls.write_ex(ssl, buf, n, &written) == 1) return (ssize_t)written;
+    int e = t2t_tls_errno(ssl, 0);
+    errno = e == EINPROGRESS ? EAGAIN : e ? (e == EAGAIN ? EPROTO : e) : EPIPE;
+    return -1;
+}
+
+/* The close_notify alert: 1 once sent (or not worth waiting for: the peer is gone), 0 to try
+   again when the side is writable. */
+static int t2t_tls_close_notify(void *ssl) {
+    t2t_tls.clear_errors();
+    int r = t2t_tls.shutdown(ssl);
+    if (r >= 0) return 1;
+    return t2t_tls_errno(ssl, r) == EINPROGRESS ? 0 : 1;
+}
