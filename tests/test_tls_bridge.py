@@ -107,6 +107,19 @@ def test_every_byte_both_ways_then_close_notify(backend, size, tls2, ender):
     assert (result.bytes_1_to_2, result.bytes_2_to_1, result.reason) == (len(up), len(down), "closed")
 
 
+def test_bytes_the_ssl_object_already_holds_are_relayed(backend):
+    """Bytes decrypted before the bridge started (the caller read a part of a record) are in
+    the SSL object, not the socket: no readiness tells of them, and they still go first."""
+    with Sides(tls1=True, tls2=False) as s:
+        s.peer1.sendall(b"0123456789" * 10)
+        s.end1.settimeout(10)
+        assert s.end1.recv(1) == b"0"  # the whole record was read and decrypted
+        bridge = backend.Bridge(s.end1, s.end2, 1, 30).start()
+        assert recv_exactly(s.peer2, 99, timeout=5) == (b"0123456789" * 10)[1:]
+        bridge.stop()
+        assert bridge.wait(10).reason == "stopped"
+
+
 def test_a_cut_is_an_error_and_is_passed_on_as_a_cut(backend):
     """A TLS peer that closes without close_notify truncated its stream: the bridge ends with
     "error", and the TLS peer on the other side gets the FIN alone (a cut), not the alert."""

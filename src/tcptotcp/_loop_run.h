@@ -21,6 +21,12 @@ static void t2t_begin(t2t_bridge *b) {
     }
     if (!b->resumed) t2t_idle_check(b); /* the check at the start: no traffic yet */
     if (b->state == T2T_RELAYING && t2t_heap_push(b->loop, b) != 0) t2t_fail(b, ENOMEM);
+    /* A TLS side's SSL object may already hold bytes (a record read whole for a part of it):
+       no edge would tell of them, so its first read is tried at once. */
+    int tls = 0;
+    for (int s = 0; s < 2; s++)
+        if (b->side[s].tls) b->side[s].readable = 1, tls = 1;
+    if (tls && b->state == T2T_RELAYING) t2t_again(b->loop, b);
 }
 
 struct t2t_config;
