@@ -214,6 +214,28 @@ def test_a_subclass_of_sslsocket_is_left_to_the_pure_engine(backend):
             sock.close()
 
 
+def test_a_socket_before_its_handshake_is_left_to_the_pure_engine(backend):
+    """The loops take an SSL object only after its handshake (one still to do would run Python's
+    callbacks in a loop thread): the pure engine's reads do the handshake, then relay."""
+    server_ctx, client_ctx = tls_contexts()
+    raw_peer, raw_end = link("tcp")
+    end = server_ctx.wrap_socket(raw_end, server_side=True, do_handshake_on_connect=False)
+    plain_peer, plain_end = link("tcp")
+    socks: List[socket.socket] = [raw_peer, end, plain_peer, plain_end]
+    try:
+        bridge = backend.Bridge(end, plain_end, 1, 30).start()
+        assert not relayed_in_the_loops(bridge)
+        peer = client_ctx.wrap_socket(raw_peer, server_hostname="localhost")  # the bridge answers
+        socks.append(peer)
+        peer.sendall(b"after the handshake")
+        assert recv_exactly(plain_peer, 19) == b"after the handshake"
+        bridge.stop()
+        assert bridge.wait(10).reason == "stopped"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_a_thousand_tls_bridges_without_a_thread_each():
     """The compiled backend: 1,000 TLS bridges at once, each echoing through its records, and
     not one thread more than before."""

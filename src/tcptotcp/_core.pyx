@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 from errno import ECANCELED
+import _ssl
 import threading
 import weakref
 
@@ -218,11 +219,17 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     cdef int fd2 = stream2 if adopt else stream2.fileno()
     cdef void *tls1 = NULL
     cdef void *tls2 = NULL
-    if not adopt and (isinstance(stream1, ssl.SSLSocket) or isinstance(stream2, ssl.SSLSocket)):
-        if not (relays_tls_of(stream1) and relays_tls_of(stream2)):
-            raise ValueError("the loops cannot relay this TLS socket: see relays_tls_of()")
-        tls1 = _ssl_of(stream1)
-        tls2 = _ssl_of(stream2)
+    # The SSL objects, read once and held by the relay: a close of the socket meanwhile drops
+    # the socket's reference, never the one the loop uses.
+    tls_objects = (getattr(stream1, "_sslobj", None), getattr(stream2, "_sslobj", None))
+    cdef bint is_tls1 = not adopt and isinstance(stream1, ssl.SSLSocket)
+    cdef bint is_tls2 = not adopt and isinstance(stream2, ssl.SSLSocket)
+    if is_tls1:
+        tls1 = _ssl_in(stream1, tls_objects[0])
+    if is_tls2:
+        tls2 = _ssl_in(stream2, tls_objects[1])
+    if (is_tls1 and tls1 == NULL) or (is_tls2 and tls2 == NULL):
+        raise ValueError("the loops cannot relay this TLS socket: see relays_tls_of()")
     cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
     cdef uint64_t rate = plan.bandwidth
@@ -236,7 +243,7 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     cdef Relay relay = Relay.__new__(Relay)
     relay._on_end = on_end
     if tls1 != NULL or tls2 != NULL:
-        relay._tls_objects = (getattr(stream1, "_sslobj", None), getattr(stream2, "_sslobj", None))
+        relay._tls_objects = tls_objects
     Py_INCREF(relay)  # held for the engine until the results thread finished it
     relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
                          splice, rate, burst, quantum, &carried if resume is not None else NULL, tls1, tls2,
@@ -266,22 +273,29 @@ def tls_unavailable():
     return None
 
 
-cdef void *_ssl_of(sock):
-    """The SSL object of an ssl.SSLSocket, found by the layout of CPython's _ssl._SSLSocket (its
-    reference to the socket, then the SSL pointer); NULL for anything else. The layout is
-    checked before the pointer is read (the reference must be a weak reference to `sock`), and
-    the pointer after (OpenSSL must say it reads `sock`'s fd)."""
-    if type(sock) is not ssl.SSLSocket or tls_unavailable() is not None:
+cdef void *_ssl_in(sock, tls):
+    """The SSL object inside `tls`, the ``_ssl._SSLSocket`` of the ssl.SSLSocket `sock`, found by
+    the layout of CPython's struct (its reference to the socket, then the SSL pointer); NULL if
+    the loops must not take it. The layout is checked before the pointer is read (the
+    reference must be a weak reference to `sock`), and the pointer after (OpenSSL must say it
+    reads `sock`'s fd through a socket BIO). The caller holds `tls` for as long as it uses the
+    pointer."""
+    if type(sock) is not ssl.SSLSocket or tls is None or type(tls) is not _ssl._SSLSocket:
         return NULL
-    tls = sock._sslobj
-    if tls is None or type(tls).__name__ != "_SSLSocket" or type(tls).__module__ != "_ssl":
+    # A handshake still to do, or a context that calls Python on every record, would run Python
+    # from a loop thread; kernel TLS would need the loops to write plaintext to the socket.
+    if sock.version() is None or getattr(sock.context, "_msg_callback", None) is not None:
+        return NULL
+    if sock.context.options & getattr(ssl, "OP_ENABLE_KTLS", 0):
+        return NULL
+    if tls_unavailable() is not None:
         return NULL
     cdef char *base = <char *><PyObject *>tls
     cdef PyObject *owner = (<PyObject **>(base + sizeof(PyObject)))[0]
     if owner == NULL or type(<object>owner) is not weakref.ReferenceType or (<object>owner)() is not sock:
         return NULL
     cdef void *p = (<void **>(base + sizeof(PyObject) + sizeof(void *)))[0]
-    if p == NULL or t2t_tls_fd(p) != sock.fileno():
+    if p == NULL or not t2t_tls_usable(p, sock.fileno()):
         return NULL
     return p
 
@@ -289,11 +303,12 @@ cdef void *_ssl_of(sock):
 def relays_tls_of(sock):
     """Whether the loops can relay `sock` as a side of a bridge: its fd's bytes, or an
     ``ssl.SSLSocket`` (the class itself: a subclass may change what its reads and writes mean)
-    whose SSL object the loops can use."""
+    after its handshake, whose SSL object the loops can use."""
     if not isinstance(sock, ssl.SSLSocket):
         cls = type(sock)
-        return isinstance(sock, socket.socket) and cls.recv_into is socket.socket.recv_into and cls.send is socket.socket.send
-    return _ssl_of(sock) != NULL
+        plain = cls.recv_into is socket.socket.recv_into and cls.send is socket.socket.send
+        return isinstance(sock, socket.socket) and plain
+    return _ssl_in(sock, sock._sslobj) != NULL
 
 
 def loop_threads():

@@ -123,7 +123,7 @@ cdef extern from "_loop.h" nogil:
                           int half_close, int may_splice, uint64_t rate, uint64_t burst, uint64_t quantum,
                           const t2t_idle_state *resume, void *tls1, void *tls2, void *owner)
     int t2t_tls_bind(const char *path, const char **why)
-    int t2t_tls_fd(void *ssl)
+    int t2t_tls_usable(void *ssl, int fd)
     void t2t_stop(t2t_bridge *b)
     int t2t_detach(t2t_bridge *b, int64_t timeout_ns, int fds[2], t2t_idle_state *state)
     void t2t_release(t2t_bridge *b)

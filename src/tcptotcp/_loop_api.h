@@ -203,19 +203,9 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
         errno = saved;
         return NULL;
     }
-    void *tls[2] = {tls1, tls2};
+    void *tls[2] = {tls1, tls2}; /* (checked by t2t_tls_usable) */
     for (int s = 0; s < 2; s++) {
-        if (tls[s] && t2t_tls_adopt(tls[s], b->side[s].fd) != 0) {
-            int saved = errno;
-            if (!adopt) {
-                close(b->side[0].fd);
-                close(b->side[1].fd);
-            }
-            free(b->throttle);
-            free(b);
-            errno = saved;
-            return NULL;
-        }
+        if (tls[s]) t2t_tls_adopt(tls[s], b->side[s].fd);
         b->side[s].tls = tls[s];
     }
     if (tls1 || tls2) may_splice = 0; /* records go through the buffer */

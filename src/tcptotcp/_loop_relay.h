@@ -541,13 +541,18 @@ static void t2t_drain(t2t_bridge *b) {
             break;
         }
     }
-    int done = (b->side[0].drained && b->side[1].drained) || L->now >= b->drain_limit_ns;
-    if (!done && L->now >= b->drain_quiet_ns) {
+    /* A close_notify still waiting for room keeps the bridge until the limit: closing would
+       drop it, and the FIN alone would tell the peer of a cut. */
+    int notifying = b->side[0].notifying || b->side[1].notifying;
+    int done = (b->side[0].drained && b->side[1].drained && !notifying) || L->now >= b->drain_limit_ns;
+    if (!done && !notifying && L->now >= b->drain_quiet_ns) {
         /* Quiet: closing now sends RST, harmless only once the peer holds all we sent. */
         done = 1;
         for (int s = 0; s < 2; s++)
             if (!b->side[s].drained && t2t_unacked(b->side[s].fd) > 0) done = 0;
         if (!done) b->drain_quiet_ns = t2t_add(L->now, T2T_DRAIN_POLL_NS);
+    } else if (!done && notifying && L->now >= b->drain_quiet_ns) {
+        b->drain_quiet_ns = t2t_add(L->now, T2T_DRAIN_POLL_NS); /* (a timer never due at once again) */
     }
     if (done) {
         t2t_close(b);

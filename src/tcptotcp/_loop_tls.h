@@ -10,7 +10,8 @@
  *
  * The SSL object is the loop's alone while the bridge runs: its socket BIO is moved to the
  * bridge's own dup of the fd (so that the Python object's close cannot close it under the loop),
- * and Python does not touch the object until the bridge ended. */
+ * _core.pyx holds a reference to the object, and Python does not touch it until the bridge
+ * ended. */
 
 #include <dlfcn.h>
 
@@ -22,6 +23,9 @@ enum {
     T2T_SSL_ERROR_ZERO_RETURN = 6,
     T2T_SSL_CTRL_MODE = 33,
     T2T_SSL_MODE_ENABLE_PARTIAL_WRITE = 1,
+    T2T_BIO_TYPE_SOCKET = 5 | 0x0400 | 0x0100, /* a source/sink on a descriptor */
+    T2T_BIO_C_SET_FD = 104,
+    T2T_BIO_NOCLOSE = 0,
 };
 
 typedef struct t2t_tls_api {
@@ -30,8 +34,11 @@ typedef struct t2t_tls_api {
     int (*get_error)(const void *ssl, int ret);
     int (*shutdown)(void *ssl);
     int (*get_fd)(const void *ssl);
-    int (*set_fd)(void *ssl, int fd);
     long (*ctrl)(void *ssl, int cmd, long larg, void *parg);
+    void *(*get_rbio)(const void *ssl);
+    void *(*get_wbio)(const void *ssl);
+    int (*bio_type)(const void *bio);
+    long (*bio_ctrl)(void *bio, int cmd, long larg, void *parg);
     void (*clear_errors)(void);
 } t2t_tls_api;
 
@@ -64,8 +71,11 @@ static int t2t_tls_bind(const char *path, const char **why) {
     T2T_FIND(get_error, "SSL_get_error");
     T2T_FIND(shutdown, "SSL_shutdown");
     T2T_FIND(get_fd, "SSL_get_fd");
-    T2T_FIND(set_fd, "SSL_set_fd");
     T2T_FIND(ctrl, "SSL_ctrl");
+    T2T_FIND(get_rbio, "SSL_get_rbio");
+    T2T_FIND(get_wbio, "SSL_get_wbio");
+    T2T_FIND(bio_type, "BIO_method_type");
+    T2T_FIND(bio_ctrl, "BIO_ctrl");
     T2T_FIND(clear_errors, "ERR_clear_error");
 #undef T2T_FIND
     t2t_tls = api; /* (the handle stays open: the library must outlive every bridge) */
@@ -73,20 +83,22 @@ static int t2t_tls_bind(const char *path, const char **why) {
     return 0;
 }
 
-/* The fd an SSL object reads (-1: none); checks that a pointer found by layout is an SSL. */
-static int t2t_tls_fd(void *ssl) { return t2t_tls.get_fd(ssl); }
+/* Whether a pointer found by layout is an SSL object the loops can take over: it reads and
+   writes `fd` through one plain socket BIO (the one CPython's ssl module gives it; no memory
+   BIO, no filter in between). */
+static int t2t_tls_usable(void *ssl, int fd) {
+    if (t2t_tls.get_fd(ssl) != fd) return 0;
+    void *bio = t2t_tls.get_rbio(ssl);
+    return bio && bio == t2t_tls.get_wbio(ssl) && t2t_tls.bio_type(bio) == T2T_BIO_TYPE_SOCKET;
+}
 
-/* Give the SSL object to a bridge: its records go through `fd` (the bridge's dup), and a write
-   may complete record by record (so a short write counts what went out). 0, or -1. */
-static int t2t_tls_adopt(void *ssl, int fd) {
-    t2t_tls.clear_errors();
-    if (t2t_tls.set_fd(ssl, fd) != 1) {
-        t2t_tls.clear_errors();
-        errno = ENOMEM;
-        return -1;
-    }
+/* Give a usable SSL object to a bridge: its socket BIO now uses `fd` (the bridge's dup, so the
+   Python object's close cannot close it under the loop; the BIO itself, with its flags, stays,
+   and this cannot fail), and a write may complete record by record (so a short write counts
+   what went out). */
+static void t2t_tls_adopt(void *ssl, int fd) {
+    t2t_tls.bio_ctrl(t2t_tls.get_rbio(ssl), T2T_BIO_C_SET_FD, T2T_BIO_NOCLOSE, &fd);
     t2t_tls.ctrl(ssl, T2T_SSL_CTRL_MODE, T2T_SSL_MODE_ENABLE_PARTIAL_WRITE, NULL);
-    return 0;
 }
 
 /* Why an SSL call failed, as an errno: EAGAIN (wait to read), EINPROGRESS (wait to write),
