@@ -563,9 +563,12 @@ def test_an_upstream_reset_reaches_a_tls_client_as_a_cut(backend, certs, records
         listener.close()
 
 
-def test_the_end_of_an_originated_bridge_is_a_close_notify_to_the_upstream(backend, certs, records):
-    """The plain client sends and closes: the TLS upstream reads every byte, then the end of
-    the TLS stream."""
+@pytest.mark.parametrize("client", ["plain", "tls", "tls-cut"])
+def test_the_end_of_an_originated_bridge_is_a_close_notify_to_the_upstream(backend, certs, records, client):
+    """The client sends and closes: the TLS upstream reads every byte, then the end of the TLS
+    stream. Re-encrypting, a TLS client that ends with close_notify passes it on; one that cuts
+    its stream (a FIN without the alert: an end, "closed", as its socket takes it) passes on a
+    cut, never an alert that would say the stream is whole."""
     listener = socket.create_server(("127.0.0.1", 0))
     ends: List[Any] = []
 
@@ -594,12 +597,27 @@ def test_the_end_of_an_originated_bridge_is_a_close_notify_to_the_upstream(backe
     payload = os.urandom(60_000)
     try:
         address = f"127.0.0.1:{listener.getsockname()[1]}"
-        with serving(backend, address, upstream_tls=True, upstream_ca=certs.crt("ca")) as fwd:
-            with socket.create_connection(fwd.address, timeout=10) as client:
-                client.sendall(payload)
+        terminate: Dict[str, Any] = {"tls_cert": [certs.crt("server")], "tls_key": [certs.key("server")]}
+        options = terminate if client != "plain" else {}
+        with serving(backend, address, upstream_tls=True, upstream_ca=certs.crt("ca"), **options) as fwd:
+            if client == "plain":
+                with socket.create_connection(fwd.address, timeout=10) as sock:
+                    sock.sendall(payload)
+            else:
+                with tls_client(fwd, certs.client_context()) as tls:
+                    tls.sendall(payload)
+                    if client == "tls":
+                        tls.unwrap()  # close_notify (and the forwarder's answer)
+                    else:
+                        socket.socket.shutdown(tls, socket.SHUT_WR)  # the FIN alone
+                    # Open until the upstream saw the end: a close with the session tickets
+                    # unread would reset the connection, which is not what this test is about.
+                    thread.join(20)
             thread.join(20)
             assert not thread.is_alive()
-            assert ends == [("close_notify", len(payload), hashlib.sha256(payload).hexdigest())], records.lines()
+            end = "cut" if client == "tls-cut" else "close_notify"
+            assert ends == [(end, len(payload), hashlib.sha256(payload).hexdigest())], records.lines()
+            assert " closed after " in records.wait(" close ")
     finally:
         listener.close()
         thread.join(5)

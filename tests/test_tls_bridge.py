@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import time
 from typing import List, Tuple
 
 import pytest
 
 import tcptotcp
-from helpers import Background, bridge_threads, link, no_leaks, recv_exactly, tls_contexts
+from helpers import Background, bridge_threads, link, no_leaks, recv_exactly, recv_until_eof, sha, tls_contexts
+from tcptotcp._bridge import bandwidth_bucket
 
 try:
     from tcptotcp import _core
@@ -30,7 +32,8 @@ def tls_link(strict: bool = True) -> Tuple[ssl.SSLSocket, ssl.SSLSocket]:
     tells a cut from close_notify (Python 3.9's contexts would take a cut for a clean end)."""
     server_ctx, client_ctx = tls_contexts()
     if strict:
-        client_ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+        for context in (server_ctx, client_ctx):
+            context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     raw_peer, raw_bridge = link("tcp")
     handshake = Background(lambda: server_ctx.wrap_socket(raw_bridge, server_side=True))
     peer = client_ctx.wrap_socket(raw_peer, server_hostname="localhost", suppress_ragged_eofs=False)
@@ -120,20 +123,28 @@ def test_bytes_the_ssl_object_already_holds_are_relayed(backend):
         assert bridge.wait(10).reason == "stopped"
 
 
-def test_a_cut_is_an_error_and_is_passed_on_as_a_cut(backend):
-    """A TLS peer that closes without close_notify truncated its stream: the bridge ends with
-    "error", and the TLS peer on the other side gets the FIN alone (a cut), not the alert."""
+@pytest.mark.parametrize("how", ["fin", "fin-strict", "reset"])
+def test_a_cut_is_passed_on_as_a_cut(backend, how):
+    """A TLS peer that ends without close_notify cut its stream. A FIN alone is an end where the
+    bridge's socket takes it for one (``suppress_ragged_eofs``, the default): "closed", else
+    "error"; a reset is "error". Either way the TLS peer on the other side gets the FIN alone
+    (a cut), never the alert that would say the stream is whole."""
     with Sides(tls1=True, tls2=True) as s:
+        s.end1.suppress_ragged_eofs = how != "fin-strict"
         bridge = backend.Bridge(s.end1, s.end2, 1, 30).start()
         s.peer1.sendall(b"half a message")
         assert recv_exactly(s.peer2, 14) == b"half a message"
-        s.peer1.close()  # (an SSLSocket's close sends no alert)
+        if how.startswith("fin"):
+            socket.socket.shutdown(s.peer1, socket.SHUT_WR)  # the TCP socket's FIN, no alert
+        else:
+            s.peer1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.peer1.close()
         s.peer2.settimeout(10)
         with pytest.raises(ssl.SSLError) as cut:
             s.peer2.recv(100)
         assert isinstance(cut.value, ssl.SSLEOFError) or "EOF" in str(cut.value)
         result = bridge.wait(10)
-    assert result is not None and result.reason == "error"
+    assert result is not None and result.reason == ("closed" if how == "fin" else "error")
 
 
 def test_a_receiver_that_stops_reading_holds_the_tls_sender_back(backend):
@@ -159,6 +170,65 @@ def test_a_receiver_that_stops_reading_holds_the_tls_sender_back(backend):
         s.peer1.close()
         result = bridge.wait(10)
     assert result is not None and (result.bytes_1_to_2, result.reason) == (size, "closed")
+
+
+def test_a_half_close_through_tls_sides(backend):
+    """half_close=True: the TLS client's close_notify goes on as a FIN; the upstream's reply
+    still reaches the client, every byte; the upstream's FIN then ends the bridge cleanly and the
+    client gets close_notify."""
+    request, reply = os.urandom(200_000), os.urandom(3_000_000)
+    with Sides(tls1=True, tls2=False) as s:
+        bridge = backend.Bridge(s.end1, s.end2, 1, 30, half_close=True).start()
+        s.peer1.sendall(request)
+        send_close_notify(s.peer1)
+        assert recv_until_eof(s.peer2) == (len(request), sha(request))  # then the FIN
+        s.peer1.setblocking(True)
+        sending = Background(lambda: s.peer2.sendall(reply))
+        got = recv_exactly(s.peer1, len(reply), timeout=30)
+        assert got == reply
+        sending.result()
+        s.peer2.shutdown(socket.SHUT_WR)
+        s.peer1.settimeout(10)
+        try:  # the alert: b"", or (as the client sent its own first) SSLZeroReturnError; a cut raises another
+            assert s.peer1.recv(1) == b""
+        except ssl.SSLZeroReturnError:
+            pass
+        result = bridge.wait(10)
+    assert result is not None
+    assert (result.bytes_1_to_2, result.bytes_2_to_1, result.reason) == (len(request), len(reply), "closed")
+
+
+def test_the_idle_rule_ends_a_quiet_tls_bridge_without_close_notify(backend):
+    """r=1, k=1: quiet TLS sides end "idle" after the contract's checks; the TLS peer gets the FIN
+    alone (an idle end must not say the stream is whole), which a strict peer reads as a cut."""
+    with Sides(tls1=True, tls2=True) as s:
+        began = time.monotonic()
+        bridge = backend.Bridge(s.end1, s.end2, 1, 1).start()
+        s.peer1.sendall(b"hello")
+        assert recv_exactly(s.peer2, 5) == b"hello"
+        result = bridge.wait(10)
+        assert result is not None and result.reason == "idle"
+        assert 1.5 < time.monotonic() - began < 6
+        s.peer1.settimeout(10)
+        with pytest.raises(ssl.SSLError):
+            s.peer1.recv(100)
+
+
+def test_bandwidth_holds_a_tls_bridge_to_its_rate(backend):
+    """bandwidth= counts plaintext: 600 kB at 200 kB/s (past a burst) take about 2 s or more."""
+    rate = 200_000
+    data = os.urandom(600_000)
+    with Sides(tls1=True, tls2=False) as s:
+        bridge = backend.Bridge(s.end1, s.end2, 1, 30, bandwidth=rate).start()
+        began = time.monotonic()
+        sending = Background(lambda: s.peer1.sendall(data))
+        assert recv_exactly(s.peer2, len(data), timeout=30) == data
+        took = time.monotonic() - began
+        sending.result()
+        s.peer1.close()
+        bridge.wait(10)
+    burst, _ = bandwidth_bucket(rate)
+    assert took >= (len(data) - burst) / rate * 0.9
 
 
 def test_a_tls_bridge_is_not_detached_and_relays_on(backend):

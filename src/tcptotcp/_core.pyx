@@ -245,9 +245,13 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     if tls1 != NULL or tls2 != NULL:
         relay._tls_objects = tls_objects
     Py_INCREF(relay)  # held for the engine until the results thread finished it
+    # A TLS socket's suppress_ragged_eofs: an EOF without close_notify is its end (a cut, which
+    # sends no close_notify on), else an error.
+    cdef int ragged_eofs_are_ends = ((1 if is_tls1 and stream1.suppress_ragged_eofs else 0)
+                                     | (2 if is_tls2 and stream2.suppress_ragged_eofs else 0))
     relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
                          splice, rate, burst, quantum, &carried if resume is not None else NULL, tls1, tls2,
-                         <void *>relay)
+                         ragged_eofs_are_ends, <void *>relay)
     if relay._b == NULL:
         err = errno
         Py_DECREF(relay)

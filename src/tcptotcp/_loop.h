@@ -151,6 +151,9 @@ typedef struct t2t_side {
     unsigned char polled;   /* a listener's client: its fd is in the poller (see t2t_poll_side) */
     unsigned char notifying; /* teardown: its close_notify waits for room, then its FIN */
     void *tls;              /* a TLS side's SSL object (see _loop_tls.h); NULL: plain bytes */
+    /* A TLS side: an EOF without close_notify is an end (its socket's suppress_ragged_eofs),
+       else an error; cut: it ended so, and no close_notify goes on to anyone. */
+    unsigned char ragged_eof_is_end, cut;
 } t2t_side;
 
 /* One direction: reads side[i], writes side[1 - i]. */

@@ -121,7 +121,8 @@ cdef extern from "_loop.h" nogil:
     int t2t_loop_load(int i)
     t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit, int activity_both,
                           int half_close, int may_splice, uint64_t rate, uint64_t burst, uint64_t quantum,
-                          const t2t_idle_state *resume, void *tls1, void *tls2, void *owner)
+                          const t2t_idle_state *resume, void *tls1, void *tls2, int ragged_eofs_are_ends,
+                          void *owner)
     int t2t_tls_bind(const char *path, const char **why)
     int t2t_tls_usable(void *ssl, int fd)
     void t2t_stop(t2t_bridge *b)

@@ -186,7 +186,8 @@ static int t2t_loop_load(int i) {
    with a check. NULL with errno on failure: nothing left open, and adopted fds still the caller's. */
 static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, uint64_t idle_limit,
                              int activity_both, int half_close, int may_splice, uint64_t rate, uint64_t burst,
-                             uint64_t quantum, const t2t_idle_state *resume, void *tls1, void *tls2, void *owner) {
+                             uint64_t quantum, const t2t_idle_state *resume, void *tls1, void *tls2,
+                             int ragged_eofs_are_ends, void *owner) {
     t2t_bridge *b = (t2t_bridge *)calloc(1, sizeof(t2t_bridge));
     if (!b || t2t_rate_set(b, rate, burst, quantum, t2t_now()) != 0) {
         free(b);
@@ -207,6 +208,7 @@ static t2t_bridge *t2t_start(int fd1, int fd2, int adopt, int64_t interval_ns, u
     for (int s = 0; s < 2; s++) {
         if (tls[s]) t2t_tls_adopt(tls[s], b->side[s].fd);
         b->side[s].tls = tls[s];
+        b->side[s].ragged_eof_is_end = (unsigned char)((ragged_eofs_are_ends >> s) & 1);
     }
     if (tls1 || tls2) may_splice = 0; /* records go through the buffer */
     int least = INT_MAX;

@@ -358,7 +358,7 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
 #endif
         {
             asked = T2T_BUFFER_BYTES < allowed ? T2T_BUFFER_BYTES : allowed;
-            n = src->tls ? t2t_tls_recv(src->tls, L->buffer, asked) : recv(src->fd, L->buffer, asked, MSG_DONTWAIT);
+            n = src->tls ? t2t_tls_recv(src, L->buffer, asked) : recv(src->fd, L->buffer, asked, MSG_DONTWAIT);
         }
         if (n == 0) {
             if (t2t_borrowed(L, b)) b->lent_done = 1; /* the home loop reads the EOF again */
@@ -446,9 +446,11 @@ static void t2t_end(t2t_bridge *b, int reason, int error) {
     for (int s = 0; s < 2; s++) {
         t2t_side *side = &b->side[s];
         /* A TLS side of a bridge that ended cleanly gets close_notify before its FIN, so its
-           peer can tell the end of the stream from a cut. After an error, a stop or an idle
-           end the FIN goes alone: the alert must not vouch for a truncated stream. */
-        if (side->tls && reason == T2T_CLOSED && !side->fin_sent) side->notifying = 1;
+           peer can tell the end of the stream from a cut. After an error, a stop, an idle end
+           or a cut TLS side the FIN goes alone: the alert must not vouch for a truncated
+           stream. */
+        if (side->tls && reason == T2T_CLOSED && !side->fin_sent && !b->side[0].cut && !b->side[1].cut)
+            side->notifying = 1;
         if (b->dir[s].ended) {
             /* Its FIN was read: nothing more can arrive, so close() alone sends ours, cleanly. */
             side->drained = 1;

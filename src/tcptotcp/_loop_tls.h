@@ -40,6 +40,8 @@ typedef struct t2t_tls_api {
     int (*bio_type)(const void *bio);
     long (*bio_ctrl)(void *bio, int cmd, long larg, void *parg);
     void (*clear_errors)(void);
+    unsigned long (*peek_error)(void);
+    const char *(*reason_text)(unsigned long e);
 } t2t_tls_api;
 
 static t2t_tls_api t2t_tls;
@@ -77,6 +79,8 @@ static int t2t_tls_bind(const char *path, const char **why) {
     T2T_FIND(bio_type, "BIO_method_type");
     T2T_FIND(bio_ctrl, "BIO_ctrl");
     T2T_FIND(clear_errors, "ERR_clear_error");
+    T2T_FIND(peek_error, "ERR_peek_error");
+    T2T_FIND(reason_text, "ERR_reason_error_string");
 #undef T2T_FIND
     t2t_tls = api; /* (the handle stays open: the library must outlive every bridge) */
     __atomic_store_n(&t2t_tls_bound, 1, __ATOMIC_RELEASE);
@@ -102,11 +106,19 @@ static void t2t_tls_adopt(void *ssl, int fd) {
 }
 
 /* Why an SSL call failed, as an errno: EAGAIN (wait to read), EINPROGRESS (wait to write),
-   0 for the peer's close_notify, EPROTO for a TLS failure or a stream cut without an alert. */
+   0 for the peer's close_notify, ENODATA for an EOF without it (a cut: OpenSSL 1.1.1 says
+   SYSCALL with no errno, 3.x names it), EPROTO for any other TLS failure. */
 static int t2t_tls_errno(void *ssl, int ret) {
     int e = t2t_tls.get_error(ssl, ret);
     int saved = errno;
+    int ragged = 0;
+    if (e == T2T_SSL_ERROR_SYSCALL && saved == 0 && !t2t_tls.peek_error()) ragged = 1;
+    if (e == T2T_SSL_ERROR_SSL) {
+        const char *why = t2t_tls.reason_text(t2t_tls.peek_error());
+        ragged = why && strcmp(why, "unexpected eof while reading") == 0;
+    }
     t2t_tls.clear_errors();
+    if (ragged) return ENODATA;
     switch (e) {
     case T2T_SSL_ERROR_WANT_READ: return EAGAIN;
     case T2T_SSL_ERROR_WANT_WRITE: return EINPROGRESS;
@@ -116,13 +128,21 @@ static int t2t_tls_errno(void *ssl, int ret) {
     }
 }
 
-/* Plaintext from a TLS side, like recv: bytes, 0 at its close_notify, or -1 with errno
-   (EINPROGRESS: a read that must first write, so wait until the side is writable). */
-static ssize_t t2t_tls_recv(void *ssl, void *buf, size_t n) {
+/* Plaintext from a TLS side, like recv: bytes, 0 at its close_notify (or at a cut, where its
+   socket takes that for an end: then side->cut), or -1 with errno (EINPROGRESS: a read that
+   must first write, so wait until the side is writable). */
+static ssize_t t2t_tls_recv(t2t_side *side, void *buf, size_t n) {
     size_t got = 0;
     t2t_tls.clear_errors();
-    if (t2t_tls.read_ex(ssl, buf, n, &got) == 1) return (ssize_t)got;
-    int e = t2t_tls_errno(ssl, 0);
+    if (t2t_tls.read_ex(side->tls, buf, n, &got) == 1) return (ssize_t)got;
+    int e = t2t_tls_errno(side->tls, 0);
+    if (e == ENODATA) {
+        if (side->ragged_eof_is_end) {
+            side->cut = 1;
+            return 0;
+        }
+        e = EPROTO;
+    }
     if (e == 0) return 0;
     errno = e;
     return -1;
@@ -137,7 +157,7 @@ static ssize_t t2t_tls_send(void *ssl, const void *buf, size_t n) {
     t2t_tls.clear_errors();
     if (t2t_tls.write_ex(ssl, buf, n, &written) == 1) return (ssize_t)written;
     int e = t2t_tls_errno(ssl, 0);
-    errno = e == EINPROGRESS ? EAGAIN : e ? (e == EAGAIN ? EPROTO : e) : EPIPE;
+    errno = e == EINPROGRESS ? EAGAIN : e ? (e == EAGAIN || e == ENODATA ? EPROTO : e) : EPIPE;
     return -1;
 }
 

@@ -161,6 +161,9 @@ class Pump:
         self._active = False
         self.bytes = 0
         self.last_errno = 0
+        #: Its TLS source ended without close_notify, and the socket took that for an end
+        #: (see _take_ragged_eofs): a cut, so no close_notify goes on to anyone.
+        self.cut = False
 
     def take_activity(self) -> bool:
         active, self._active = self._active, False
@@ -218,6 +221,11 @@ class Pump:
                     if not ready(src, for_write=isinstance(exc, ssl.SSLWantWriteError)) and self._stopping():
                         return STOPPED
                     continue
+                except ssl.SSLError as exc:  # (after the waits, which are SSLErrors too)
+                    if not (_is_ragged_eof(exc) and getattr(src, _RAGGED_EOF_IS_END, False)):
+                        raise
+                    self.cut = True
+                    return EOF
                 if not received:
                     return EOF
                 if bucket is not None:
@@ -260,6 +268,22 @@ OnEnd = Callable[[int, int, str, float], None]
 
 
 _TLS_LOCK = "_tcptotcp_io_lock"
+# A TLS socket's own suppress_ragged_eofs, which the bridge takes over: an EOF without
+# close_notify then reaches the pump as SSLEOFError, an end (the socket's setting) that it
+# remembers as a cut.
+_RAGGED_EOF_IS_END = "_tcptotcp_ragged_eof_is_end"
+
+
+def _is_ragged_eof(exc: ssl.SSLError) -> bool:
+    """An EOF without close_notify: SSLEOFError, or (Python 3.9 with OpenSSL 3) an SSLError
+    with OpenSSL's reason for it."""
+    return isinstance(exc, ssl.SSLEOFError) or getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING"
+
+
+def _take_ragged_eofs(sock: socket.socket) -> None:
+    if isinstance(sock, ssl.SSLSocket) and not hasattr(sock, _RAGGED_EOF_IS_END):
+        setattr(sock, _RAGGED_EOF_IS_END, bool(getattr(sock, "suppress_ragged_eofs", True)))
+        setattr(sock, "suppress_ragged_eofs", False)  # noqa: B010 (not in typeshed's SSLSocket)
 
 
 def _one_at_a_time(sock: socket.socket, call: Callable[..., Any]) -> Callable[..., Any]:
@@ -560,6 +584,7 @@ class ThreadRelay:
         for wire in (w1, w2):  # (before the pumps start: they share it, see _one_at_a_time)
             if isinstance(wire, ssl.SSLSocket) and getattr(wire, _TLS_LOCK, None) is None:
                 setattr(wire, _TLS_LOCK, threading.Lock())
+            _take_ragged_eofs(wire)
         try:
             # Non-blocking: every wait is a poll() that the wake socket can interrupt, and a
             # socket timeout the caller set can never end the bridge.
@@ -715,9 +740,9 @@ class ThreadRelay:
         for wire in wires:  # both ends first, then the drains: one side's drain can take it all
             if isinstance(wire, ssl.SSLSocket):
                 # The alert says the stream is whole: only for a bridge that ended cleanly. A
-                # reset, a stop or an idle end gets the FIN alone, which a TLS peer takes for
-                # a cut (as nginx does on errors and timeouts).
-                if reason == "closed":
+                # reset, a stop, an idle end or a cut TLS side gets the FIN alone, which a TLS
+                # peer takes for a cut (as nginx does on errors and timeouts).
+                if reason == "closed" and not any(getattr(p, "cut", False) for p in self._pumps):
                     _close_notify(wire, deadline)
                 _shutdown(wire, socket.SHUT_WR)
         for wire in wires:

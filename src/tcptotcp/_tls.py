@@ -280,6 +280,13 @@ def _matches(pattern: str, name: str) -> bool:
     return False
 
 
+def _cuts_are_cuts(context: ssl.SSLContext) -> None:
+    """A peer that closes without close_notify cut its stream: the bridge ends "error" and the
+    other TLS side gets no alert, on every Python. 3.9's contexts set OP_IGNORE_UNEXPECTED_EOF,
+    which reads such a cut as a clean end (and would vouch for it onward with close_notify)."""
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+
+
 def server_context(
     certs: Sequence[Tuple[str, Optional[str]]],
     *,
@@ -299,6 +306,7 @@ def server_context(
         # ends the bridge), as OpenSSL 3 does by default and 1.1.1 does not: it costs a
         # handshake's CPU each time a client asks. TLS 1.3's key updates pass.
         context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+        _cuts_are_cuts(context)
         if ciphers is not None:
             try:
                 context.set_ciphers(ciphers)
@@ -353,6 +361,7 @@ def client_context(
     checked; `cert` (and `key`) for mutual TLS; `insecure`: no verification at all."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (verifies, and checks the host name)
     context.minimum_version = MIN_VERSIONS[min_version]
+    _cuts_are_cuts(context)
     if ca is not None:
         _load_ca(context, "upstream_ca", ca)
     elif not insecure:
