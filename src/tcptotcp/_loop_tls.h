@@ -46,11 +46,21 @@ typedef struct t2t_tls_api {
 
 static t2t_tls_api t2t_tls;
 static int t2t_tls_bound; /* atomic: 1 once every function was found */
+static pthread_mutex_t t2t_tls_binding = PTHREAD_MUTEX_INITIALIZER;
+
+static int t2t_tls_find(const char *path, const char **why);
 
 /* Find the functions in the module at `path` (the _ssl extension) and what it links; 0, or -1
-   with a reason in `why`. Once is enough; later calls answer at once. */
+   with a reason in `why`. Once is enough; later calls answer at once. From any thread. */
 static int t2t_tls_bind(const char *path, const char **why) {
     if (__atomic_load_n(&t2t_tls_bound, __ATOMIC_ACQUIRE)) return 0;
+    pthread_mutex_lock(&t2t_tls_binding);
+    int rc = __atomic_load_n(&t2t_tls_bound, __ATOMIC_ACQUIRE) ? 0 : t2t_tls_find(path, why);
+    pthread_mutex_unlock(&t2t_tls_binding);
+    return rc;
+}
+
+static int t2t_tls_find(const char *path, const char **why) {
     void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD | RTLD_LOCAL);
     if (!lib) {
         *why = "the ssl module's library is not loaded";
@@ -64,6 +74,7 @@ static int t2t_tls_bind(const char *path, const char **why) {
         u.p = dlsym(lib, name);                        \
         if (!u.p) {                                    \
             *why = "its OpenSSL lacks " name;          \
+            dlclose(lib);                              \
             return -1;                                 \
         }                                              \
         api.field = u.f;                               \
