@@ -219,17 +219,19 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     cdef int fd2 = stream2 if adopt else stream2.fileno()
     cdef void *tls1 = NULL
     cdef void *tls2 = NULL
-    # The SSL objects, read once and held by the relay: a close of the socket meanwhile drops
-    # the socket's reference, never the one the loop uses.
-    tls_objects = (getattr(stream1, "_sslobj", None), getattr(stream2, "_sslobj", None))
     cdef bint is_tls1 = not adopt and isinstance(stream1, ssl.SSLSocket)
     cdef bint is_tls2 = not adopt and isinstance(stream2, ssl.SSLSocket)
-    if is_tls1:
-        tls1 = _ssl_in(stream1, tls_objects[0])
-    if is_tls2:
-        tls2 = _ssl_in(stream2, tls_objects[1])
-    if (is_tls1 and tls1 == NULL) or (is_tls2 and tls2 == NULL):
-        raise ValueError("the loops cannot relay this TLS socket: see relays_tls_of()")
+    tls_objects = None
+    if is_tls1 or is_tls2:
+        # The SSL objects, read once and held by the relay: a close of the socket meanwhile
+        # drops the socket's reference, never the one the loop uses.
+        tls_objects = (stream1._sslobj if is_tls1 else None, stream2._sslobj if is_tls2 else None)
+        if is_tls1:
+            tls1 = _ssl_in(stream1, tls_objects[0])
+        if is_tls2:
+            tls2 = _ssl_in(stream2, tls_objects[1])
+        if (is_tls1 and tls1 == NULL) or (is_tls2 and tls2 == NULL):
+            raise ValueError("the loops cannot relay this TLS socket: see relays_tls_of()")
     cdef int64_t interval_ns = min(int(plan.interval) * 1_000_000_000, LONGEST_INTERVAL_NS)
     cdef uint64_t idle_limit = min(int(plan.idle_limit), MOST_CHECKS)
     cdef uint64_t rate = plan.bandwidth
@@ -247,8 +249,10 @@ def start(stream1, stream2, plan, on_end, *, bint splice=True, resume=None):
     Py_INCREF(relay)  # held for the engine until the results thread finished it
     # A TLS socket's suppress_ragged_eofs: an EOF without close_notify is its end (a cut, which
     # sends no close_notify on), else an error.
-    cdef int ragged_eofs_are_ends = ((1 if is_tls1 and stream1.suppress_ragged_eofs else 0)
-                                     | (2 if is_tls2 and stream2.suppress_ragged_eofs else 0))
+    cdef int ragged_eofs_are_ends = 0
+    if is_tls1 or is_tls2:
+        ragged_eofs_are_ends = ((1 if is_tls1 and stream1.suppress_ragged_eofs else 0)
+                                | (2 if is_tls2 and stream2.suppress_ragged_eofs else 0))
     relay._b = t2t_start(fd1, fd2, adopt, interval_ns, idle_limit, plan.activity_both, plan.half_close,
                          splice, rate, burst, quantum, &carried if resume is not None else NULL, tls1, tls2,
                          ragged_eofs_are_ends, <void *>relay)
