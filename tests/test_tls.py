@@ -1,10 +1,11 @@
-"""TLS in the forwarder (issue 25, step 1): termination, origination, re-encryption, SNI
-certificates, mutual TLS, verification, handshakes that fail or stall, reloads, option errors.
+"""TLS in the forwarder (issue 25): termination, origination, re-encryption, SNI certificates,
+mutual TLS, verification, handshakes that fail or stall, reloads, option errors.
 
-A forward with TLS is served by the pure listener and engine on every backend (the loops do not
-speak TLS yet): every test still runs over `forward_backend`'s three params, so the choice is
-checked from each. Certificates are made here with the ``openssl`` command (no Python
-dependency); real clients are Python's ``ssl`` and ``openssl s_client``.
+Every test runs over `forward_backend`'s three params: the loops' listener (handshakes and
+records in C), and the pure listener (handshakes in Python) with either engine relaying. A
+forward with a caller's own context or ALPN is served by the pure listener everywhere.
+Certificates are made here with the ``openssl`` command (no Python dependency); real clients
+are Python's ``ssl`` and ``openssl s_client``.
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ def serving(backend: Any, upstream: Any, **options: Any) -> Iterator[tcptotcp.Fo
     thread = threading.Thread(target=fwd.serve_forever, daemon=True)
     thread.start()
     try:
-        assert wait_until(lambda: fwd.listener_kind) == "python"  # (every TLS forward)
+        handshakes_in_python = any(options.get(name) for name in ("tls_context", "upstream_tls_context", "tls_alpn"))
+        assert wait_until(lambda: fwd.listener_kind) == ("python" if handshakes_in_python else backend.listener)
         yield fwd
     finally:
         fwd.close()
@@ -371,7 +373,6 @@ def metrics() -> Any:
 def test_termination_relays_every_byte_both_ways(backend, certs, echo, records):  # noqa: F811
     upstream = f"127.0.0.1:{echo.address[1]}"
     with serving(backend, upstream, tls_cert=[certs.crt("server")], tls_key=[certs.key("server")]) as fwd:
-        records.wait("accepting in Python: the loops do not do TLS handshakes yet")
         for size in SIZES:
             with tls_client(fwd, certs.client_context()) as client:
                 version = client.version()
@@ -931,7 +932,6 @@ def test_sighup_reloads_certificates_keeps_open_bridges(backend, forwarders, ech
         config.write_text(f'[[forward]]\nlisten = "127.0.0.1:0"\nupstream = "{upstream}"\n' + files)
         fp = forwarders("--config", str(config))
     if backend.name == "cython":  # (the pure backend has no loops to say it of)
-        fp.wait_log("accepting in Python: the loops do not do TLS handshakes yet")
         fp.wait_log(r"listening on \S+, forwarding to \S+ \(backend cython, " + re.escape(tls_relay_text()) + r"\)$")
     assert _subject(fp, certs) == "localhost"
     host, port = fp.address.rsplit(":", 1)

@@ -62,7 +62,13 @@ connect = _bridge.connect_with(Bridge)
 aconnect = _bridge.aconnect_with(Bridge)
 
 
+def tls_unavailable() -> Optional[str]:
+    """Why the loops cannot do TLS (handshakes, records) here; None where they can."""
+    why: Optional[str] = core.tls_unavailable() if core is not None else "the compiled core is not installed"
+    return why
+
+
 def tls_relay_text() -> str:
     """Where the compiled backend relays a TLS bridge's records, as the start-up log says it."""
-    why = core.tls_unavailable() if core is not None else "the compiled core is not installed"
+    why = tls_unavailable()
     return "TLS records in the loops" if why is None else f"TLS bridges on the pure engine: {why}"

@@ -21,7 +21,8 @@ import weakref
 
 from . import _events
 from ._bridge import REASONS, EngineDetached, bandwidth_bucket, report_unraisable
-from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, Unserved, UpstreamFailed
+from ._events import AcceptPaused, Dropped, Ended, Gone, Opened, Peer, Refused, TlsFailed, Unserved, UpstreamFailed
+from ._tls import TlsInfo, failure_label
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
@@ -269,7 +270,6 @@ def tls_unavailable():
     cdef const char *why = NULL
     if os.environ.get("TCPTOTCP_PURE_TLS", "").strip().lower() not in ("", "0", "false", "no", "off"):
         return "TCPTOTCP_PURE_TLS is set"
-    import _ssl
     path = getattr(_ssl, "__file__", None)
     if path is None:
         return "the ssl module is built into the interpreter"
@@ -305,6 +305,23 @@ cdef void *_ssl_in(sock, tls):
     cdef void *p = (<void **>(base + sizeof(PyObject) + sizeof(void *)))[0]
     if p == NULL or not t2t_tls_usable(p, sock.fileno()):
         return NULL
+    return p
+
+
+# ssl.CERT_* as SSL_CTX_get_verify_mode says them (CERT_REQUIRED also fails without a certificate).
+_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+
+cdef void *_context_in(context) except? NULL:
+    """The SSL_CTX of the ssl.SSLContext `context`, found by the layout of CPython's struct (the
+    pointer right after the object header, in every CPython 3.7 to 3.13) and checked: OpenSSL
+    must report the context's own options and verify mode for it. ValueError if it is not."""
+    if not isinstance(context, ssl.SSLContext) or tls_unavailable() is not None:
+        raise ValueError("the loops cannot use this context")
+    cdef char *base = <char *><PyObject *>context
+    cdef void *p = (<void **>(base + sizeof(PyObject)))[0]
+    if p == NULL or not t2t_tls_context_is(p, int(context.options), _VERIFY_MODES[context.verify_mode]):
+        raise ValueError("the loops cannot use this context: its layout is not CPython's")
     return p
 
 
@@ -465,6 +482,7 @@ cdef t2t_config *_config_of(settings) except NULL:
                 raise OSError(errno, os.strerror(errno))
         finally:
             PyMem_Free(patterns)
+        _config_tls(c, settings)
         if settings.access is not None:  # (closed, allow4, deny4, allow6, deny6): see AccessList.tables()
             closed, *tables = settings.access
             if len(tables) != 4 or not all(isinstance(table, bytes) for table in tables):
@@ -483,6 +501,47 @@ cdef t2t_config *_config_of(settings) except NULL:
         t2t_config_release(c)
         raise
     return c
+
+
+cdef int _config_tls(t2t_config *c, settings) except -1:
+    """The TLS part of a t2t_config: each certificate's context and names (termination), the
+    upstream context and each upstream's host name (origination)."""
+    cdef const char **names
+    c.tls_timeout_ns = int(settings.tls_handshake_timeout * 1e9)
+    for context, patterns in settings.tls_certs:
+        encoded = [pattern.encode("ascii") for pattern in patterns]
+        names = <const char **>PyMem_Malloc(max(1, len(encoded)) * sizeof(char *))
+        if names == NULL:
+            raise MemoryError()
+        try:
+            for i, pattern in enumerate(encoded):
+                names[i] = <const char *>(<bytes>pattern)
+            if t2t_config_tls_cert(c, _context_in(context), names, len(encoded)) != 0:
+                raise MemoryError()
+        finally:
+            PyMem_Free(names)
+    if settings.tls_client is not None:
+        t2t_config_tls_client(c, _context_in(settings.tls_client), settings.tls_client.check_hostname)
+        for i, (name, is_ip) in enumerate(settings.tls_names):
+            if name is None:
+                continue
+            encoded = name.encode("idna")
+            if t2t_config_tls_name(c, i, <const char *>(<bytes>encoded), is_ip) != 0:
+                raise MemoryError()
+    return 0
+
+
+cdef object _text(const char *text):
+    return text.decode("utf-8", "replace") or None
+
+
+cdef object _tls_info(t2t_bridge *b):
+    """What b's handshakes negotiated (a `TlsInfo`), None for a plaintext bridge."""
+    cdef t2t_tls_work *w = b.tlsw
+    if w == NULL:
+        return None
+    return TlsInfo(_text(w.version), _text(w.cipher), _text(w.sni), _text(w.subject), _text(w.alpn),
+                   _text(w.up_version), _text(w.up_cipher))
 
 
 cdef class Listener:
@@ -556,6 +615,11 @@ cdef class Listener:
             f = failed_list
             failed_list = f.next
             error = socket.timeout("timed out") if f.timed_out else OSError(f.error, os.strerror(f.error))
+            if f.tls_failure[0]:
+                words = f.tls_failure.decode("utf-8", "replace")
+                events.append(TlsFailed(f.conn_id, _peer_of(&f.peer, f.peer_len, self._family), "upstream",
+                                        failure_label(words, f.tls_closed, f.tls_timed_out), words))
+                error = OSError(_events.TLS_FAILED.format(words))
             events.append(UpstreamFailed(f.conn_id, _peer_of(&f.peer, f.peer_len, self._family),
                                          t2t_failure_upstream(f).decode("utf-8", "surrogateescape"), error,
                                          bool(f.marked_down)))
@@ -569,7 +633,7 @@ cdef class Listener:
             relay = Relay.__new__(Relay)
             relay._b = b  # the reference the opened list held is the relay's now
             events.append(Opened(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family),
-                                 t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"), relay))
+                                 t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"), relay, _tls_info(b)))
         while done_list != NULL:
             b = done_list
             done_list = b.done_next
@@ -581,7 +645,14 @@ cdef class Listener:
                 events.append(Ended(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family),
                                     t2t_bridge_upstream(b).decode("utf-8", "surrogateescape"),
                                     t2t_bytes(b, 0), t2t_bytes(b, 1), _REASONS[b.reason],
-                                    (b.ended_ns - b.started_ns) / 1e9, b.open_untaken != 2))
+                                    (b.ended_ns - b.started_ns) / 1e9, b.open_untaken != 2,
+                                    _tls_info(b) if b.open_untaken == 2 else None))
+            elif b.refusal == T2T_REFUSED_TLS:
+                words = b.tlsw.failure.decode("utf-8", "replace")
+                peer = _peer_of(&b.peer, b.peer_len, self._family)
+                label = failure_label(words, b.tlsw.closed, b.tlsw.timed_out)
+                events.append(TlsFailed(b.conn_id, peer, "client", label, words))
+                events.append(Refused(b.conn_id, peer, _events.TLS_FAILED.format(words)))
             elif b.refusal:
                 events.append(Refused(b.conn_id, _peer_of(&b.peer, b.peer_len, self._family), _refusal_text(b)))
             elif b.error == ECANCELED:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import ipaddress
 import logging
 import os
 import selectors
@@ -89,18 +90,30 @@ class ForwardOptions:
     configured: Tuple[Address, ...] = ()
     found: Tuple[Tuple[str, Tuple[Any, ...]], ...] = ()
     resolve_interval: float = 30.0
-    # TLS (see _tls): the context clients handshake with (termination) and the one we
-    # handshake upstream with (origination); None: plaintext on that side.
+    # TLS (see _tls.Contexts): the context clients handshake with (termination) and the one we
+    # handshake upstream with (origination); None: plaintext on that side. The loops' own
+    # contexts for termination, and why the loops cannot do the handshakes (None: they can).
     tls_server: Optional[ssl.SSLContext] = None
     tls_client: Optional[ssl.SSLContext] = None
+    tls_certs: Tuple[Tuple[Tuple[str, ...], ssl.SSLContext], ...] = ()
+    tls_loops_lack: Optional[str] = None
     upstream_sni: Optional[str] = None
     upstream_insecure: bool = False
     tls_handshake_timeout: float = 10.0
 
     @property
     def tls(self) -> bool:
-        """TLS on either side: the pure listener serves the forward (handshakes in Python)."""
+        """TLS on either side."""
         return self.tls_server is not None or self.tls_client is not None
+
+    def tls_names(self) -> Tuple[Tuple[Optional[str], bool], ...]:
+        """Origination: each upstream's host name (SNI and the certificate check; None for a
+        Unix socket), and whether it is an IP literal (checked, not sent as SNI)."""
+        names: List[Tuple[Optional[str], bool]] = []
+        for u in self.all_upstreams:
+            name = self.upstream_sni or _tls.upstream_hostname(u)
+            names.append((name, name is not None and _is_ip(name)))
+        return tuple(names)
 
     @property
     def bridge_options(self) -> Dict[str, Any]:
@@ -145,6 +158,19 @@ class ForwardOptions:
         return plan_of(
             self.rate_check, self.idle_timeout, self.activity, self.half_close, bandwidth=self.bandwidth or 0
         )
+
+
+def tls_fields(tls: _tls.Contexts) -> Dict[str, Any]:
+    """ForwardOptions' TLS fields from a forward's contexts."""
+    return dict(tls_server=tls.server, tls_client=tls.client, tls_certs=tls.certs, tls_loops_lack=tls.loops_lack)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def no_delay(sock: socket.socket) -> None:
@@ -259,6 +285,12 @@ class LoopSettings(NamedTuple):
     splice: bool
     max_connections: int
     access: Optional[Tuple[Any, ...]]
+    # TLS: termination's (context, names) per certificate, the first the default; origination's
+    # context and each upstream's (host name, is an IP); both handshakes' time limit.
+    tls_certs: Tuple[Tuple[ssl.SSLContext, Tuple[str, ...]], ...]
+    tls_client: Optional[ssl.SSLContext]
+    tls_names: Tuple[Tuple[Optional[str], bool], ...]
+    tls_handshake_timeout: float
 
 
 def loop_settings(options: ForwardOptions) -> LoopSettings:
@@ -286,6 +318,10 @@ def loop_settings(options: ForwardOptions) -> LoopSettings:
         splice=True,
         max_connections=options.max_connections,
         access=options.access.tables() if options.access else None,
+        tls_certs=tuple((context, names) for names, context in options.tls_certs),
+        tls_client=options.tls_client,
+        tls_names=options.tls_names() if options.tls_client is not None else (),
+        tls_handshake_timeout=options.tls_handshake_timeout,
     )
 
 
@@ -297,8 +333,9 @@ class LoopListener:
         self._core = core.listen(sock, loop_settings(options), first_id)
 
     def configure(self, options: ForwardOptions) -> None:
-        if options.tls:
-            raise ValueError("TLS is switched on only with a restart: this forward is served by the loops")
+        lacking = loops_lack_tls(options)
+        if lacking is not None:
+            raise ValueError(f"the loops serve this forward, and {lacking}: that TLS needs a restart")
         self._core.configure(loop_settings(options))
 
     def reserve(self, count: int) -> None:
@@ -345,8 +382,9 @@ def loops_lack(options: ForwardOptions, bridge_class: Type[Bridge]) -> Optional[
     operator's attention (the loops lack a capability) rather than a choice: None when they can."""
     if core is None:
         return ("the compiled core is not installed", False)
-    if options.tls:
-        return ("the loops do not do TLS handshakes yet", True)
+    lacking_tls = loops_lack_tls(options)
+    if lacking_tls is not None:
+        return (lacking_tls, True)
     if bridge_class is not DefaultBridge:
         return (f"bridges of {bridge_class.__name__} run outside the loops", False)
     if env_flag("TCPTOTCP_ACCEPT_IN_PYTHON"):
@@ -354,6 +392,17 @@ def loops_lack(options: ForwardOptions, bridge_class: Type[Bridge]) -> Optional[
     if len(options.all_upstreams) > core.LISTENER_MAX_UPSTREAMS:
         return (f"the loops take at most {core.LISTENER_MAX_UPSTREAMS} upstreams", True)
     return None
+
+
+def loops_lack_tls(options: ForwardOptions) -> Optional[str]:
+    """Why the loops cannot do this forward's TLS handshakes; None where they can (or it has no TLS)."""
+    if not options.tls:
+        return None
+    if options.tls_loops_lack is not None:
+        return options.tls_loops_lack
+    assert core is not None
+    unavailable: Optional[str] = core.tls_unavailable()
+    return f"the loops cannot use OpenSSL: {unavailable}" if unavailable is not None else None
 
 
 def open_listener(

@@ -100,8 +100,18 @@ enum t2t_reason { T2T_RUNNING = 0, T2T_CLOSED, T2T_IDLE, T2T_ERROR, T2T_STOPPED,
 /* T2T_RECALLING: it ended while direction 1 was lent (see t2t_lend_maybe); waiting to get it back. */
 /* T2T_CONNECTING: a listener's client, connecting upstream (or writing our PROXY header);
    T2T_HEADER: one reading the client's PROXY header, then (forwards routing by SNI) peeking at its
-   ClientHello (see _loop_listener.h). */
-enum t2t_state { T2T_QUEUED = 0, T2T_RELAYING, T2T_DRAINING, T2T_DONE, T2T_CONNECTING, T2T_RECALLING, T2T_HEADER };
+   ClientHello (see _loop_listener.h); T2T_HANDSHAKE: one doing a TLS handshake, with the client
+   or the upstream (see t2t_tls_side). */
+enum t2t_state {
+    T2T_QUEUED = 0,
+    T2T_RELAYING,
+    T2T_DRAINING,
+    T2T_DONE,
+    T2T_CONNECTING,
+    T2T_RECALLING,
+    T2T_HEADER,
+    T2T_HANDSHAKE
+};
 /* Why a client was closed without an upstream (t2t_bridge.refusal); _core.pyx words them. */
 enum t2t_refusal {
     T2T_ADMITTED = 0,
@@ -119,6 +129,7 @@ enum t2t_refusal {
     T2T_REFUSED_HELLO_CLOSED, /* closed before its ClientHello ended */
     T2T_REFUSED_HELLO_READ,   /* reading it failed: error = errno */
     T2T_REFUSED_NO_ROUTE,     /* --route-sni-strict, and no route names it: t2t_hello.name */
+    T2T_REFUSED_TLS,          /* its TLS handshake failed: see t2t_tls_work */
 };
 enum { T2T_ASK_START = 1, T2T_ASK_STOP = 2, T2T_ASK_RETURN = 4, T2T_ASK_CONNECT = 8, T2T_ASK_DETACH = 16 };
 /* t2t_bridge.detach_outcome, under the engine's lock (see t2t_detach). */
@@ -216,6 +227,9 @@ typedef struct t2t_bridge {
     struct t2t_config *cfg;   /* a reference */
     struct t2t_proxying *px;  /* PROXY protocol work, until it opens (forwards that have it) */
     struct t2t_hello *hello;  /* its ClientHello, read to route by SNI (forwards that route) */
+    struct t2t_tls_work *tlsw; /* its handshakes' outcome (forwards with TLS), until freed */
+    unsigned char tls_side;    /* T2T_HANDSHAKE: the side handshaking */
+    unsigned char tls_owned;   /* a bit per side: an SSL object the loops made, freed with the bridge */
     struct t2t_bridge *open_next;
     unsigned long long conn_id;
     int64_t connect_deadline_ns; /* connecting, or reading the client's header: gives up then */

@@ -14,7 +14,18 @@ cdef extern from "_loop.h" nogil:
         uint64_t idle_checks
         int64_t next_check_in_ns
         unsigned char moved[2]
+    ctypedef struct t2t_tls_work:
+        char version[64]
+        char cipher[64]
+        char sni[256]
+        char subject[256]
+        char alpn[256]
+        char up_version[64]
+        char up_cipher[64]
+        char failure[256]
+        unsigned char failed_side, closed, timed_out
     ctypedef struct t2t_bridge:
+        t2t_tls_work *tlsw
         t2t_dir dir[2]
         int64_t started_ns
         int64_t ended_ns
@@ -52,6 +63,7 @@ cdef extern from "_loop.h" nogil:
         int prefix6
         int sockopts[8][3]
         int nsockopts
+        int64_t tls_timeout_ns
     ctypedef struct t2t_failure:
         t2t_failure *next
         int error
@@ -60,6 +72,8 @@ cdef extern from "_loop.h" nogil:
         unsigned long long conn_id
         sockaddr_storage peer
         socklen_t peer_len
+        char tls_failure[256]
+        unsigned char tls_closed, tls_timed_out
     enum:
         T2T_REFUSED_ACCESS
         T2T_REFUSED_PROXY_BAD
@@ -75,6 +89,7 @@ cdef extern from "_loop.h" nogil:
         T2T_REFUSED_HELLO_CLOSED
         T2T_REFUSED_HELLO_READ
         T2T_REFUSED_NO_ROUTE
+        T2T_REFUSED_TLS
         T2T_BALANCE_FIRST
         T2T_BALANCE_ROUNDROBIN
         T2T_BALANCE_LEASTCONN
@@ -85,6 +100,10 @@ cdef extern from "_loop.h" nogil:
     int t2t_config_access(t2t_config *c, const t2t_access *access)
     int t2t_config_routes(t2t_config *c, int nserving, const char *const *patterns, int n, int strict)
     void t2t_config_release(t2t_config *c)
+    int t2t_config_tls_cert(t2t_config *c, void *ctx, const char *const *names, int nnames)
+    int t2t_config_tls_client(t2t_config *c, void *ctx, int check_host)
+    int t2t_config_tls_name(t2t_config *c, int i, const char *name, int is_ip)
+    int t2t_tls_context_is(void *ctx, unsigned long long options, int verify_mode)
     t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long first_id)
     void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg)
     int t2t_listener_fd(t2t_listener *lst)

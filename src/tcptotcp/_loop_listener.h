@@ -42,6 +42,8 @@ typedef struct t2t_upstream {
     uint64_t hash;              /* of its text: its identity for --balance source */
     t2t_upstream_state *state;  /* a reference: shared with the listener's other configs */
     char *text;                 /* the forward's name for it, for Python's events */
+    char *tls_name;             /* origination: its host name (SNI, the certificate check); NULL: none */
+    unsigned char tls_name_ip;  /* tls_name is an IP literal: checked, not sent as SNI */
 } t2t_upstream;
 
 /* A forward's settings for new clients. The listener holds the current one; each client holds
@@ -69,6 +71,15 @@ typedef struct t2t_config {
     unsigned char route_strict;
     int sockopts[T2T_MAX_SOCKOPTS][3]; /* (level, name, value) on every IP upstream socket */
     int nsockopts;
+    /* TLS (see _loop_tls.h), each SSL_CTX a reference of ours. Termination: certs[0] unless a
+       later one's names (cert_names[k], NULL-terminated) match the client's SNI. Origination:
+       client_ctx, checking the upstream's host name where check_host. */
+    int ncerts;
+    void **certs;
+    char ***cert_names;
+    void *client_ctx;
+    unsigned char check_host;
+    int64_t tls_timeout_ns;
 } t2t_config;
 
 /* A client's PROXY protocol work: the header it sends us, and ours for the upstream. */
@@ -99,6 +110,10 @@ typedef struct t2t_failure {
     unsigned long long conn_id;
     struct sockaddr_storage peer;
     socklen_t peer_len;
+    /* Its TLS handshake failed (tls_failure its words, "" if not): tls_closed, tls_timed_out as
+       in t2t_tls_work. */
+    char tls_failure[T2T_TLS_INFO_MAX];
+    unsigned char tls_closed, tls_timed_out;
 } t2t_failure;
 
 typedef struct t2t_listener {
@@ -137,10 +152,63 @@ static void t2t_config_release(t2t_config *c) {
     free(c->routes);
     for (int i = 0; i < c->nupstreams; i++) {
         free(c->upstreams[i].text);
+        free(c->upstreams[i].tls_name);
         t2t_upstream_state_release(c->upstreams[i].state);
     }
     free(c->upstreams);
+    for (int k = 0; k < c->ncerts; k++) {
+        t2t_tls.ctx_free(c->certs[k]);
+        for (char **name = c->cert_names[k]; name && *name; name++) free(*name);
+        free(c->cert_names[k]);
+    }
+    free(c->certs);
+    free(c->cert_names);
+    if (c->client_ctx) t2t_tls.ctx_free(c->client_ctx);
     free(c);
+}
+
+/* Termination: one more certificate (an SSL_CTX, which gets a reference of ours) and the names
+   a client's SNI picks it by. 0, or -1 (ENOMEM). */
+static int t2t_config_tls_cert(t2t_config *c, void *ctx, const char *const *names, int nnames) {
+    void **certs = (void **)realloc(c->certs, (size_t)(c->ncerts + 1) * sizeof(void *));
+    if (certs) c->certs = certs;
+    char ***lists = (char ***)realloc(c->cert_names, (size_t)(c->ncerts + 1) * sizeof(char **));
+    if (lists) c->cert_names = lists;
+    char **copy = (char **)calloc((size_t)nnames + 1, sizeof(char *));
+    if (!certs || !lists || !copy) {
+        free(copy);
+        errno = ENOMEM;
+        return -1;
+    }
+    for (int i = 0; i < nnames; i++)
+        if (!(copy[i] = strdup(names[i]))) {
+            for (int k = 0; k < i; k++) free(copy[k]);
+            free(copy);
+            errno = ENOMEM;
+            return -1;
+        }
+    t2t_tls.ctx_up_ref(ctx);
+    c->certs[c->ncerts] = ctx;
+    c->cert_names[c->ncerts] = copy;
+    c->ncerts++;
+    return 0;
+}
+
+/* Origination: the context (a reference of ours), and upstream i's host name (NULL: none). */
+static int t2t_config_tls_client(t2t_config *c, void *ctx, int check_host) {
+    t2t_tls.ctx_up_ref(ctx);
+    c->client_ctx = ctx;
+    c->check_host = (unsigned char)check_host;
+    return 0;
+}
+
+static int t2t_config_tls_name(t2t_config *c, int i, const char *name, int is_ip) {
+    if (name && !(c->upstreams[i].tls_name = strdup(name))) {
+        errno = ENOMEM;
+        return -1;
+    }
+    c->upstreams[i].tls_name_ip = (unsigned char)is_ip;
+    return 0;
 }
 
 /* A config for `nupstreams` upstreams, all else zero; its fields are then set by the caller
@@ -421,6 +489,12 @@ static void t2t_upstream_failed(t2t_bridge *b, int error) {
         f->conn_id = b->conn_id;
         memcpy(&f->peer, &b->peer, b->peer_len);
         f->peer_len = b->peer_len;
+        t2t_tls_work *w = b->tlsw;
+        if (w && w->failed_side == 2) {
+            memcpy(f->tls_failure, w->failure, sizeof(f->tls_failure));
+            f->tls_closed = w->closed;
+            f->tls_timed_out = w->timed_out;
+        }
         if (lst->failed_tail) lst->failed_tail->next = f;
         else lst->failed_head = f;
         lst->failed_tail = f;
@@ -461,6 +535,12 @@ static void t2t_open(t2t_bridge *b) {
     b->px = NULL;
     free(b->hello);
     b->hello = NULL;
+    /* A TLS side may hold plaintext already (records that came with the handshake's last
+       flight): no edge would tell, so its first read is tried at once. Its EOF without
+       close_notify ends the bridge "closed" and is passed on as a cut (suppress_ragged_eofs,
+       as the pure listener's sockets have it). */
+    for (int s = 0; s < 2; s++)
+        if (b->side[s].tls) b->side[s].readable = b->side[s].ragged_eof_is_end = 1;
     b->state = T2T_RELAYING;
     b->started_ns = b->next_check_ns = L->now;
     b->opened = 1;
@@ -485,6 +565,15 @@ static void t2t_open(t2t_bridge *b) {
     t2t_service(b); /* what the client sent while we connected */
 }
 
+static void t2t_tls_begin(t2t_bridge *b, int s);
+
+/* Connected, and our PROXY header (if any) sent in plaintext: the TLS handshake upstream for a
+   forward that originates TLS, else the bridge opens. */
+static void t2t_upstream_ready(t2t_bridge *b) {
+    if (b->cfg->client_ctx) t2t_tls_begin(b, 1);
+    else t2t_open(b);
+}
+
 /* Write what is left of our PROXY header; then open. A full socket buffer waits for room. */
 static void t2t_send_header(t2t_bridge *b) {
     t2t_proxying *px = b->px;
@@ -506,7 +595,7 @@ static void t2t_send_header(t2t_bridge *b) {
         t2t_fail_over(b, n < 0 ? errno : EPIPE);
         return;
     }
-    t2t_open(b);
+    t2t_upstream_ready(b);
 }
 
 /* The upstream accepted the connection. */
@@ -520,7 +609,7 @@ static void t2t_connected(t2t_bridge *b) {
         pthread_mutex_unlock(&b->listener->lock);
     }
     if (!c->send_proxy) {
-        t2t_open(b);
+        t2t_upstream_ready(b);
         return;
     }
     t2t_proxying *px = b->px;
@@ -737,6 +826,11 @@ static void t2t_client_release_locked(t2t_bridge *b) {
    the checks) are skipped unless every one of them is. */
 static void t2t_connect_among(t2t_bridge *b, uint64_t among) {
     t2t_config *c = b->cfg;
+    if (c->ncerts && !b->side[0].tls) { /* a forward that terminates TLS: the client's handshake first */
+        b->up_skip = among; /* (kept here until then) */
+        t2t_tls_begin(b, 0);
+        return;
+    }
     uint64_t down = 0;
     for (int i = 0; i < c->nupstreams; i++)
         if ((among & ((uint64_t)1 << i)) && t2t_upstream_is_down(c->upstreams[i].state, b->loop->now))
@@ -748,6 +842,128 @@ static void t2t_connect_among(t2t_bridge *b, uint64_t among) {
 }
 
 static void t2t_hello_read(t2t_bridge *b);
+
+/* ---- TLS handshakes (forwards that terminate or originate TLS; see _loop_tls.h) ---- */
+
+/* Termination with several certificates: the one for the client's SNI, from its ClientHello
+   peeked at into the loop's buffer; -1 while it is not whole yet. A hello that cannot be read
+   gets the first one, and the handshake then fails with OpenSSL's own words. */
+static int t2t_tls_pick(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    char name[T2T_SNI_NAME_MAX];
+    size_t hello_len = 0;
+    ssize_t n;
+    do n = recv(b->side[0].fd, b->loop->buffer, T2T_SNI_IN_MAX, MSG_PEEK);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && T2T_WOULD_BLOCK(errno)) {
+        b->side[0].readable = 0;
+        return -1;
+    }
+    if (n <= 0) return 0;
+    int got = t2t_sni_parse((const unsigned char *)b->loop->buffer, (size_t)n, name, sizeof(name), &hello_len);
+    if (got == 0) { /* (a peek sees the whole queue: wait for more) */
+        b->side[0].readable = 0;
+        return -1;
+    }
+    if (got < 0 || !name[0]) return 0;
+    for (int k = 1; k < c->ncerts; k++)
+        for (char **pattern = c->cert_names[k]; *pattern; pattern++)
+            if (t2t_tls_name_matches(*pattern, name)) return k;
+    return 0;
+}
+
+/* A handshake failed (its words in b->tlsw): a client's is refused; an upstream's counts as
+   that upstream failing, and the next one is tried. */
+static void t2t_tls_failed(t2t_bridge *b) {
+    t2t_tls_work *w = b->tlsw;
+    if (b->tls_side == 0) {
+        w->failed_side = 1;
+        t2t_refuse(b, T2T_REFUSED_TLS, EPROTO);
+        return;
+    }
+    if (b->tls_owned & 2) t2t_tls.ssl_free(b->side[1].tls);
+    b->side[1].tls = NULL;
+    b->tls_owned &= (unsigned char)~2;
+    w->failed_side = 2;
+    b->state = T2T_CONNECTING;
+    t2t_fail_over(b, EPROTO);
+    w->failed_side = 0;
+    w->closed = w->timed_out = 0;
+    w->failure[0] = 0;
+}
+
+static void t2t_tls_timed_out(t2t_bridge *b) {
+    b->tlsw->timed_out = 1;
+    snprintf(b->tlsw->failure, sizeof(b->tlsw->failure), "timed out");
+    t2t_tls_failed(b);
+}
+
+/* One step of the handshake under way; on to the upstreams (the client's is done) or the
+   bridge (the upstream's) once it is done. */
+static void t2t_tls_handshake(t2t_bridge *b) {
+    t2t_config *c = b->cfg;
+    int s = b->tls_side;
+    t2t_side *side = &b->side[s];
+    if (!side->tls) { /* (the client's: made once its certificate is known) */
+        int k = c->ncerts > 1 ? t2t_tls_pick(b) : 0;
+        if (k < 0) return;
+        if (!(side->tls = t2t_tls_new(c->certs[k], side->fd, 1))) {
+            t2t_client_gone(b, ENOMEM);
+            return;
+        }
+        b->tls_owned |= 1;
+    }
+    int r = t2t_tls_step(side->tls, b->tlsw);
+    if (r == EAGAIN) {
+        side->readable = 0;
+        return;
+    }
+    if (r == EINPROGRESS) {
+        side->writable = 0;
+        return;
+    }
+    if (r != 0) {
+        t2t_tls_failed(b);
+        return;
+    }
+    t2t_tls_describe(side->tls, b->tlsw, s == 0);
+    if (s == 0) t2t_connect_among(b, b->up_skip);
+    else t2t_open(b);
+}
+
+/* Start side s's handshake: the client's (termination), or the upstream's just connected
+   (origination), within the forward's --tls-handshake-timeout. */
+static void t2t_tls_begin(t2t_bridge *b, int s) {
+    t2t_config *c = b->cfg;
+    if (!b->tlsw && !(b->tlsw = (t2t_tls_work *)calloc(1, sizeof(t2t_tls_work)))) {
+        if (s == 0) t2t_client_gone(b, ENOMEM);
+        else t2t_fail_over(b, ENOMEM);
+        return;
+    }
+    b->state = T2T_HANDSHAKE;
+    b->tls_side = (unsigned char)s;
+    if (s == 1) {
+        t2t_upstream *u = &c->upstreams[b->up_index];
+        void *ssl = t2t_tls_new(c->client_ctx, b->side[1].fd, 0);
+        if (!ssl || t2t_tls_name_upstream(ssl, u->tls_name, u->tls_name_ip, c->check_host) != 0) {
+            if (ssl) t2t_tls.ssl_free(ssl);
+            b->state = T2T_CONNECTING;
+            t2t_fail_over(b, ENOMEM);
+            return;
+        }
+        b->side[1].tls = ssl;
+        b->tls_owned |= 2;
+    }
+    t2t_link(b);
+    int error = t2t_poll_side(b, s);
+    if (error) {
+        if (s == 0) t2t_client_gone(b, error);
+        else t2t_tls_failed(b);
+        return;
+    }
+    t2t_wait_until(b, t2t_add(b->loop->now, c->tls_timeout_ns));
+    if (b->state == T2T_HANDSHAKE) t2t_tls_handshake(b);
+}
 
 /* Check the client; then route it by its ClientHello (forwards with --route-sni), or connect. */
 static void t2t_admit(t2t_bridge *b) {
@@ -919,7 +1135,7 @@ static t2t_loop *t2t_accept_home(t2t_loop *L) {
 static void t2t_cancel_connects(t2t_loop *L) {
     for (t2t_bridge *b = L->all, *next; b; b = next) {
         next = b->next; /* (t2t_client_gone unlinks b) */
-        if ((b->state == T2T_CONNECTING || b->state == T2T_HEADER) && b->listener &&
+        if ((b->state == T2T_CONNECTING || b->state == T2T_HEADER || b->state == T2T_HANDSHAKE) && b->listener &&
             __atomic_load_n(&b->listener->cancelling, __ATOMIC_SEQ_CST))
             t2t_client_gone(b, ECANCELED);
     }
@@ -985,7 +1201,7 @@ static void t2t_accept_one(t2t_loop *L, t2t_listener *lst, int client, struct so
     b->idle_limit = c->idle_limit;
     b->activity_both = c->activity_both;
     b->half_close = c->half_close;
-    b->may_splice = c->may_splice;
+    b->may_splice = c->may_splice && !c->ncerts && !c->client_ctx; /* (records go through the buffer) */
     b->heap_index = SIZE_MAX;
     b->refs = 1; /* the engine's, until Python took its end */
     b->state = T2T_CONNECTING;

@@ -54,7 +54,7 @@ static int64_t t2t_deadline(const t2t_bridge *b) {
         int64_t next = b->throttle && b->throttle->wake_ns < b->next_check_ns ? b->throttle->wake_ns : b->next_check_ns;
         return b->detaching && b->detach_deadline_ns < next ? b->detach_deadline_ns : next;
     }
-    if (b->state == T2T_CONNECTING || b->state == T2T_HEADER) return b->connect_deadline_ns;
+    if (b->state == T2T_CONNECTING || b->state == T2T_HEADER || b->state == T2T_HANDSHAKE) return b->connect_deadline_ns;
     if (b->state == T2T_RECALLING) return T2T_NEVER; /* (not in the heap meanwhile) */
     return b->drain_quiet_ns < b->drain_limit_ns ? b->drain_quiet_ns : b->drain_limit_ns;
 }
@@ -398,11 +398,13 @@ static void t2t_pump(t2t_loop *L, t2t_bridge *b, int i) {
 
 static void t2t_connect_check(t2t_bridge *b);
 static void t2t_header_read(t2t_bridge *b);
+static void t2t_tls_handshake(t2t_bridge *b);
 static void t2t_lend_maybe(t2t_bridge *b);
 static void t2t_detach_progress(t2t_bridge *b);
 static void t2t_detach_decided(t2t_bridge *b, int outcome);
 
 static void t2t_service(t2t_bridge *b) {
+    if (b->state == T2T_HANDSHAKE) t2t_tls_handshake(b);
     if (b->state == T2T_HEADER) t2t_header_read(b);
     if (b->state == T2T_CONNECTING) t2t_connect_check(b);
     if (b->state == T2T_RELAYING) {

@@ -37,6 +37,9 @@ static void t2t_release(t2t_bridge *b) {
     if (b->listener) {
         free(b->px);
         free(b->hello);
+        free(b->tlsw);
+        for (int s = 0; s < 2; s++)
+            if (b->tls_owned & (1 << s)) t2t_tls.ssl_free(b->side[s].tls);
         t2t_config_release(b->cfg);
     }
     free(b->throttle);
@@ -85,6 +88,7 @@ static void t2t_take_inbox(t2t_loop *L) {
 
 static void t2t_fail_over(t2t_bridge *b, int error);
 static void t2t_refuse(t2t_bridge *b, int refusal, int error);
+static void t2t_tls_timed_out(t2t_bridge *b);
 
 static void t2t_run_timers(t2t_loop *L) {
     while (L->heap_len && t2t_deadline(L->heap[0]) <= L->now) {
@@ -94,6 +98,8 @@ static void t2t_run_timers(t2t_loop *L) {
             t2t_fail_over(b, ETIMEDOUT);
         } else if (b->state == T2T_HEADER) {
             t2t_refuse(b, b->hello ? T2T_REFUSED_HELLO_LATE : T2T_REFUSED_PROXY_LATE, ETIMEDOUT);
+        } else if (b->state == T2T_HANDSHAKE) {
+            t2t_tls_timed_out(b);
         } else if (b->state == T2T_RELAYING) {
             if (b->throttle && b->throttle->wake_ns <= L->now) { /* a bucket holds a quantum again */
                 b->throttle->wake_ns = T2T_NEVER;

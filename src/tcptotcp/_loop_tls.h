@@ -23,9 +23,14 @@ enum {
     T2T_SSL_ERROR_ZERO_RETURN = 6,
     T2T_SSL_CTRL_MODE = 33,
     T2T_SSL_MODE_ENABLE_PARTIAL_WRITE = 1,
+    T2T_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 2,
+    T2T_SSL_MODE_AUTO_RETRY = 4,
     T2T_BIO_TYPE_SOCKET = 5 | 0x0400 | 0x0100, /* a source/sink on a descriptor */
     T2T_BIO_C_SET_FD = 104,
     T2T_BIO_NOCLOSE = 0,
+    T2T_SSL_CTRL_SET_TLSEXT_HOSTNAME = 55,
+    T2T_TLSEXT_NAMETYPE_HOST_NAME = 0,
+    T2T_X509_V_OK = 0,
 };
 
 typedef struct t2t_tls_api {
@@ -42,6 +47,39 @@ typedef struct t2t_tls_api {
     void (*clear_errors)(void);
     unsigned long (*peek_error)(void);
     const char *(*reason_text)(unsigned long e);
+    /* Handshakes (see t2t_tls_accepting, t2t_tls_connecting): */
+    void *(*ssl_new)(void *ctx);
+    void (*ssl_free)(void *ssl);
+    int (*set_fd)(void *ssl, int fd);
+    void (*set_accept_state)(void *ssl);
+    void (*set_connect_state)(void *ssl);
+    int (*do_handshake)(void *ssl);
+    long (*verify_result)(const void *ssl);
+    const char *(*verify_text)(long n);
+    void *(*param)(void *ssl);
+    int (*param_host)(void *param, const char *name, size_t len);
+    int (*param_ip)(void *param, const char *ip);
+    int (*ctx_up_ref)(void *ctx);
+    void (*ctx_free)(void *ctx);
+    unsigned long (*ctx_options)(const void *ctx);
+    int (*ctx_verify_mode)(const void *ctx);
+    /* What a handshake negotiated (see t2t_tls_describe): */
+    const char *(*version)(const void *ssl);
+    const void *(*current_cipher)(const void *ssl);
+    const char *(*cipher_name)(const void *cipher);
+    const char *(*servername)(const void *ssl, int type);
+    void (*alpn_selected)(const void *ssl, const unsigned char **data, unsigned int *len);
+    void *(*peer_certificate)(const void *ssl); /* a reference: x509_free */
+    void (*x509_free)(void *x509);
+    void *(*subject)(const void *x509);
+    int (*name_count)(const void *name);
+    void *(*name_entry)(const void *name, int i);
+    void *(*entry_object)(const void *entry);
+    void *(*entry_data)(const void *entry);
+    int (*object_nid)(const void *object);
+    const char *(*nid_short_name)(int nid);
+    int (*string_utf8)(unsigned char **out, const void *string);
+    void (*crypto_free)(void *p, const char *file, int line);
 } t2t_tls_api;
 
 static t2t_tls_api t2t_tls;
@@ -92,6 +130,39 @@ static int t2t_tls_find(const char *path, const char **why) {
     T2T_FIND(clear_errors, "ERR_clear_error");
     T2T_FIND(peek_error, "ERR_peek_error");
     T2T_FIND(reason_text, "ERR_reason_error_string");
+    T2T_FIND(ssl_new, "SSL_new");
+    T2T_FIND(ssl_free, "SSL_free");
+    T2T_FIND(set_fd, "SSL_set_fd");
+    T2T_FIND(set_accept_state, "SSL_set_accept_state");
+    T2T_FIND(set_connect_state, "SSL_set_connect_state");
+    T2T_FIND(do_handshake, "SSL_do_handshake");
+    T2T_FIND(verify_result, "SSL_get_verify_result");
+    T2T_FIND(verify_text, "X509_verify_cert_error_string");
+    T2T_FIND(param, "SSL_get0_param");
+    T2T_FIND(param_host, "X509_VERIFY_PARAM_set1_host");
+    T2T_FIND(param_ip, "X509_VERIFY_PARAM_set1_ip_asc");
+    T2T_FIND(ctx_up_ref, "SSL_CTX_up_ref");
+    T2T_FIND(ctx_free, "SSL_CTX_free");
+    T2T_FIND(ctx_options, "SSL_CTX_get_options");
+    T2T_FIND(ctx_verify_mode, "SSL_CTX_get_verify_mode");
+    T2T_FIND(version, "SSL_get_version");
+    T2T_FIND(current_cipher, "SSL_get_current_cipher");
+    T2T_FIND(cipher_name, "SSL_CIPHER_get_name");
+    T2T_FIND(servername, "SSL_get_servername");
+    T2T_FIND(alpn_selected, "SSL_get0_alpn_selected");
+    /* (3.x renamed it; 1.1.1 has only the old name, which 3.x keeps as a macro) */
+    if (!dlsym(lib, "SSL_get1_peer_certificate")) T2T_FIND(peer_certificate, "SSL_get_peer_certificate");
+    else T2T_FIND(peer_certificate, "SSL_get1_peer_certificate");
+    T2T_FIND(x509_free, "X509_free");
+    T2T_FIND(subject, "X509_get_subject_name");
+    T2T_FIND(name_count, "X509_NAME_entry_count");
+    T2T_FIND(name_entry, "X509_NAME_get_entry");
+    T2T_FIND(entry_object, "X509_NAME_ENTRY_get_object");
+    T2T_FIND(entry_data, "X509_NAME_ENTRY_get_data");
+    T2T_FIND(object_nid, "OBJ_obj2nid");
+    T2T_FIND(nid_short_name, "OBJ_nid2sn");
+    T2T_FIND(string_utf8, "ASN1_STRING_to_UTF8");
+    T2T_FIND(crypto_free, "CRYPTO_free");
 #undef T2T_FIND
     t2t_tls = api; /* (the handle stays open: the library must outlive every bridge) */
     __atomic_store_n(&t2t_tls_bound, 1, __ATOMIC_RELEASE);
@@ -179,4 +250,150 @@ static int t2t_tls_close_notify(void *ssl) {
     int r = t2t_tls.shutdown(ssl);
     if (r >= 0) return 1;
     return t2t_tls_errno(ssl, r) == EINPROGRESS ? 0 : 1;
+}
+
+/* ---- handshakes in the loops -------------------------------------------------------------------
+ *
+ * A forward's client (termination) or upstream (origination) handshakes as a state of its
+ * bridge (T2T_HANDSHAKE, see _loop_listener.h): an SSL object made here from an SSL_CTX that a
+ * Python ssl.SSLContext built from the forward's files (_core.pyx takes it by CPython's layout
+ * and holds a reference of its own). Those contexts carry no Python callback (no sni_callback,
+ * ALPN, keylog or message callback), so nothing in a handshake runs Python; the certificate
+ * for a client's SNI is chosen before the object is made, from its peeked ClientHello. */
+
+enum { T2T_TLS_INFO_MAX = 256, T2T_TLS_SHORT_MAX = 64 };
+
+/* What a bridge's handshakes negotiated, or why one failed: read by Python at the bridge's
+   report (the open, the refusal or the failed upstream). */
+typedef struct t2t_tls_work {
+    char version[T2T_TLS_SHORT_MAX], cipher[T2T_TLS_SHORT_MAX];
+    char sni[T2T_TLS_INFO_MAX], subject[T2T_TLS_INFO_MAX], alpn[T2T_TLS_INFO_MAX];
+    char up_version[T2T_TLS_SHORT_MAX], up_cipher[T2T_TLS_SHORT_MAX];
+    /* A failed handshake: `failure` its words (OpenSSL's reason, the verification's own words
+       after "certificate verify failed: "); closed: the peer closed or reset during it;
+       timed_out: it took longer than the forward allows. */
+    char failure[T2T_TLS_INFO_MAX];
+    unsigned char failed_side, closed, timed_out; /* failed_side: 1 client, 2 upstream */
+} t2t_tls_work;
+
+/* Whether a pointer found by layout is the SSL_CTX of a Python context whose options and
+   verify mode are these. */
+static int t2t_tls_context_is(void *ctx, unsigned long long options, int verify_mode) {
+    return ctx && (unsigned long long)t2t_tls.ctx_options(ctx) == options && (t2t_tls.ctx_verify_mode(ctx) & 3) == verify_mode;
+}
+
+/* A new SSL object on `fd` from `ctx`: a server's (accepting) or a client's, writes that may
+   complete record by record. NULL: out of memory. */
+static void *t2t_tls_new(void *ctx, int fd, int accepting) {
+    void *ssl = t2t_tls.ssl_new(ctx);
+    if (!ssl) return NULL;
+    if (t2t_tls.set_fd(ssl, fd) != 1) {
+        t2t_tls.ssl_free(ssl);
+        return NULL;
+    }
+    if (accepting) t2t_tls.set_accept_state(ssl);
+    else t2t_tls.set_connect_state(ssl);
+    /* As the ssl module's objects have it (a write retried from a buffer elsewhere: the unsent
+       tail may have moved), and record by record. */
+    t2t_tls.ctrl(ssl, T2T_SSL_CTRL_MODE,
+                 T2T_SSL_MODE_ENABLE_PARTIAL_WRITE | T2T_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | T2T_SSL_MODE_AUTO_RETRY, NULL);
+    return ssl;
+}
+
+/* Origination: the host name to send as SNI (none for an IP literal, as ssl does) and, where
+   the context verifies host names, to check the upstream's certificate against. 0, or -1. */
+static int t2t_tls_name_upstream(void *ssl, const char *host, int is_ip, int check) {
+    if (!host || !*host) return 0;
+    if (!is_ip && !t2t_tls.ctrl(ssl, T2T_SSL_CTRL_SET_TLSEXT_HOSTNAME, T2T_TLSEXT_NAMETYPE_HOST_NAME, (void *)host))
+        return -1;
+    if (!check) return 0;
+    void *param = t2t_tls.param(ssl);
+    int ok = is_ip ? t2t_tls.param_ip(param, host) : t2t_tls.param_host(param, host, strlen(host));
+    return ok == 1 ? 0 : -1;
+}
+
+/* One step of a handshake: 0 once done, EAGAIN (wait to read), EINPROGRESS (wait to write),
+   or -1 with its words in w->failure (and w->closed for a peer that went away). */
+static int t2t_tls_step(void *ssl, t2t_tls_work *w) {
+    t2t_tls.clear_errors();
+    int r = t2t_tls.do_handshake(ssl);
+    if (r == 1) return 0;
+    int e = t2t_tls.get_error(ssl, r);
+    unsigned long code = t2t_tls.peek_error();
+    if (e == T2T_SSL_ERROR_WANT_READ || e == T2T_SSL_ERROR_WANT_WRITE) {
+        t2t_tls.clear_errors();
+        return e == T2T_SSL_ERROR_WANT_READ ? EAGAIN : EINPROGRESS;
+    }
+    const char *why = code ? t2t_tls.reason_text(code) : NULL;
+    if (!why || e == T2T_SSL_ERROR_SYSCALL || strcmp(why, "unexpected eof while reading") == 0) {
+        /* An EOF or a reset mid-handshake (1.1.1: SYSCALL, no queued error; 3.x names the EOF). */
+        w->closed = 1;
+        snprintf(w->failure, sizeof(w->failure), "closed during the handshake");
+    } else if (strcmp(why, "certificate verify failed") == 0) {
+        long v = t2t_tls.verify_result(ssl);
+        const char *words = v != T2T_X509_V_OK ? t2t_tls.verify_text(v) : NULL;
+        if (words) snprintf(w->failure, sizeof(w->failure), "%s: %s", why, words);
+        else snprintf(w->failure, sizeof(w->failure), "%s", why);
+    } else {
+        snprintf(w->failure, sizeof(w->failure), "%s", why);
+    }
+    t2t_tls.clear_errors();
+    return -1;
+}
+
+/* A certificate subject as the forwarder logs it: "CN=client,O=Example", in the certificate's
+   order, by OpenSSL's short names. */
+static void t2t_tls_subject(const void *x509, char *out, size_t max) {
+    size_t at = 0;
+    out[0] = 0;
+    const void *name = t2t_tls.subject(x509);
+    int n = name ? t2t_tls.name_count(name) : 0;
+    for (int i = 0; i < n; i++) {
+        const void *entry = t2t_tls.name_entry(name, i);
+        const char *key = t2t_tls.nid_short_name(t2t_tls.object_nid(t2t_tls.entry_object(entry)));
+        unsigned char *value = NULL;
+        if (!key || t2t_tls.string_utf8(&value, t2t_tls.entry_data(entry)) < 0) continue;
+        int wrote = snprintf(out + at, max - at, "%s%s=%s", at ? "," : "", key, (const char *)value);
+        t2t_tls.crypto_free(value, __FILE__, __LINE__);
+        if (wrote < 0 || (size_t)wrote >= max - at) {
+            out[at] = 0; /* (cut at a whole entry) */
+            break;
+        }
+        at += (size_t)wrote;
+    }
+}
+
+static void t2t_tls_copy(char *out, size_t max, const char *text) { snprintf(out, max, "%s", text ? text : ""); }
+
+/* Fill w with what the handshake of `ssl` negotiated: as the server (the client's side) or
+   as the client (the upstream's). */
+static void t2t_tls_describe(void *ssl, t2t_tls_work *w, int server) {
+    const void *cipher = t2t_tls.current_cipher(ssl);
+    const char *name = cipher ? t2t_tls.cipher_name(cipher) : NULL;
+    if (!server) {
+        t2t_tls_copy(w->up_version, sizeof(w->up_version), t2t_tls.version(ssl));
+        t2t_tls_copy(w->up_cipher, sizeof(w->up_cipher), name);
+        return;
+    }
+    t2t_tls_copy(w->version, sizeof(w->version), t2t_tls.version(ssl));
+    t2t_tls_copy(w->cipher, sizeof(w->cipher), name);
+    t2t_tls_copy(w->sni, sizeof(w->sni), t2t_tls.servername(ssl, T2T_TLSEXT_NAMETYPE_HOST_NAME));
+    const unsigned char *alpn = NULL;
+    unsigned int alpn_len = 0;
+    t2t_tls.alpn_selected(ssl, &alpn, &alpn_len);
+    snprintf(w->alpn, sizeof(w->alpn), "%.*s", (int)alpn_len, alpn ? (const char *)alpn : "");
+    void *peer = t2t_tls.peer_certificate(ssl);
+    if (peer) {
+        t2t_tls_subject(peer, w->subject, sizeof(w->subject));
+        t2t_tls.x509_free(peer);
+    }
+}
+
+/* A --tls-cert pattern matches a client's server name as _tls._matches does: the same name
+   (ASCII case aside), or "*.rest" for one label more than rest. */
+static int t2t_tls_name_matches(const char *pattern, const char *name) {
+    if (strcasecmp(pattern, name) == 0) return 1;
+    if (pattern[0] != '*' || pattern[1] != '.') return 0;
+    const char *dot = strchr(name, '.');
+    return dot && dot != name && strcasecmp(dot + 1, pattern + 2) == 0;
 }

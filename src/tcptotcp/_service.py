@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, 
 
 from . import _tls
 from ._activation import is_inherited_address, listener_socket, resolve_listen
-from ._backend import tls_relay_text
+from ._backend import tls_relay_text, tls_unavailable
 from ._bridge import Bridge, BridgeState
 from ._config import ForwardSpec
 from ._events import Peer
@@ -233,17 +233,18 @@ class Service:
 
     def _check_tls(self, kept: Sequence[Tuple[str, ForwardSpec]]) -> None:
         """Before a reload changes anything: ValueError if a kept forward's TLS files do not
-        load, or it would switch TLS on where the loops serve it (a restart's)."""
+        load, or it would switch on TLS that the loops serving it cannot do (a restart's)."""
         for key, spec in kept:
             settings = spec.settings()
             if not _tls.wants_tls(settings):
                 continue
-            if self.forwards[key].listener_kind == "loops":
-                raise ValueError(f"{spec.listen}: TLS is switched on only with a restart (the loops serve it now)")
             try:
-                _tls.contexts(settings)
+                tls = _tls.contexts(settings)
             except ValueError as exc:
                 raise ValueError(f"{spec.listen}: {exc}") from None
+            lacking = tls.loops_lack or tls_unavailable()
+            if self.forwards[key].listener_kind == "loops" and lacking is not None:
+                raise ValueError(f"{spec.listen}: the loops serve it, and {lacking}: that TLS needs a restart")
 
     def reload_certificates(self) -> int:
         """SIGHUP without a config file: every TLS forward reads its certificate files again

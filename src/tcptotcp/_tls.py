@@ -7,10 +7,14 @@ caller's own (``Forwarder(tls_context=..., upstream_tls_context=...)``), and say
 ValueError which option and which file is wrong, and why. It runs at start and on every reload:
 a reload whose files are bad changes nothing.
 
-Where it runs: the pure listener (``_listener.PureListener``) does the handshakes, without
-blocking, as a state of each client in its selector loop, and hands the TLS sockets to the
-backend's ``Bridge``. On the compiled backend the loops then relay the records through the SSL
-objects (see ``_loop_tls.h``); the loops do not do handshakes yet.
+Where it runs: the loops' listener does the handshakes and relays the records in C, through
+the OpenSSL that Python's ssl module loaded (see ``_loop_tls.h``), with contexts built here for
+it: the same settings, but no Python callback on them (`Contexts.certs`); the certificate for a
+client's SNI is chosen in C. The pure listener (``_listener.PureListener``) does them without
+blocking, as a state of each client in its selector loop, with `Contexts.server` (whose
+``sni_callback`` chooses the certificate), and hands the TLS sockets to the backend's
+``Bridge``, whose loops then relay the records where they can. `Contexts.loops_lack` says why
+the loops cannot do a forward's handshakes, where they cannot.
 """
 
 from __future__ import annotations
@@ -105,6 +109,17 @@ def failure_reason(exc: BaseException) -> str:
         reason = reason.lower()
         return reason if reason in FAILURE_REASONS else "other"
     return "other"
+
+
+def failure_label(words: str, closed: bool = False, timed_out: bool = False) -> str:
+    """The metrics' label for a failed handshake the loops report by its words (OpenSSL's
+    reason, as ERR_reason_error_string gives it), as `failure_reason` labels an exception."""
+    if timed_out:
+        return "timeout"
+    if closed:
+        return "closed"
+    reason = words.partition(":")[0].strip().lower().replace(" ", "_")
+    return reason if reason in FAILURE_REASONS else "other"
 
 
 def failure_text(exc: BaseException) -> str:
@@ -287,17 +302,16 @@ def _cuts_are_cuts(context: ssl.SSLContext) -> None:
     context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 
-def server_context(
+def certificate_contexts(
     certs: Sequence[Tuple[str, Optional[str]]],
     *,
     client_ca: Optional[str] = None,
     min_version: str = "1.2",
     ciphers: Optional[str] = None,
     alpn: Sequence[str] = (),
-) -> ssl.SSLContext:
-    """The context clients handshake with: one certificate per (cert, key) pair, the first the
-    default, another chosen by the client's SNI when its names match (exact, or ``*.suffix``
-    for one label)."""
+) -> List[Tuple[Tuple[str, ...], ssl.SSLContext]]:
+    """A server context per (cert, key) pair, with the names a client's SNI picks it by, and
+    no callback: the first is the default."""
     contexts: List[Tuple[Tuple[str, ...], ssl.SSLContext]] = []
     for cert, key in certs:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -319,6 +333,21 @@ def server_context(
             context.verify_mode = ssl.CERT_REQUIRED
         _load_chain(context, "tls_cert", cert, key, "tls_key")
         contexts.append((cert_names(cert), context))
+    return contexts
+
+
+def server_context(
+    certs: Sequence[Tuple[str, Optional[str]]],
+    *,
+    client_ca: Optional[str] = None,
+    min_version: str = "1.2",
+    ciphers: Optional[str] = None,
+    alpn: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """The context clients handshake with in Python: one certificate per (cert, key) pair, the
+    first the default, another chosen by the client's SNI when its names match (exact, or
+    ``*.suffix`` for one label)."""
+    contexts = certificate_contexts(certs, client_ca=client_ca, min_version=min_version, ciphers=ciphers, alpn=alpn)
     default = contexts[0][1]
     if len(contexts) > 1:
         by_sni = contexts[1:]
@@ -379,14 +408,25 @@ def wants_tls(settings: Mapping[str, Any]) -> bool:
     return bool(settings.get("tls_cert")) or bool(settings.get("upstream_tls"))
 
 
+class Contexts(NamedTuple):
+    """A forward's TLS contexts: `server` (termination, for handshakes in Python) and `client`
+    (origination), None where that side is plaintext; `certs`, termination's contexts for the
+    loops (each certificate's names and context, the first the default, none with a Python
+    callback); `loops_lack`: why the loops cannot do these handshakes, None where they can."""
+
+    server: Optional[ssl.SSLContext] = None
+    client: Optional[ssl.SSLContext] = None
+    certs: Tuple[Tuple[Tuple[str, ...], ssl.SSLContext], ...] = ()
+    loops_lack: Optional[str] = None
+
+
 def contexts(
     settings: Mapping[str, Any],
     tls_context: Optional[ssl.SSLContext] = None,
     upstream_tls_context: Optional[ssl.SSLContext] = None,
-) -> Tuple[Optional[ssl.SSLContext], Optional[ssl.SSLContext]]:
-    """(the server context, the upstream one) that checked options (by name) describe, either
-    None where that side is plaintext; the caller's own contexts where given. ValueError names
-    the option, the file and why."""
+) -> Contexts:
+    """The contexts that checked options (by name) describe; the caller's own contexts where
+    given. ValueError names the option, the file and why."""
     certs: Tuple[str, ...] = tuple(settings.get("tls_cert") or ())
     keys: Tuple[str, ...] = tuple(settings.get("tls_key") or ())
     for name in ("tls_key", "tls_client_ca", "tls_ciphers", "tls_alpn"):
@@ -405,16 +445,21 @@ def contexts(
         raise TypeError(f"upstream_tls_context must be an ssl.SSLContext, not {type(upstream_tls_context).__name__}")
     min_version = settings.get("tls_min_version") or "1.2"
     server: Optional[ssl.SSLContext] = tls_context
+    loop_certs: Tuple[Tuple[Tuple[str, ...], ssl.SSLContext], ...] = ()
+    lacking: Optional[str] = None
+    if tls_context is not None or upstream_tls_context is not None:
+        lacking = "a caller's own SSLContext may call Python during a handshake"
     if certs:
         pairs = [(cert, keys[i] if keys else None) for i, cert in enumerate(certs)]
         alpn = [name for item in settings.get("tls_alpn") or () for name in check_alpn(item)]
-        server = server_context(
-            pairs,
-            client_ca=settings.get("tls_client_ca"),
-            min_version=min_version,
-            ciphers=settings.get("tls_ciphers"),
-            alpn=alpn,
+        chosen: Dict[str, Any] = dict(
+            client_ca=settings.get("tls_client_ca"), min_version=min_version, ciphers=settings.get("tls_ciphers")
         )
+        server = server_context(pairs, alpn=alpn, **chosen)
+        if alpn:
+            lacking = lacking or "tls_alpn's choice is Python's"
+        else:
+            loop_certs = tuple(certificate_contexts(pairs, **chosen))
     upstream_wanted = bool(settings.get("upstream_tls")) or upstream_tls_context is not None
     for name in ("upstream_ca", "upstream_sni", "upstream_cert", "upstream_key", "upstream_insecure"):
         if settings.get(name) and not upstream_wanted:
@@ -436,4 +481,4 @@ def contexts(
             insecure=bool(settings.get("upstream_insecure")),
             min_version=min_version,
         )
-    return server, client
+    return Contexts(server, client, loop_certs, lacking)

@@ -38,6 +38,7 @@ from ._listener import (
     Wakeup,
     open_listener,
     prepare_listening_socket,
+    tls_fields,
 )
 from ._options import DEPRECATED_KEYWORDS, check_forward, forwarder_kwargs, parse_route
 from ._pump import wait_ready
@@ -395,7 +396,7 @@ class Forwarder:
         # The option table's checks and bounds, as the command line and the config file apply them.
         kw = forwarder_kwargs(check_forward(kw, fill=False))
         # The certificates are read here: at start, and again on every reconfigure (a reload).
-        tls_server, tls_client = _tls.contexts(kw, tls_context, upstream_tls_context)
+        tls = _tls.contexts(kw, tls_context, upstream_tls_context)
         if kw["user_timeout"] is not None and not hasattr(socket, "TCP_USER_TIMEOUT"):
             raise ValueError("user_timeout needs TCP_USER_TIMEOUT, which this platform lacks")
         access = AccessList(kw["allow"], kw["deny"])
@@ -406,7 +407,7 @@ class Forwarder:
             raise ValueError(f"route_sni needs a TCP listener, not {self.listen.text}")
         strict = kw["resolve_strict"] or not kw["resolve_interval"]
         configured = _upstream_list(upstream, strict)
-        if tls_client is not None and tls_client.check_hostname and not kw["upstream_sni"]:
+        if tls.client is not None and tls.client.check_hostname and not kw["upstream_sni"]:
             for u in configured + tuple(address for _, address in routes):
                 if _tls.upstream_hostname(u) is None:
                     raise ValueError(
@@ -420,8 +421,7 @@ class Forwarder:
             routes=routes,
             access=access,
             rate_check=kw["rate_check_seconds"],
-            tls_server=tls_server,
-            tls_client=tls_client,
+            **tls_fields(tls),
             **{name: kw[name] for name in _AS_GIVEN},
         )
 
@@ -432,7 +432,7 @@ class Forwarder:
         if not any(self._settings.get(name) for name in ("tls_cert", "upstream_tls")):
             return False
         with self._configuring:
-            tls_server, tls_client = _tls.contexts(
+            tls = _tls.contexts(
                 forwarder_kwargs(
                     check_forward({k: v for k, v in self._settings.items() if not k.endswith("_context")}, fill=False)
                 ),
@@ -440,7 +440,7 @@ class Forwarder:
                 self._settings.get("upstream_tls_context"),
             )
             with self._lock:
-                new = replace(self.options, tls_server=tls_server, tls_client=tls_client)
+                new = replace(self.options, **tls_fields(tls))
                 if self._listener is not None and not self._listener_closed:
                     self._listener.configure(new)
                 self.options = new
