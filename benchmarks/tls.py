@@ -1,7 +1,8 @@
 """TLS termination against stunnel and haproxy: handshakes/s, bulk MB/s, relay CPU per GB (issue 25).
 
     python benchmarks/tls.py [--rounds N] [--seconds S] [--clients C] [--mb M] [--key rsa|ec]
-        [--relays tcptotcp,tcptotcp-pure-tls,stunnel,haproxy,haproxy-mt] [--budget SECONDS] [--tag TAG]
+        [--relays tcptotcp,tcptotcp-pure-listener,tcptotcp-pure-tls,stunnel,haproxy,haproxy-mt]
+        [--budget SECONDS] [--tag TAG]
 
 Certificates are made by the script with the openssl CLI in a temporary directory: a CA and a
 server certificate for 127.0.0.1 and localhost (RSA 2048 by default, --key ec: ECDSA P-256).
@@ -9,8 +10,9 @@ The upstream is `peers.py upstream` (plaintext, its own process, not measured). 
 terminates TLS with that certificate and forwards plaintext to it, each its own process:
 
     tcptotcp    python -m tcptotcp 127.0.0.1:0 UPSTREAM --tls-cert ... --tls-key ... (this tree's
-                tcptotcp: handshakes in its pure listener, records in the loops on the compiled
-                backend)
+                tcptotcp: on the compiled backend, handshakes and records in the loops)
+    tcptotcp-pure-listener  the same with TCPTOTCP_ACCEPT_IN_PYTHON=1: handshakes in the pure
+                listener's one Python thread, records in the loops
     tcptotcp-pure-tls  the same with TCPTOTCP_PURE_TLS=1: the records on the pure engine's
                 threads (the fallback, and what every TLS bridge ran on before the loops did)
     stunnel     stunnel4: foreground = yes, one service (accept, connect, cert, key)
@@ -67,7 +69,7 @@ from run import PEERS, cpu_seconds, free_port, git_commit, machine_busy_seconds,
 
 HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
-RELAYS = ("tcptotcp", "tcptotcp-pure-tls", "stunnel", "haproxy", "haproxy-mt")
+RELAYS = ("tcptotcp", "tcptotcp-pure-listener", "tcptotcp-pure-tls", "stunnel", "haproxy", "haproxy-mt")
 CASES = ("handshakes", "download", "echo")
 WINDOW = 1 << 20  # echo: bytes in flight at most
 CHUNK = 256 * 1024
@@ -246,6 +248,9 @@ class Relay:
                 if name == "tcptotcp-pure-tls":  # the same tree, its records on the pure engine
                     env = {**env, "TCPTOTCP_PURE_TLS": "1"}
                     self.config = "TCPTOTCP_PURE_TLS=1 " + self.config
+                if name == "tcptotcp-pure-listener":  # the same tree, its handshakes in Python
+                    env = {**env, "TCPTOTCP_ACCEPT_IN_PYTHON": "1"}
+                    self.config = "TCPTOTCP_ACCEPT_IN_PYTHON=1 " + self.config
                 self.proc = spawn(cmd, log, env=env)
                 deadline = time.monotonic() + 30
                 while True:

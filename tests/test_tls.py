@@ -3,7 +3,7 @@ mutual TLS, verification, handshakes that fail or stall, reloads, option errors.
 
 Every test runs over `forward_backend`'s three params: the loops' listener (handshakes and
 records in C), and the pure listener (handshakes in Python) with either engine relaying. A
-forward with a caller's own context or ALPN is served by the pure listener everywhere.
+forward with a caller's own context is served by the pure listener everywhere.
 Certificates are made here with the ``openssl`` command (no Python dependency); real clients
 are Python's ``ssl`` and ``openssl s_client``.
 """
@@ -33,6 +33,7 @@ import pytest
 import tcptotcp
 from helpers import recv_exactly
 from tcptotcp._backend import tls_relay_text
+from tcptotcp.forwarder import raise_fd_limit
 from test_forwarder import EchoServer, ForwarderProcess, echo, forwarders  # noqa: F401  (fixtures)
 
 OPENSSL = shutil.which("openssl")
@@ -282,7 +283,7 @@ def serving(backend: Any, upstream: Any, **options: Any) -> Iterator[tcptotcp.Fo
     thread = threading.Thread(target=fwd.serve_forever, daemon=True)
     thread.start()
     try:
-        handshakes_in_python = any(options.get(name) for name in ("tls_context", "upstream_tls_context", "tls_alpn"))
+        handshakes_in_python = any(options.get(name) for name in ("tls_context", "upstream_tls_context"))
         assert wait_until(lambda: fwd.listener_kind) == ("python" if handshakes_in_python else backend.listener)
         yield fwd
     finally:
@@ -718,6 +719,64 @@ def test_clients_that_reset_right_after_the_handshake_are_not_refusals(backend, 
 # -- who may not: mutual TLS, verification, garbage, stalls -----------------------------------------
 
 
+def test_alpn_chooses_the_forwards_first_protocol_the_client_offers(backend, certs, echo, records):  # noqa: F811
+    options = dict(tls_cert=[certs.crt("server")], tls_key=[certs.key("server")], tls_alpn=["h2,http/1.1"])
+    with serving(backend, f"127.0.0.1:{echo.address[1]}", **options) as fwd:
+        cases = ((["http/1.1", "h2"], "h2"), (["x", "http/1.1"], "http/1.1"), (["x"], None), ([], None))
+        for n, (offered, chosen) in enumerate(cases, 1):
+            context = certs.client_context()
+            if offered:
+                context.set_alpn_protocols(offered)
+            with tls_client(fwd, context) as client:
+                assert client.selected_alpn_protocol() == chosen, offered
+                checksummed_echo(client, 1000)
+            line = records.wait(f"#{n} open ")
+            assert (f", alpn {chosen})" in line) if chosen else ("alpn" not in line), line
+
+
+def test_a_thousand_tls_clients_at_once_without_a_thread_each(backend, certs, records):
+    """1,000 TLS clients bridged at once: on the compiled backend no thread more than with one
+    (the loops' listener handshakes and relays; the pure listener handshakes in its one thread)."""
+    if backend.name != "cython":
+        pytest.skip("the pure engine runs threads per bridge")
+    raise_fd_limit()
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 4 * 1000 + 200:
+        pytest.skip("needs 4,200 fds")
+    count = 1000
+    upstream = socket.create_server(("127.0.0.1", 0), backlog=count + 100)
+    socks: List[socket.socket] = []
+    try:
+        files = dict(tls_cert=[certs.crt("server")], tls_key=[certs.key("server")])
+        with serving(backend, f"127.0.0.1:{upstream.getsockname()[1]}", **files) as fwd:
+            context = certs.client_context()
+            threads = None
+            for i in range(count):
+                client = tls_client(fwd, context)
+                socks.append(client)
+                end, _ = upstream.accept()
+                socks.append(end)
+                message = f"client {i} ".encode() * 20
+                client.sendall(message)
+                assert recv_exactly(end, len(message)) == message
+                end.sendall(message[::-1])
+                assert recv_exactly(client, len(message)) == message[::-1]
+                if threads is None:  # (the engine's loops run by now)
+                    threads = set(threading.enumerate())
+                if i % 100 == 99:
+                    assert set(threading.enumerate()) <= threads, i
+            assert fwd.stats.active == count
+            for i in range(0, 2 * count, 2):  # every bridge still relays, both ways
+                socks[i].sendall(b"again")
+                assert recv_exactly(socks[i + 1], 5) == b"again"
+            assert set(threading.enumerate()) <= threads
+    finally:
+        for sock in socks:
+            sock.close()
+        upstream.close()
+
+
 def test_mutual_tls_refuses_a_client_without_a_certificate(backend, certs, echo, records, metrics):  # noqa: F811
     options = dict(
         tls_cert=[certs.crt("server")], tls_key=[certs.key("server")], tls_client_ca=certs.crt("ca"), metrics=metrics
@@ -762,6 +821,58 @@ def test_an_upstream_that_fails_verification_is_an_upstream_failure(backend, cer
                 checksummed_echo(client, 10_000)
     finally:
         rogue.close()
+
+
+def test_each_upstream_failure_has_its_own_words(backend, certs, records, metrics):
+    """An upstream that closes during the handshake, then one that refuses the connect: each
+    failure is logged in its own words, and only the first counts as a TLS handshake failure."""
+    closing = socket.create_server(("127.0.0.1", 0))
+    refusing = socket.create_server(("127.0.0.1", 0))
+    refused_port = refusing.getsockname()[1]
+    refusing.close()
+    upstreams = [f"127.0.0.1:{closing.getsockname()[1]}", f"127.0.0.1:{refused_port}"]
+    try:
+        with serving(backend, upstreams, upstream_tls=True, upstream_insecure=True, metrics=metrics) as fwd:
+            with socket.create_connection(fwd.address, timeout=10) as client:
+                conn, _ = closing.accept()
+                conn.close()
+                client.settimeout(10)
+                assert client.recv(100) == b""  # every upstream failed
+            first = records.wait(f"upstream {upstreams[0]} failed: ")
+            assert first.endswith("TLS handshake failed: closed during the handshake"), first
+            second = records.wait(f"upstream {upstreams[1]} failed: ")
+            assert "TLS" not in second and "refused" in second, second
+            assert wait_until(lambda: tls_failures(fwd, metrics, "upstream")) == {"closed": 1.0}
+    finally:
+        closing.close()
+
+
+def test_a_client_that_closes_within_its_hello_is_refused_at_once(backend, certs, echo, records):  # noqa: F811
+    """With several certificates (the SNI is read first): a half-sent ClientHello and a FIN are
+    refused as closed, not left until the handshake's timeout."""
+    both = dict(tls_cert=[certs.crt("server"), certs.crt("other")], tls_key=[certs.key("server"), certs.key("other")])
+    hello = ssl_hello_bytes(certs.client_context(), "other.test")
+    with serving(backend, f"127.0.0.1:{echo.address[1]}", tls_handshake_timeout=30, **both) as fwd:
+        start = time.monotonic()
+        with socket.create_connection(fwd.address, timeout=10) as client:
+            client.sendall(hello[: len(hello) // 2])
+            client.shutdown(socket.SHUT_WR)
+            client.settimeout(10)
+            with contextlib.suppress(ConnectionError):
+                while client.recv(100):  # (an alert, maybe) until closed
+                    pass
+        line = records.wait("refused: TLS handshake failed: ")
+        assert line.endswith("closed during the handshake"), line
+        assert time.monotonic() - start < 10  # (the timeout is 30 s)
+
+
+def ssl_hello_bytes(context: ssl.SSLContext, name: str) -> bytes:
+    """The ClientHello `context` sends for `name`, taken from a memory BIO."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
 
 
 def test_a_client_sending_garbage_is_refused_others_served(backend, certs, echo, records, metrics):  # noqa: F811

@@ -318,11 +318,24 @@ cdef void *_context_in(context) except? NULL:
     must report the context's own options and verify mode for it. ValueError if it is not."""
     if not isinstance(context, ssl.SSLContext) or tls_unavailable() is not None:
         raise ValueError("the loops cannot use this context")
+    if context.options & getattr(ssl, "OP_ENABLE_KTLS", 0):  # (its records would bypass the loops' reads)
+        raise ValueError("the loops cannot use a context with kernel TLS")
     cdef char *base = <char *><PyObject *>context
     cdef void *p = (<void **>(base + sizeof(PyObject)))[0]
     if p == NULL or not t2t_tls_context_is(p, int(context.options), _VERIFY_MODES[context.verify_mode]):
         raise ValueError("the loops cannot use this context: its layout is not CPython's")
     return p
+
+
+def serve_alpn(context, protocols):
+    """Let `context`, built for the loops' handshakes and not used yet, choose the first of
+    `protocols` (names) that a client also offers, in C: the ssl module's own choice would
+    tie the context to its Python object. ValueError if the loops cannot use the context."""
+    wire = b"".join(bytes([len(name)]) + name for name in (p.encode("utf-8", "surrogateescape") for p in protocols))
+    if not protocols or len(wire) > 65535:
+        raise ValueError("1 to 65535 bytes of protocol names")
+    if t2t_tls_serve_alpn(_context_in(context), wire, len(wire)) != 0:
+        raise MemoryError()
 
 
 def relays_tls_of(sock):

@@ -104,6 +104,7 @@ cdef extern from "_loop.h" nogil:
     int t2t_config_tls_client(t2t_config *c, void *ctx, int check_host)
     int t2t_config_tls_name(t2t_config *c, int i, const char *name, int is_ip)
     int t2t_tls_context_is(void *ctx, unsigned long long options, int verify_mode)
+    int t2t_tls_serve_alpn(void *ctx, const unsigned char *wire, unsigned int length)
     t2t_listener *t2t_listen(int fd, t2t_config *cfg, unsigned long long first_id)
     void t2t_listener_configure(t2t_listener *lst, t2t_config *cfg)
     int t2t_listener_fd(t2t_listener *lst)

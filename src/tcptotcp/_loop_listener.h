@@ -501,6 +501,12 @@ static void t2t_upstream_failed(t2t_bridge *b, int error) {
         t2t_listener_tell_locked(lst);
     }
     pthread_mutex_unlock(&lst->lock);
+    /* Its words were this failure's alone: the next upstream's failure is its own. */
+    t2t_tls_work *w = b->tlsw;
+    if (w) {
+        w->failed_side = w->closed = w->timed_out = 0;
+        w->failure[0] = 0;
+    }
 }
 
 /* The upstream being tried failed: close it, report it, go on to the next. */
@@ -861,11 +867,11 @@ static int t2t_tls_pick(t2t_bridge *b) {
     }
     if (n <= 0) return 0;
     int got = t2t_sni_parse((const unsigned char *)b->loop->buffer, (size_t)n, name, sizeof(name), &hello_len);
-    if (got == 0) { /* (a peek sees the whole queue: wait for more) */
+    if (got == 0 && !b->side[0].closing) { /* (a peek sees the whole queue: wait for more) */
         b->side[0].readable = 0;
         return -1;
     }
-    if (got < 0 || !name[0]) return 0;
+    if (got <= 0 || !name[0]) return 0; /* (a client that closed: the handshake says so) */
     for (int k = 1; k < c->ncerts; k++)
         for (char **pattern = c->cert_names[k]; *pattern; pattern++)
             if (t2t_tls_name_matches(*pattern, name)) return k;
@@ -886,10 +892,7 @@ static void t2t_tls_failed(t2t_bridge *b) {
     b->tls_owned &= (unsigned char)~2;
     w->failed_side = 2;
     b->state = T2T_CONNECTING;
-    t2t_fail_over(b, EPROTO);
-    w->failed_side = 0;
-    w->closed = w->timed_out = 0;
-    w->failure[0] = 0;
+    t2t_fail_over(b, EPROTO); /* (reports the words, and clears them) */
 }
 
 static void t2t_tls_timed_out(t2t_bridge *b) {
@@ -908,12 +911,13 @@ static void t2t_tls_handshake(t2t_bridge *b) {
         int k = c->ncerts > 1 ? t2t_tls_pick(b) : 0;
         if (k < 0) return;
         if (!(side->tls = t2t_tls_new(c->certs[k], side->fd, 1))) {
-            t2t_client_gone(b, ENOMEM);
+            snprintf(b->tlsw->failure, sizeof(b->tlsw->failure), "%s", strerror(ENOMEM));
+            t2t_tls_failed(b);
             return;
         }
         b->tls_owned |= 1;
     }
-    int r = t2t_tls_step(side->tls, b->tlsw);
+    int r = t2t_tls_step(side->tls, b->tlsw, s == 1 ? c->upstreams[b->up_index].tls_name : NULL);
     if (r == EAGAIN) {
         side->readable = 0;
         return;
@@ -945,20 +949,25 @@ static void t2t_tls_begin(t2t_bridge *b, int s) {
     if (s == 1) {
         t2t_upstream *u = &c->upstreams[b->up_index];
         void *ssl = t2t_tls_new(c->client_ctx, b->side[1].fd, 0);
-        if (!ssl || t2t_tls_name_upstream(ssl, u->tls_name, u->tls_name_ip, c->check_host) != 0) {
-            if (ssl) t2t_tls.ssl_free(ssl);
-            b->state = T2T_CONNECTING;
-            t2t_fail_over(b, ENOMEM);
+        if (ssl) {
+            b->side[1].tls = ssl;
+            b->tls_owned |= 2;
+        }
+        const char *why = !ssl ? strerror(ENOMEM)
+                          : t2t_tls_name_upstream(ssl, u->tls_name, u->tls_name_ip, c->check_host) != 0
+                              ? "the upstream's name cannot be checked"
+                              : NULL;
+        if (why) {
+            snprintf(b->tlsw->failure, sizeof(b->tlsw->failure), "%s", why);
+            t2t_tls_failed(b);
             return;
         }
-        b->side[1].tls = ssl;
-        b->tls_owned |= 2;
     }
     t2t_link(b);
     int error = t2t_poll_side(b, s);
     if (error) {
-        if (s == 0) t2t_client_gone(b, error);
-        else t2t_tls_failed(b);
+        snprintf(b->tlsw->failure, sizeof(b->tlsw->failure), "%s", strerror(error));
+        t2t_tls_failed(b);
         return;
     }
     t2t_wait_until(b, t2t_add(b->loop->now, c->tls_timeout_ns));

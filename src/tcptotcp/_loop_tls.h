@@ -14,6 +14,8 @@
  * ended. */
 
 #include <dlfcn.h>
+#include <stdio.h>
+#include <strings.h>
 
 enum {
     T2T_SSL_ERROR_SSL = 1,
@@ -76,10 +78,15 @@ typedef struct t2t_tls_api {
     void *(*name_entry)(const void *name, int i);
     void *(*entry_object)(const void *entry);
     void *(*entry_data)(const void *entry);
-    int (*object_nid)(const void *object);
-    const char *(*nid_short_name)(int nid);
+    int (*object_text)(char *buf, int len, const void *object, int no_name);
     int (*string_utf8)(unsigned char **out, const void *string);
     void (*crypto_free)(void *p, const char *file, int line);
+    /* ALPN (see t2t_tls_serve_alpn): */
+    int (*select_next_proto)(unsigned char **out, unsigned char *outlen, const unsigned char *server,
+                             unsigned int server_len, const unsigned char *client, unsigned int client_len);
+    void (*ctx_alpn_select)(void *ctx, int (*cb)(void *, const unsigned char **, unsigned char *,
+                                                 const unsigned char *, unsigned int, void *),
+                            void *arg);
 } t2t_tls_api;
 
 static t2t_tls_api t2t_tls;
@@ -159,10 +166,11 @@ static int t2t_tls_find(const char *path, const char **why) {
     T2T_FIND(name_entry, "X509_NAME_get_entry");
     T2T_FIND(entry_object, "X509_NAME_ENTRY_get_object");
     T2T_FIND(entry_data, "X509_NAME_ENTRY_get_data");
-    T2T_FIND(object_nid, "OBJ_obj2nid");
-    T2T_FIND(nid_short_name, "OBJ_nid2sn");
+    T2T_FIND(object_text, "OBJ_obj2txt");
     T2T_FIND(string_utf8, "ASN1_STRING_to_UTF8");
     T2T_FIND(crypto_free, "CRYPTO_free");
+    T2T_FIND(select_next_proto, "SSL_select_next_proto");
+    T2T_FIND(ctx_alpn_select, "SSL_CTX_set_alpn_select_cb");
 #undef T2T_FIND
     t2t_tls = api; /* (the handle stays open: the library must outlive every bridge) */
     __atomic_store_n(&t2t_tls_bound, 1, __ATOMIC_RELEASE);
@@ -312,9 +320,12 @@ static int t2t_tls_name_upstream(void *ssl, const char *host, int is_ip, int che
     return ok == 1 ? 0 : -1;
 }
 
+enum { T2T_X509_V_ERR_HOSTNAME_MISMATCH = 62, T2T_X509_V_ERR_IP_ADDRESS_MISMATCH = 64 };
+
 /* One step of a handshake: 0 once done, EAGAIN (wait to read), EINPROGRESS (wait to write),
-   or -1 with its words in w->failure (and w->closed for a peer that went away). */
-static int t2t_tls_step(void *ssl, t2t_tls_work *w) {
+   or -1 with its words in w->failure (and w->closed for a peer that went away): the ssl
+   module's words, `host` the name an upstream's certificate was checked against. */
+static int t2t_tls_step(void *ssl, t2t_tls_work *w, const char *host) {
     t2t_tls.clear_errors();
     int r = t2t_tls.do_handshake(ssl);
     if (r == 1) return 0;
@@ -332,7 +343,10 @@ static int t2t_tls_step(void *ssl, t2t_tls_work *w) {
     } else if (strcmp(why, "certificate verify failed") == 0) {
         long v = t2t_tls.verify_result(ssl);
         const char *words = v != T2T_X509_V_OK ? t2t_tls.verify_text(v) : NULL;
-        if (words) snprintf(w->failure, sizeof(w->failure), "%s: %s", why, words);
+        if (host && (v == T2T_X509_V_ERR_HOSTNAME_MISMATCH || v == T2T_X509_V_ERR_IP_ADDRESS_MISMATCH))
+            snprintf(w->failure, sizeof(w->failure), "%s: %s mismatch, certificate is not valid for '%s'.", why,
+                     v == T2T_X509_V_ERR_HOSTNAME_MISMATCH ? "Hostname" : "IP address", host);
+        else if (words) snprintf(w->failure, sizeof(w->failure), "%s: %s", why, words);
         else snprintf(w->failure, sizeof(w->failure), "%s", why);
     } else {
         snprintf(w->failure, sizeof(w->failure), "%s", why);
@@ -341,8 +355,19 @@ static int t2t_tls_step(void *ssl, t2t_tls_work *w) {
     return -1;
 }
 
-/* A certificate subject as the forwarder logs it: "CN=client,O=Example", in the certificate's
-   order, by OpenSSL's short names. */
+/* _tls.subject_text's short names for the attributes getpeercert() names long. */
+static const char *t2t_tls_short_name(const char *name) {
+    static const char *const names[][2] = {
+        {"commonName", "CN"}, {"organizationName", "O"}, {"organizationalUnitName", "OU"}, {"countryName", "C"},
+        {"stateOrProvinceName", "ST"}, {"localityName", "L"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(name, names[i][0]) == 0) return names[i][1];
+    return name;
+}
+
+/* A certificate subject as the forwarder logs it (as _tls.subject_text words getpeercert()'s):
+   "CN=client,O=Example", in the certificate's order. */
 static void t2t_tls_subject(const void *x509, char *out, size_t max) {
     size_t at = 0;
     out[0] = 0;
@@ -350,9 +375,11 @@ static void t2t_tls_subject(const void *x509, char *out, size_t max) {
     int n = name ? t2t_tls.name_count(name) : 0;
     for (int i = 0; i < n; i++) {
         const void *entry = t2t_tls.name_entry(name, i);
-        const char *key = t2t_tls.nid_short_name(t2t_tls.object_nid(t2t_tls.entry_object(entry)));
+        char long_name[128];
         unsigned char *value = NULL;
-        if (!key || t2t_tls.string_utf8(&value, t2t_tls.entry_data(entry)) < 0) continue;
+        if (t2t_tls.object_text(long_name, sizeof(long_name), t2t_tls.entry_object(entry), 0) <= 0) continue;
+        const char *key = t2t_tls_short_name(long_name);
+        if (t2t_tls.string_utf8(&value, t2t_tls.entry_data(entry)) < 0) continue;
         int wrote = snprintf(out + at, max - at, "%s%s=%s", at ? "," : "", key, (const char *)value);
         t2t_tls.crypto_free(value, __FILE__, __LINE__);
         if (wrote < 0 || (size_t)wrote >= max - at) {
@@ -396,4 +423,51 @@ static int t2t_tls_name_matches(const char *pattern, const char *name) {
     if (pattern[0] != '*' || pattern[1] != '.') return 0;
     const char *dot = strchr(name, '.');
     return dot && dot != name && strcasecmp(dot + 1, pattern + 2) == 0;
+}
+
+/* ALPN for termination in the loops (--tls-alpn): the forward's protocols in wire form, the
+   first one the client also offers chosen, none agreed: no ALPN (as the ssl module does). A
+   context points at its list for as long as it lives, which can outlast any config, so the
+   lists are kept for the process: one per distinct --tls-alpn value. */
+typedef struct t2t_alpn {
+    struct t2t_alpn *next;
+    unsigned int len;
+    unsigned char wire[];
+} t2t_alpn;
+
+static t2t_alpn *t2t_alpns; /* under t2t_tls_binding */
+
+enum { T2T_NPN_NEGOTIATED = 1, T2T_TLSEXT_ERR_OK = 0, T2T_TLSEXT_ERR_NOACK = 3 };
+
+static int t2t_alpn_select(void *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                           unsigned int inlen, void *arg) {
+    const t2t_alpn *a = (const t2t_alpn *)arg;
+    unsigned char *chosen = NULL, chosen_len = 0;
+    (void)ssl;
+    if (t2t_tls.select_next_proto(&chosen, &chosen_len, a->wire, a->len, in, inlen) != T2T_NPN_NEGOTIATED)
+        return T2T_TLSEXT_ERR_NOACK;
+    *out = chosen;
+    *outlen = chosen_len;
+    return T2T_TLSEXT_ERR_OK;
+}
+
+/* Let `ctx` (a context built for the loops, before its first handshake) choose among `wire`'s
+   protocols. 0, or -1 (ENOMEM). */
+static int t2t_tls_serve_alpn(void *ctx, const unsigned char *wire, unsigned int len) {
+    pthread_mutex_lock(&t2t_tls_binding);
+    t2t_alpn *a = t2t_alpns;
+    while (a && !(a->len == len && memcmp(a->wire, wire, len) == 0)) a = a->next;
+    if (!a && (a = (t2t_alpn *)malloc(sizeof(t2t_alpn) + len))) {
+        a->len = len;
+        memcpy(a->wire, wire, len);
+        a->next = t2t_alpns;
+        t2t_alpns = a;
+    }
+    pthread_mutex_unlock(&t2t_tls_binding);
+    if (!a) {
+        errno = ENOMEM;
+        return -1;
+    }
+    t2t_tls.ctx_alpn_select(ctx, t2t_alpn_select, a);
+    return 0;
 }

@@ -296,9 +296,10 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def _cuts_are_cuts(context: ssl.SSLContext) -> None:
-    """A peer that closes without close_notify cut its stream: the bridge ends "error" and the
-    other TLS side gets no alert, on every Python. 3.9's contexts set OP_IGNORE_UNEXPECTED_EOF,
-    which reads such a cut as a clean end (and would vouch for it onward with close_notify)."""
+    """A peer that closes without close_notify cut its stream: the other TLS side gets no alert
+    for it, on every Python (the bridge ends as the socket's suppress_ragged_eofs says: "closed"
+    for the forwarder's). 3.9's contexts set OP_IGNORE_UNEXPECTED_EOF, which reads such a cut as
+    a clean end (and would vouch for it onward with close_notify)."""
     context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 
@@ -403,6 +404,21 @@ def client_context(
     return context
 
 
+def _serve_alpn_in_c(contexts: Sequence[ssl.SSLContext], protocols: Sequence[str]) -> Optional[str]:
+    """ALPN for the loops' contexts, chosen in C; else why not (the handshakes then run in Python)."""
+    from ._backend import core, tls_unavailable
+
+    why = tls_unavailable()
+    if why is not None or core is None:
+        return f"the loops cannot use OpenSSL: {why}"
+    try:
+        for context in contexts:
+            core.serve_alpn(context, protocols)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def wants_tls(settings: Mapping[str, Any]) -> bool:
     """Whether options (by name) ask for TLS on either side."""
     return bool(settings.get("tls_cert")) or bool(settings.get("upstream_tls"))
@@ -456,10 +472,9 @@ def contexts(
             client_ca=settings.get("tls_client_ca"), min_version=min_version, ciphers=settings.get("tls_ciphers")
         )
         server = server_context(pairs, alpn=alpn, **chosen)
+        loop_certs = tuple(certificate_contexts(pairs, **chosen))
         if alpn:
-            lacking = lacking or "tls_alpn's choice is Python's"
-        else:
-            loop_certs = tuple(certificate_contexts(pairs, **chosen))
+            lacking = lacking or _serve_alpn_in_c([context for _, context in loop_certs], alpn)
     upstream_wanted = bool(settings.get("upstream_tls")) or upstream_tls_context is not None
     for name in ("upstream_ca", "upstream_sni", "upstream_cert", "upstream_key", "upstream_insecure"):
         if settings.get(name) and not upstream_wanted:
