@@ -421,6 +421,17 @@ _BALANCES = {
 }
 
 
+cdef const char **_c_strings(list encoded) except NULL:
+    """A C array of the bytes in `encoded`, which the caller keeps alive, and frees the array
+    with PyMem_Free."""
+    cdef const char **strings = <const char **>PyMem_Malloc(max(1, len(encoded)) * sizeof(char *))
+    if strings == NULL:
+        raise MemoryError()
+    for i, item in enumerate(encoded):
+        strings[i] = <const char *>(<bytes>item)
+    return strings
+
+
 cdef t2t_config *_config_of(settings) except NULL:
     """A t2t_config from a `ListenerSettings` (see _listener.py); the caller owns its reference."""
     upstreams = settings.upstreams
@@ -485,12 +496,8 @@ cdef t2t_config *_config_of(settings) except NULL:
         c.rate_burst = settings.rate_burst
         c.prefix6 = settings.client_prefix6
         routes = [pattern.encode("ascii") for pattern in settings.routes]
-        patterns = <const char **>PyMem_Malloc(max(1, len(routes)) * sizeof(char *))
-        if patterns == NULL:
-            raise MemoryError()
+        patterns = _c_strings(routes)
         try:
-            for i, pattern in enumerate(routes):
-                patterns[i] = <const char *>(<bytes>pattern)
             if t2t_config_routes(c, settings.serving, patterns, len(routes), settings.route_strict) != 0:
                 raise OSError(errno, os.strerror(errno))
         finally:
@@ -523,12 +530,8 @@ cdef int _config_tls(t2t_config *c, settings) except -1:
     c.tls_timeout_ns = int(settings.tls_handshake_timeout * 1e9)
     for context, patterns in settings.tls_certs:
         encoded = [pattern.encode("ascii") for pattern in patterns]
-        names = <const char **>PyMem_Malloc(max(1, len(encoded)) * sizeof(char *))
-        if names == NULL:
-            raise MemoryError()
+        names = _c_strings(encoded)
         try:
-            for i, pattern in enumerate(encoded):
-                names[i] = <const char *>(<bytes>pattern)
             if t2t_config_tls_cert(c, _context_in(context), names, len(encoded)) != 0:
                 raise MemoryError()
         finally:
