@@ -8,7 +8,8 @@
     python peers.py hold HOST PORT CONNS       open CONNS bridged connections, print "ready", hold until stdin closes
 
 A connection's first byte tells the upstream what to do: S sink (reply with the count at EOF),
-D duplex (send N bytes while sinking, N in the next 8 bytes), E echo, H hold (wait for EOF).
+D duplex (send N bytes while sinking, N in the next 8 bytes), E echo, H hold (wait for EOF),
+G an HTTP/1.0 GET (answered "ok", then closed).
 S and D answer "+" first: the clock starts once the whole path (relay included) is up, so a
 timing measures relaying, not connection setup.
 Every transfer is counted; a short count is an error, not a number.
@@ -78,6 +79,14 @@ def _serve_conn(conn):
                     conn.sendall(data)
             elif mode == b"H":
                 _sink(conn)
+            elif mode == b"G":  # an HTTP/1.0 GET (openssl s_time -www): a small answer, then the close
+                request = mode
+                while b"\r\n\r\n" not in request and len(request) < 65536:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    request += data
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         except OSError:
             pass
 

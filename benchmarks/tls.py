@@ -25,7 +25,11 @@ them all alike):
 
     handshakes  C `openssl s_time -new -time S` processes at once: full handshakes, no session
                 resumption, nothing sent; handshakes/s = all their connections over the wall
-                time; relay CPU per handshake; the clients' CPU (reaped children) beside it
+                time; relay CPU per handshake; the clients' CPU (reaped children) beside it.
+                Each client closes right after its handshake: haproxy then drops it without
+                connecting upstream, where tcptotcp and stunnel connect (and close) first
+    requests    the same with `-www /`: each connection sends "GET / HTTP/1.0" and reads the
+                upstream's answer (peers.py's "G" mode), so every relay connects upstream
     download    one Python ssl client asks the upstream for M MB (peers.py duplex mode, sending
                 nothing itself) and counts them: the relay encrypts
     echo        one Python ssl client sends M MB and reads them back (peers.py echo mode, 1 MiB
@@ -70,12 +74,14 @@ from run import PEERS, cpu_seconds, free_port, git_commit, machine_busy_seconds,
 HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
 RELAYS = ("tcptotcp", "tcptotcp-pure-listener", "tcptotcp-pure-tls", "stunnel", "haproxy", "haproxy-mt")
-CASES = ("handshakes", "download", "echo")
+CASES = ("handshakes", "requests", "download", "echo")
 WINDOW = 1 << 20  # echo: bytes in flight at most
 CHUNK = 256 * 1024
 TARGETS = {  # issue 25: tcptotcp against each, in the same run
     ("handshakes_per_s", "haproxy"): (">=", 1.0),
     ("handshakes_per_s", "stunnel"): (">=", 1.5),
+    ("requests_per_s", "haproxy"): (">=", 1.0),
+    ("requests_per_s", "stunnel"): (">=", 1.5),
     ("download_MBps", "haproxy"): (">=", 1.0),
     ("download_MBps", "stunnel"): (">=", 1.5),
     ("echo_MBps", "haproxy"): (">=", 1.0),
@@ -88,6 +94,8 @@ METRICS = {
     "handshake_cpu_us": "relay CPU µs per handshake",
     "handshake_client_cpu_share": "clients' CPU, share of the machine",
     "handshake_machine_busy": "machine busy (all cores)",
+    "requests_per_s": "handshakes with a request/s",
+    "request_cpu_us": "relay CPU µs per handshake with a request",
     "download_MBps": "download MB/s",
     "download_cpu_s_per_GB": "download relay CPU s/GB",
     "download_client_cpu_s_per_GB": "download client CPU s/GB",
@@ -97,7 +105,7 @@ METRICS = {
 }
 NOT_COMPARED = {"handshake_client_cpu_share", "handshake_machine_busy", "download_client_cpu_s_per_GB"}
 NOT_COMPARED |= {"echo_client_cpu_s_per_GB"}
-HIGHER_IS_BETTER = {"handshakes_per_s", "download_MBps", "echo_MBps"}
+HIGHER_IS_BETTER = {"handshakes_per_s", "requests_per_s", "download_MBps", "echo_MBps"}
 
 
 # ---------------------------------------------------------------- the bulk client (a subprocess)
@@ -342,9 +350,9 @@ def run_bulk(mode: str, relay: Relay, n: int, cafile: str, timeout: float) -> Di
     }
 
 
-def run_handshakes(relay: Relay, clients: int, seconds: float, cafile: str) -> Dict[str, Any]:
+def run_handshakes(relay: Relay, clients: int, seconds: float, cafile: str, request: bool = False) -> Dict[str, Any]:
     cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{relay.port}", "-new", "-time", f"{seconds:g}"]
-    cmd += ["-CAfile", cafile]
+    cmd += ["-CAfile", cafile] + (["-www", "/"] if request else [])
     cpu0, kids0, busy0 = relay.cpu(), children_cpu(), machine_busy_seconds()
     started = time.monotonic()
     procs = [
@@ -581,7 +589,14 @@ def main() -> int:
                         relay.close()
                         relay = relays[name] = Relay(name, upstream.port, pki, tmp, env)
                     try:
-                        if case == "handshakes":
+                        if case == "requests":
+                            r = run_handshakes(relay, args.clients, args.seconds, pki["ca"], request=True)
+                            samples[name]["requests_per_s"].append(r["handshakes_per_s"])
+                            samples[name]["request_cpu_us"].append(r["cpu_us"])
+                            if r["errors"]:
+                                events.append(f"round {rnd + 1} {name} requests: {r['errors'][0]}")
+                            note = f"{r['handshakes_per_s']:8.0f}/s relay {r['cpu_us']:.0f} µs/request"
+                        elif case == "handshakes":
                             r = run_handshakes(relay, args.clients, args.seconds, pki["ca"])
                             samples[name]["handshakes_per_s"].append(r["handshakes_per_s"])
                             samples[name]["handshake_cpu_us"].append(r["cpu_us"])
