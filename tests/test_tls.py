@@ -1063,3 +1063,34 @@ def test_sighup_reloads_certificates_keeps_open_bridges(backend, forwarders, ech
         checksummed_echo(keeper, 4 * 1024 * 1024)
     assert fp.proc.poll() is None
     fp.terminate()
+
+
+@pytest.mark.signals
+def test_a_reload_switches_tls_on_where_the_loops_serve_and_keeps_plain_bridges(
+    backend,
+    forwarders,  # noqa: F811
+    echo,  # noqa: F811
+    certs,
+    tmp_path,
+):
+    """A plaintext forward, then a reload that gives it a certificate: new clients speak TLS,
+    the bridge opened before relays on in plaintext, and the same listener serves both."""
+    upstream = f"127.0.0.1:{echo.address[1]}"
+    config = tmp_path / "t2t.toml"
+    forward = f'[[forward]]\nlisten = "127.0.0.1:0"\nupstream = "{upstream}"\n'
+    config.write_text(forward)
+    fp = forwarders("--config", str(config))
+    host, port = fp.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as keeper:
+        checksummed_echo(keeper, 100_000)
+        files = f'tls_cert = "{certs.crt("server")}"\ntls_key = "{certs.key("server")}"\n'
+        config.write_text(forward + files)  # (the same listen: the same forward, changed)
+        fp.proc.send_signal(signal.SIGHUP)
+        fp.wait_log("reloaded: ")
+        assert not any("reload failed" in line for line in fp.lines), fp.lines
+        assert _subject(fp, certs) == "localhost"  # new clients: TLS
+        checksummed_echo(keeper, 100_000)  # the plaintext bridge: untouched
+    if backend.listener == "loops":  # (no second listener: the loops do the handshakes)
+        assert not any("accepting in Python" in line for line in fp.lines), fp.lines
+    assert fp.proc.poll() is None
+    fp.terminate()
