@@ -52,6 +52,8 @@ class EchoServer:
 
     @staticmethod
     def _echo(conn: socket.socket) -> None:
+        """Echo until EOF, then FIN; closed once done, so that a burst of short connections
+        (`openssl s_time` through a forward) does not pile up fds (it stays in `_conns`, counted)."""
         try:
             while True:
                 data = conn.recv(65536)
@@ -61,6 +63,8 @@ class EchoServer:
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        finally:
+            conn.close()
 
     def close(self) -> None:
         try:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import re
-import select
+import selectors
 import shutil
 import signal
 import socket
@@ -313,6 +313,8 @@ def checksummed_echo(sock: socket.socket, size: int) -> None:
     sock.setblocking(False)
     sent, got = 0, bytearray()
     deadline = time.monotonic() + 60
+    waiting = selectors.DefaultSelector()
+    waiting.register(sock, selectors.EVENT_READ)
     try:
         while len(got) < size:
             moved = False
@@ -331,8 +333,11 @@ def checksummed_echo(sock: socket.socket, size: int) -> None:
                 pass
             if not moved:
                 assert time.monotonic() < deadline, f"{len(got)} of {size} bytes back ({sent} sent) in 60 s"
-                select.select([sock], [sock] if sent < size else [], [], 0.05)
+                # (a selector, not select.select: a test after many connections may hold fds past 1023)
+                waiting.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if sent < size else 0))
+                waiting.select(0.05)
     finally:
+        waiting.close()
         sock.settimeout(timeout)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
 
