@@ -278,7 +278,7 @@ class Hammer:
                 self.served += 1
             except (OSError, AssertionError) as exc:
                 self.failures.append(repr(exc))
-            self._stop.wait(0.02)  # (the echo server keeps every connection until the test ends)
+            self._stop.wait(0.02)
 
     def stop(self) -> None:
         self._stop.set()

@@ -680,6 +680,12 @@ cdef class Listener:
             events.append(Gone(gone_count, gone_up, gone_down))
         return events
 
+    def recheck(self):
+        """Watch the listening socket afresh in every loop (see t2t_listener_recheck): after
+        another process that accepted from it stopped."""
+        with nogil:
+            t2t_listener_recheck(self._l)
+
     def stop(self, bint cancel_connects=True):
         """Stop accepting; once it returns, the loops no longer touch the listening socket, and
         opened bridges run on. Clients still connecting upstream (or sending their header) are

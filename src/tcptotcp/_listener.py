@@ -370,6 +370,9 @@ class LoopListener:
         events: List[Any] = self._core.take(brief)
         return events
 
+    def recheck(self) -> None:
+        self._core.recheck()
+
     def stop(self, cancel_connects: bool = True) -> None:
         self._core.stop(cancel_connects)
 
@@ -613,6 +616,10 @@ class PureListener:
         if count:
             out.append(Gone(count, up, down))
         return out
+
+    def recheck(self) -> None:
+        """Nothing to do: its selector is level-triggered and not exclusive, so it sees what is
+        queued on its next wait, whoever else watched the socket."""
 
     def stop(self, cancel_connects: bool = True) -> None:
         with self._lock:

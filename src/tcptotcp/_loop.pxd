@@ -113,6 +113,7 @@ cdef extern from "_loop.h" nogil:
     void t2t_listener_take(t2t_listener *lst, t2t_bridge **opened, t2t_bridge **done, t2t_failure **failed,
                            int *accept_error)
     void t2t_listener_stop(t2t_listener *lst, int cancel_connects)
+    void t2t_listener_recheck(t2t_listener *lst)
     void t2t_listener_set_checked(t2t_listener *lst, int i, int down)
     void t2t_listener_reserve(t2t_listener *lst, int n)
     int t2t_listener_upstream_down(t2t_listener *lst, int i)

@@ -378,6 +378,24 @@ static void t2t_listener_arm(t2t_listener *lst) {
     pthread_mutex_unlock(&lst->lock);
 }
 
+/* Look at the listening socket afresh in every loop that watches it. Another process that
+   accepted from it too (a predecessor, on --upgrade) may have taken a client's wake-up
+   (EPOLLEXCLUSIVE wakes one watcher) and then stopped without accepting: the client waits in
+   the queue until the next one connects. Watching anew polls the socket, and wakes a loop for
+   what is queued. */
+static void t2t_listener_recheck(t2t_listener *lst) {
+    t2t_engine *E = &t2t_the_engine;
+    pthread_mutex_lock(&lst->lock);
+    for (int i = 0; i < E->nloops; i++) {
+        if (!lst->watching[i]) continue;
+        t2t_listener_watch(lst, i, 0);
+        if (t2t_listener_watch(lst, i, 1) != 0) lst->watching[i] = 0;
+    }
+    if (!__atomic_load_n(&lst->armed, __ATOMIC_ACQUIRE) || !memchr(lst->watching, 1, (size_t)E->nloops))
+        t2t_listener_arm_locked(lst);
+    pthread_mutex_unlock(&lst->lock);
+}
+
 static void t2t_listener_tell_locked(t2t_listener *lst) {
     if (!lst->ev_told) {
         lst->ev_told = 1;

@@ -280,6 +280,11 @@ class Service:
             raise KeyError(f"no forward {key} here")
         forwarder.adopt(fd1, fd2, state, conn_id, Peer(family, sockaddr), upstream)
 
+    def recheck_accepting(self) -> None:
+        """A predecessor stopped accepting from our sockets (see Forwarder.recheck_accepting)."""
+        for forwarder in list(self.forwards.values()):
+            forwarder.recheck_accepting()
+
     def active(self) -> int:
         """Clients of every forward, retired ones included, not yet gone."""
         return sum(f.stats.active for f in self.all_forwarders())

@@ -290,17 +290,23 @@ class Handed:
         except OSError:
             pass
 
-    def receive_bridges(self, adopt: Adopt) -> Tuple[int, int, float]:
+    def receive_bridges(self, adopt: Adopt, stopped: Callable[[], None] = lambda: None) -> Tuple[int, int, float]:
         """Take the predecessor's bridges until it says ``done`` (or is gone), each given to
-        `adopt`, which owns the fds from then on. (adopted, failed, the longest pause of one:
-        seconds from its quiescing in the predecessor to its relaying here)."""
+        `adopt`, which owns the fds from then on; `stopped` is called once the predecessor no
+        longer accepts (its first message comes after that, or its end). (adopted, failed, the
+        longest pause of one: seconds from its quiescing in the predecessor to its relaying
+        here)."""
         adopted = failed = 0
         longest = 0.0
+        told = False
         while True:
             try:
                 message, fds = self.channel.receive(time.monotonic() + 3600.0)
             except (EOFError, TimeoutError, OSError, ValueError):
                 break
+            if not told:
+                told = True
+                stopped()
             if message.get("kind") != "bridge" or len(fds) != 2:
                 for fd in fds:
                     os.close(fd)
@@ -332,6 +338,8 @@ class Handed:
                 except OSError:  # (it is gone: the next receive says so)
                     pass
         self.channel.close()
+        if not told:
+            stopped()
         return adopted, failed, longest
 
     def unused(self) -> None:

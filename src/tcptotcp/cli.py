@@ -477,7 +477,7 @@ def _hand_over(service: Service, successor: Successor, drain: float) -> None:
 def _adopt_bridges(service: Service, handed: Handed) -> None:
     """The successor's side: take the predecessor's bridges as they come."""
     started = time.monotonic()
-    adopted, failed, longest_pause = handed.receive_bridges(service.adopt)
+    adopted, failed, longest_pause = handed.receive_bridges(service.adopt, service.recheck_accepting)
     if adopted or failed:
         service.announce(
             "adopted",

@@ -1094,6 +1094,14 @@ class Forwarder:
         """The socket clients connect to (to hand over to a successor process)."""
         return self._sock
 
+    def recheck_accepting(self) -> None:
+        """Another process that accepted from our socket stopped (a predecessor, on
+        --upgrade): look at the socket afresh, for a client whose wake-up it took."""
+        with self._lock:
+            listener = None if self._listener_closed else self._listener
+        if listener is not None:
+            listener.recheck()
+
     def stop_accepting(self, handed_over: bool = False) -> None:
         """Stop accepting and close the listener; open bridges run on to their own end.
 
