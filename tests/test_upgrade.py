@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import select
 import selectors
 import signal
 import socket
@@ -627,3 +628,29 @@ def test_bridges_stay_and_relay_on_when_the_successor_is_lost_mid_hand_over(back
             assert wait_until(lambda: fwd.stats.active == 16, 10, "16 bridges left")
         finally:
             bridges.close()
+
+
+@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="needs epoll's EPOLLEXCLUSIVE (Linux)")
+def test_a_wake_up_another_watcher_took_is_found_again(echo, backend):  # noqa: F811
+    """On --upgrade both processes watch the port, and EPOLLEXCLUSIVE wakes one watcher: a
+    predecessor's loop that took a client's wake-up as it stopped left the client queued until
+    the next one came. Here another watcher (ours, first in the socket's queue) takes it and
+    accepts nothing; the forward's re-check (what the successor does once the predecessor
+    stopped) serves the client."""
+    with serving(backend, f"127.0.0.1:{echo.address[1]}") as fwd:
+        thief = select.epoll()
+        thief.register(fwd.listening_socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        try:
+            fwd.recheck_accepting()  # (the forward's loops now watch after the thief)
+            woken: List[object] = []
+            waiter = threading.Thread(target=lambda: woken.append(thief.poll(5)), daemon=True)
+            waiter.start()
+            time.sleep(0.2)  # (the thief waits in its poll)
+            with socket.create_connection(fwd.address, timeout=10) as client:
+                client.sendall(b"queued?")
+                waiter.join(10)
+                thief.unregister(fwd.listening_socket.fileno())
+                fwd.recheck_accepting()
+                assert recv_exactly(client, 7) == b"queued?"  # (within the 10 s timeout)
+        finally:
+            thief.close()
