@@ -98,11 +98,21 @@ def check_alpn(item: str) -> List[str]:
     return names
 
 
+def _closed_early(exc: BaseException) -> bool:
+    """The peer closed (or reset) during the handshake: an SSLEOFError on 3.10 and later, an
+    SSLError of reason UNEXPECTED_EOF_WHILE_READING on 3.9 (whose contexts we strip of
+    OP_IGNORE_UNEXPECTED_EOF), as the loops say it too."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return True
+    reason = getattr(exc, "reason", None)
+    return isinstance(reason, str) and reason.upper() == "UNEXPECTED_EOF_WHILE_READING"
+
+
 def failure_reason(exc: BaseException) -> str:
     """A failed handshake's reason, for the metrics' label (one of FAILURE_REASONS, or "other")."""
     if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
+    if _closed_early(exc) or isinstance(exc, ConnectionError):
         return "closed"
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str):
@@ -130,7 +140,7 @@ def failure_text(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message}"
     reason = getattr(exc, "reason", None)
-    if isinstance(exc, ssl.SSLEOFError) or (isinstance(exc, ConnectionError) and not reason):
+    if _closed_early(exc) or (isinstance(exc, ConnectionError) and not reason):
         return "closed during the handshake"
     if isinstance(reason, str):
         return reason.lower().replace("_", " ")
